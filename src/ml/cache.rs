@@ -1,0 +1,170 @@
+//! The frozen part of the backbone, run once per view, and its cached outputs.
+//!
+//! Decoding and augmentation run on rayon threads in a producer thread while the calling
+//! thread runs the backbone, so the two overlap. For each batch the pass keeps the pooled
+//! features (what warm-up trains on) and, optionally, the activations entering the first
+//! trainable block (what fine-tuning trains on), so neither phase pays for the frozen bottom
+//! again.
+
+use std::sync::mpsc::sync_channel;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataset::Dataset;
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use super::backbone::EfficientNetLite0;
+use super::data::{InputBatch, SampleError, TensorBatcher, ViewDataset};
+use super::train::{Cancel, TrainError};
+
+/// Rows of equal shape, with the label and sample index of each.
+#[derive(Debug, Clone, Default)]
+pub struct RowCache {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+    pub labels: Vec<usize>,
+    pub samples: Vec<usize>,
+}
+
+impl RowCache {
+    pub fn new(shape: &[usize]) -> Self {
+        Self { shape: shape.to_vec(), ..Default::default() }
+    }
+
+    fn row_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        let n = self.row_len();
+        &self.data[i * n..(i + 1) * n]
+    }
+
+    fn push_tensor<const D: usize>(&mut self, t: Tensor<D>, labels: &[usize], samples: &[usize]) {
+        let data = t.into_data();
+        self.data.extend_from_slice(data.as_slice::<f32>().expect("float32 tensor"));
+        self.labels.extend_from_slice(labels);
+        self.samples.extend_from_slice(samples);
+    }
+
+    /// Rows `indices` as a `[n, c, h, w]` batch (the cache must hold 3-D rows).
+    pub fn batch4(&self, indices: &[usize], device: &Device) -> InputBatch {
+        let shape: [usize; 3] = self.shape.as_slice().try_into().expect("3-D rows");
+        let items = indices.iter().map(|&i| (self.row(i).to_vec(), self.labels[i])).collect();
+        TensorBatcher { shape }.batch(items, device)
+    }
+
+    /// Rows `indices` as a `[n, d]` tensor with their labels (the cache must hold 1-D rows).
+    pub fn batch2(&self, indices: &[usize], device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
+        let d = self.row_len();
+        let mut flat = Vec::with_capacity(indices.len() * d);
+        for &i in indices {
+            flat.extend_from_slice(self.row(i));
+        }
+        let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
+        (
+            Tensor::from_data(TensorData::new(flat, [indices.len(), d]), device),
+            Tensor::from_data(TensorData::new(labels, [indices.len()]), device),
+        )
+    }
+}
+
+/// A flat view with its label and sample index.
+pub type ViewRow = (Vec<f32>, usize, usize);
+
+/// Streams every view of `dataset` in batches of `batch_size` to `on_batch`, decoding in
+/// parallel ahead of the consumer. Samples that fail to decode are returned, not fatal.
+pub fn stream_views(
+    dataset: &ViewDataset<'_>,
+    batch_size: usize,
+    cancel: &Cancel,
+    mut on_batch: impl FnMut(Vec<ViewRow>) -> Result<(), TrainError>,
+) -> Result<Vec<SampleError>, TrainError> {
+    let per_chunk = (batch_size / dataset.views.max(1)).max(2);
+    let (tx, rx) = sync_channel::<Vec<Result<_, SampleError>>>(2);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let indices: Vec<usize> = (0..dataset.len()).collect();
+            for chunk in indices.chunks(per_chunk) {
+                let decoded: Vec<_> = chunk.par_iter().map(|&i| dataset.get(i)).collect();
+                if tx.send(decoded).is_err() {
+                    return; // the consumer stopped (error or cancel)
+                }
+            }
+        });
+        let mut failures = Vec::new();
+        let mut pending: Vec<ViewRow> = Vec::with_capacity(2 * batch_size);
+        for chunk in rx.iter() {
+            cancel.check()?;
+            for item in chunk {
+                match item {
+                    Ok(views) => {
+                        for v in views.views {
+                            pending.push((v, views.label, views.sample));
+                        }
+                    }
+                    Err(e) => failures.push(e),
+                }
+            }
+            while pending.len() >= batch_size {
+                let rest = pending.split_off(batch_size);
+                on_batch(std::mem::replace(&mut pending, rest))?;
+            }
+        }
+        if !pending.is_empty() {
+            on_batch(pending)?;
+        }
+        Ok(failures)
+    })
+}
+
+/// Output of one frozen pass.
+pub struct FrozenPass {
+    /// Pooled features `[1280]` per view.
+    pub features: RowCache,
+    /// Activations entering block `k` per view, when asked for.
+    pub activations: Option<RowCache>,
+    pub failures: Vec<SampleError>,
+}
+
+/// Runs the pretrained backbone over every view of `dataset`: bottom up to block `k`, then
+/// the pretrained top for the pooled features.
+pub fn frozen_pass(
+    backbone: &EfficientNetLite0,
+    k: usize,
+    keep_activations: bool,
+    dataset: &ViewDataset<'_>,
+    batch_size: usize,
+    device: &Device,
+    cancel: &Cancel,
+    mut progress: impl FnMut(usize),
+) -> Result<FrozenPass, TrainError> {
+    let size = dataset.pre.input_size;
+    let batcher = TensorBatcher { shape: [3, size, size] };
+    let act_shape = super::backbone::activation_shape(k, size);
+    let mut features = RowCache::new(&[super::backbone::FEATURES]);
+    let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
+    let failures = stream_views(dataset, batch_size, cancel, |rows| {
+        let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let samples: Vec<usize> = rows.iter().map(|r| r.2).collect();
+        let n = rows.len();
+        let batch = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), device);
+        let acts = backbone.forward_bottom(batch.inputs, k);
+        let feats = backbone.forward_top(acts.clone(), k);
+        if let Some(cache) = activations.as_mut() {
+            cache.push_tensor(acts, &labels, &samples);
+        }
+        features.push_tensor(feats, &labels, &samples);
+        progress(n);
+        Ok(())
+    })?;
+    Ok(FrozenPass { features, activations, failures })
+}

@@ -1,0 +1,73 @@
+//! Prediction with a saved model: decode, evaluation view, batched forward, calibrated
+//! softmax. Blocking by design; callers run it on a compute thread.
+
+use std::path::Path;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::module::Module;
+use burn::prelude::*;
+
+use super::artifact::{self, ArtifactError, ModelConfig};
+use super::data::TensorBatcher;
+use super::evaluate::softmax;
+use super::head::TransferModel;
+use super::preprocess::{self, ImageRejection};
+
+/// Images decoded larger than this on either side are refused.
+pub const MAX_DIMENSION: u32 = preprocess::DEFAULT_MAX_DIMENSION;
+/// Largest batch sent through the network at once.
+const MAX_BATCH: usize = 32;
+
+/// A trained classifier ready to predict.
+pub struct Predictor {
+    pub config: ModelConfig,
+    model: TransferModel,
+    device: Device,
+}
+
+impl Predictor {
+    /// Loads a model directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, ArtifactError> {
+        let loaded = artifact::load(dir, device)?;
+        Ok(Self::new(loaded.config, loaded.model, device))
+    }
+
+    /// Wraps an in-memory model (e.g. the one a run just produced).
+    pub fn new(config: ModelConfig, model: TransferModel, device: &Device) -> Self {
+        Self { config, model: model.valid(), device: device.clone() }
+    }
+
+    /// Calibrated class probabilities of preprocessed `[3, s, s]` views.
+    pub fn probabilities_of_views(&self, views: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+        let s = self.config.preprocessing.input_size;
+        let batcher = TensorBatcher { shape: [3, s, s] };
+        let mut out = Vec::with_capacity(views.len());
+        let mut views = views.into_iter().peekable();
+        while views.peek().is_some() {
+            let chunk: Vec<(Vec<f32>, usize)> = views.by_ref().take(MAX_BATCH).map(|v| (v, 0)).collect();
+            let logits = self.model.forward(batcher.batch(chunk, &self.device).inputs);
+            let [_, c] = logits.dims();
+            let data = logits.into_data();
+            for row in data.as_slice::<f32>().expect("float32").chunks(c) {
+                out.push(softmax(row, self.config.temperature));
+            }
+        }
+        out
+    }
+
+    /// Probabilities for encoded images; each image fails or succeeds on its own.
+    pub fn predict_bytes(&self, images: &[Vec<u8>]) -> Vec<Result<Vec<f32>, ImageRejection>> {
+        let decoded: Vec<Result<Vec<f32>, ImageRejection>> = images
+            .iter()
+            .map(|b| preprocess::decode(b, MAX_DIMENSION).map(|img| preprocess::eval_view(&img, &self.config.preprocessing)))
+            .collect();
+        let good: Vec<Vec<f32>> = decoded.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+        let mut probs = self.probabilities_of_views(good).into_iter();
+        decoded.into_iter().map(|r| r.map(|_| probs.next().expect("one result per view"))).collect()
+    }
+
+    /// Index of the most probable class.
+    pub fn best(probabilities: &[f32]) -> usize {
+        probabilities.iter().enumerate().fold(0, |b, (i, &p)| if p > probabilities[b] { i } else { b })
+    }
+}

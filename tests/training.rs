@@ -1,0 +1,110 @@
+//! A tiny end-to-end run: warm-up and fine-tune on 24 fixture photos at 64 px.
+
+mod common;
+
+use burn::prelude::*;
+use transferd::ml::artifact;
+use transferd::ml::data::{self, DataError};
+use transferd::ml::infer::Predictor;
+use transferd::ml::train::{Cancel, TrainError, TrainEvent, train};
+
+fn run(dir: &std::path::Path, config: &transferd::ml::config::TrainConfig) -> transferd::ml::train::TrainOutcome {
+    let device = Device::flex();
+    let backbone = common::backbone(&device);
+    let ds = data::scan(dir, config.max_image_dimension, 2).unwrap();
+    train(&ds, config, &backbone, &device, &mut |_| {}, &Cancel::default()).unwrap()
+}
+
+#[test]
+fn tiny_run_learns_saves_and_round_trips() {
+    let pets = common::pets_copy();
+    // Two bad files: text named .jpg (skipped at scan) and a truncated JPEG (header readable,
+    // decoding fails during the frozen pass).
+    std::fs::write(pets.path().join("cat/notes.jpg"), b"this is not a photo").unwrap();
+    let good = std::fs::read(pets.path().join("dog/dog.0.jpg")).unwrap();
+    std::fs::write(pets.path().join("dog/truncated.jpg"), &good[..good.len() / 3]).unwrap();
+
+    let config = common::tiny_config();
+    let device = Device::flex();
+    let backbone = common::backbone(&device);
+    let ds = data::scan(pets.path(), config.max_image_dimension, 2).unwrap();
+    assert_eq!(ds.classes, vec!["cat", "dog"]);
+    assert!(ds.skipped.iter().any(|s| s.path.ends_with("notes.jpg") && s.reason.contains("not an image")));
+    let mut epochs = Vec::new();
+    let outcome = train(&ds, &config, &backbone, &device, &mut |e| {
+        if let TrainEvent::Epoch(m) = e {
+            epochs.push(m);
+        }
+    }, &Cancel::default())
+    .unwrap();
+    assert!(outcome.skipped.iter().any(|s| s.path.ends_with("truncated.jpg")), "{:?}", outcome.skipped);
+    assert_eq!(outcome.train_images + outcome.val_images, 24);
+
+    let warm: Vec<_> = epochs.iter().filter(|m| m.phase == "warmup").collect();
+    let fine: Vec<_> = epochs.iter().filter(|m| m.phase == "finetune").collect();
+    assert!(!warm.is_empty() && !fine.is_empty());
+    assert!(warm.last().unwrap().train_loss < warm[0].train_loss, "warm-up loss goes down: {warm:?}");
+    assert!(epochs.iter().all(|m| m.val_loss.is_finite() && m.seconds >= 0.0));
+    let e = &outcome.evaluation;
+    assert_eq!(e.confusion.iter().flatten().sum::<usize>(), outcome.val_images);
+    assert!(e.accuracy >= 0.5, "pretrained features separate cats from dogs: {}", e.accuracy);
+    assert!(e.calibration.temperature > 0.0);
+
+    // Saved model predicts exactly what the in-memory model predicts.
+    let out = tempfile::tempdir().unwrap();
+    let model_dir = out.path().join("model");
+    let saved = artifact::save(&model_dir, &outcome, &config).unwrap();
+    let in_memory = Predictor::new(saved.clone(), outcome.model.clone(), &device);
+    let loaded = Predictor::load(&model_dir, &device).unwrap();
+    assert_eq!(loaded.config, saved);
+    let images: Vec<Vec<u8>> = ["cat/cat.3.jpg", "dog/dog.5.jpg"].iter().map(|p| std::fs::read(pets.path().join(p)).unwrap()).collect();
+    let a = in_memory.predict_bytes(&images);
+    let b = loaded.predict_bytes(&images);
+    for (x, y) in a.iter().zip(&b) {
+        let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+        assert!(x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5), "{x:?} vs {y:?}");
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    }
+    for f in ["config.json", "metrics.json", "evaluation.json", "model.bpk"] {
+        assert!(model_dir.join(f).is_file(), "{f}");
+    }
+    // An unreadable image fails alone.
+    let mixed = loaded.predict_bytes(&[b"garbage".to_vec(), images[0].clone()]);
+    assert!(mixed[0].is_err() && mixed[1].is_ok());
+}
+
+#[test]
+fn same_seed_same_split_and_metrics() {
+    let pets = common::pets_copy();
+    let mut config = common::tiny_config();
+    config.finetune.enabled = false;
+    let a = run(pets.path(), &config);
+    let b = run(pets.path(), &config);
+    assert_eq!(a.metrics.len(), b.metrics.len());
+    for (x, y) in a.metrics.iter().zip(&b.metrics) {
+        assert_eq!((x.train_loss, x.val_loss, x.val_accuracy), (y.train_loss, y.val_loss, y.val_accuracy));
+    }
+    assert_eq!(a.evaluation.confusion, b.evaluation.confusion);
+}
+
+#[test]
+fn one_class_is_a_clear_error() {
+    let pets = common::pets_copy();
+    std::fs::remove_dir_all(pets.path().join("dog")).unwrap();
+    match data::scan(pets.path(), 10_000, 2) {
+        Err(e @ DataError::TooFewClasses { found: 1, .. }) => assert!(e.to_string().contains("at least 2 classes")),
+        other => panic!("expected TooFewClasses, got {other:?}"),
+    }
+}
+
+#[test]
+fn cancellation_stops_the_run() {
+    let pets = common::pets_copy();
+    let device = Device::flex();
+    let backbone = common::backbone(&device);
+    let ds = data::scan(pets.path(), 10_000, 2).unwrap();
+    let cancel = Cancel::default();
+    cancel.cancel();
+    let r = train(&ds, &common::tiny_config(), &backbone, &device, &mut |_| {}, &cancel);
+    assert!(matches!(r, Err(TrainError::Cancelled)));
+}
