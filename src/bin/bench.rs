@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
         let k = config.finetune.unfreeze.first_block();
         let ad = device.clone().autodiff();
         let shape = transferd::ml::backbone::activation_shape(k, s);
-        let mut top = TransferModelConfig::new(2).from_backbone(&backbone, k, &device).fork(&ad);
+        let mut top = TransferModelConfig::new(2).from_backbone(&backbone, k, &device).unfreeze().fork(&ad).train();
         let mut optim = AdamWConfig::new().init();
         let x = Tensor::<4>::zeros([32, shape[0], shape[1], shape[2]], &ad);
         let y = Tensor::<1, Int>::zeros([32], &ad);

@@ -100,6 +100,9 @@ pub fn stream_views(
                 }
             }
         });
+        // Owned here so that an early return (error, cancel) drops the receiver before the
+        // scope joins the producer, which then sees its send fail and stops.
+        let rx = rx;
         let mut failures = Vec::new();
         let mut pending: Vec<ViewRow> = Vec::with_capacity(2 * batch_size);
         for chunk in rx.iter() {

@@ -88,13 +88,18 @@ pub fn ece(logits: &[Vec<f32>], labels: &[usize], temperature: f64) -> f64 {
     (0..BINS).filter(|&b| count[b] > 0).map(|b| (acc[b] - conf[b]).abs() / n).sum()
 }
 
-/// The temperature minimising validation NLL, by golden-section search on log T in [1/20, 20].
+/// Fewer validation images than this leave the temperature at 1: on a handful of perfectly
+/// separated images the NLL keeps falling as T goes to 0, which would make the model
+/// wildly overconfident rather than calibrated.
+pub const MIN_CALIBRATION_IMAGES: usize = 30;
+
+/// The temperature minimising validation NLL, by golden-section search on log T in [1/4, 10].
 pub fn fit_temperature(logits: &[Vec<f32>], labels: &[usize]) -> f64 {
-    if logits.is_empty() {
+    if logits.len() < MIN_CALIBRATION_IMAGES {
         return 1.0;
     }
     let f = |log_t: f64| nll(logits, labels, log_t.exp());
-    let (mut a, mut b) = ((0.05f64).ln(), (20.0f64).ln());
+    let (mut a, mut b) = ((0.25f64).ln(), (10.0f64).ln());
     let g = (5f64.sqrt() - 1.0) / 2.0;
     let (mut c, mut d) = (b - g * (b - a), a + g * (b - a));
     for _ in 0..60 {

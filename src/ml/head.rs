@@ -6,7 +6,7 @@
 //! fine-tuning or the from-scratch baseline, and the saved classifier.
 
 use burn::nn::conv::Conv2d;
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
@@ -27,7 +27,10 @@ pub struct TransferModel {
     pub blocks: Vec<MbConv>,
     pub conv_head: Conv2d,
     pub bn1: FrozenBatchNorm,
-    pub dropout: Dropout,
+    /// Dropout rate before the head. Training draws the masks from the run's own seeded RNG
+    /// (see [`dropout_mask`]) rather than the backend's global one, so runs are reproducible
+    /// even when several train in one process.
+    pub dropout: f64,
     pub head: Linear,
     /// Index of the first block held; 0 for the full network.
     pub first_block: usize,
@@ -57,8 +60,10 @@ impl TransferModelConfig {
             blocks: backbone.blocks[first_block..].to_vec(),
             conv_head: backbone.conv_head.clone(),
             bn1: backbone.bn1.clone(),
-            dropout: DropoutConfig::new(self.dropout).init(),
-            head: LinearConfig::new(FEATURES, self.num_classes).init(device),
+            dropout: self.dropout,
+            // A zero head starts every class at equal probability (loss ln n) instead of the
+            // large random logits that 1280 ReLU6 features would give, which steadies warm-up.
+            head: LinearConfig::new(FEATURES, self.num_classes).with_initializer(Initializer::Zeros).init(device),
             first_block,
         }
     }
@@ -82,13 +87,23 @@ impl TransferModel {
         pool(relu6(self.bn1.forward(self.conv_head.forward(x))))
     }
 
-    /// Class logits (softmax is applied by the loss and by prediction).
+    /// Class logits for inference (softmax is applied by the loss and by prediction).
     ///
     /// # Shapes
     /// - inputs as for [`Self::features`]
     /// - output `[batch, num_classes]`
     pub fn forward(&self, inputs: Tensor<4>) -> Tensor<2> {
-        self.head.forward(self.dropout.forward(self.features(inputs)))
+        self.head.forward(self.features(inputs))
+    }
+
+    /// Class logits for training, with an inverted-dropout `mask` on the pooled features.
+    ///
+    /// # Shapes
+    /// - inputs as for [`Self::features`]
+    /// - mask `[batch, 1280]` of 0 and `1 / (1 - p)`
+    /// - output `[batch, num_classes]`
+    pub fn forward_train(&self, inputs: Tensor<4>, mask: Tensor<2>) -> Tensor<2> {
+        self.head.forward(self.features(inputs) * mask)
     }
 
     /// Per-batch BatchNorm statistics everywhere (the from-scratch baseline).
@@ -120,4 +135,12 @@ impl TransferModel {
             first_block: 0,
         }
     }
+}
+
+/// An inverted-dropout mask `[rows, cols]` drawn from `rng`: each entry is 0 with
+/// probability `p`, else `1 / (1 - p)`.
+pub fn dropout_mask(rng: &mut impl rand::Rng, rows: usize, cols: usize, p: f64, device: &Device) -> Tensor<2> {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let data: Vec<f32> = (0..rows * cols).map(|_| if rng.random_bool(p) { 0.0 } else { keep }).collect();
+    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
 }

@@ -71,6 +71,32 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageRejection> {
         .map_err(|e| ImageRejection::Corrupt(e.to_string()))
 }
 
+/// Whether a JPEG's image data is complete. The decoder is lenient and paints a truncated
+/// file's missing rows grey, which would train on half-grey photos, so we look for the
+/// end-of-image marker after the first start-of-scan. Scan data byte-stuffs every 0xFF, so
+/// `FF D9` there can only be the real end marker; marker segments before the scan (EXIF
+/// thumbnails included) are skipped by their lengths.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        if marker == 0xDA {
+            let scan = &bytes[(i + 2 + len).min(bytes.len())..];
+            return scan.windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i += 2 + len;
+    }
+    false
+}
+
 /// Decodes to RGB, refusing oversized images before any pixel is allocated, and applies the
 /// EXIF orientation so phone photos are upright.
 pub fn decode(bytes: &[u8], max_dimension: u32) -> Result<RgbImage, ImageRejection> {
@@ -79,6 +105,9 @@ pub fn decode(bytes: &[u8], max_dimension: u32) -> Result<RgbImage, ImageRejecti
         return Err(ImageRejection::TooLarge { width, height, max: max_dimension });
     }
     let format = sniff(bytes)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ImageRejection::Corrupt("truncated JPEG (no end-of-image marker)".into()));
+    }
     let corrupt = |e: image::ImageError| ImageRejection::Corrupt(e.to_string());
     let mut decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(corrupt)?;
     let orientation = decoder.orientation().map_err(corrupt)?;
@@ -151,5 +180,17 @@ mod tests {
         assert_eq!(dimensions(&bytes), Ok((40, 30)));
         assert!(matches!(decode(&bytes, 32), Err(ImageRejection::TooLarge { .. })));
         assert!(matches!(decode(&bytes[..bytes.len() / 2], 100), Err(ImageRejection::Corrupt(_))));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_corrupt() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        assert!(jpeg_is_complete(&jpeg));
+        assert!(decode(&jpeg, 100).is_ok());
+        let cut = &jpeg[..jpeg.len() * 2 / 3];
+        assert!(!jpeg_is_complete(cut));
+        assert!(matches!(decode(cut, 100), Err(ImageRejection::Corrupt(m)) if m.contains("truncated")));
     }
 }

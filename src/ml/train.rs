@@ -15,12 +15,12 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::backbone::{EfficientNetLite0, NUM_BLOCKS};
+use super::backbone::{EfficientNetLite0, FEATURES, NUM_BLOCKS};
 use super::cache::{RowCache, frozen_pass, stream_views};
 use super::config::{ClassWeighting, TrainConfig, Unfreeze, cosine};
 use super::data::{FolderDataset, Skipped, TensorBatcher, ViewDataset, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
-use super::head::{TransferModel, TransferModelConfig};
+use super::head::{TransferModel, TransferModelConfig, dropout_mask};
 use super::preprocess::Preprocessing;
 use burn::data::dataloader::batcher::Batcher;
 
@@ -194,8 +194,7 @@ impl Trainer<'_> {
     fn warmup(&mut self, head: burn::nn::Linear, train: &RowCache, val: &RowCache) -> Result<burn::nn::Linear, TrainError> {
         let cfg = self.config.warmup.clone();
         let start = Instant::now();
-        let dropout = burn::nn::DropoutConfig::new(self.config.dropout).init();
-        let mut model = head.fork(&self.autodiff);
+        let mut model = head.fork(&self.autodiff).train();
         let mut optim = AdamWConfig::new().with_weight_decay(self.config.weight_decay as f32).init();
         let loss_fn = self.loss_fn();
         let (val_x, _) = val.batch2(&(0..val.len()).collect::<Vec<_>>(), &self.device);
@@ -212,7 +211,8 @@ impl Trainer<'_> {
             for chunk in order.chunks(self.config.batch_size) {
                 self.cancel.check()?;
                 let (x, y) = train.batch2(chunk, &self.autodiff);
-                let logits = model.forward(dropout.forward(x));
+                let mask = dropout_mask(&mut self.rng, chunk.len(), FEATURES, self.config.dropout, &self.autodiff);
+                let logits = model.forward(x * mask);
                 let loss = loss_fn.forward(logits.clone(), y.clone());
                 correct += count_correct(logits, y);
                 seen += chunk.len();
@@ -252,7 +252,7 @@ impl Trainer<'_> {
 
     /// One optimisation step of a transfer model; returns (model, summed loss, correct).
     fn step(
-        &self,
+        &mut self,
         model: TransferModel,
         optim: &mut ModuleOptimizer,
         loss_fn: &CrossEntropyLoss,
@@ -260,8 +260,10 @@ impl Trainer<'_> {
         targets: Tensor<1, Int>,
         lr: f64,
     ) -> (TransferModel, f64, usize) {
-        let n = targets.dims()[0] as f64;
-        let logits = model.forward(inputs);
+        let rows = targets.dims()[0];
+        let n = rows as f64;
+        let mask = dropout_mask(&mut self.rng, rows, FEATURES, self.config.dropout, &self.autodiff);
+        let logits = model.forward_train(inputs, mask);
         let loss = loss_fn.forward(logits.clone(), targets.clone());
         let correct = count_correct(logits, targets);
         let loss_value = loss.clone().into_scalar::<f32>() as f64 * n;
@@ -282,7 +284,7 @@ impl Trainer<'_> {
         mut validate: impl FnMut(&Self, &TransferModel) -> Result<(f64, f64), TrainError>,
     ) -> Result<TransferModel, TrainError> {
         let start = Instant::now();
-        let mut model = model.fork(&self.autodiff);
+        let mut model = model.fork(&self.autodiff).train();
         let mut best: Option<(usize, f64, f64)> = None;
         let mut best_model = model.valid();
         let mut since_best = 0;
@@ -474,7 +476,7 @@ fn model_top(model: &TransferModel, k: usize) -> TransferModel {
         blocks: model.blocks[k..].to_vec(),
         conv_head: model.conv_head.clone(),
         bn1: model.bn1.clone(),
-        dropout: model.dropout.clone(),
+        dropout: model.dropout,
         head: model.head.clone(),
         first_block: k,
     }

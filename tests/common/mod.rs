@@ -28,11 +28,11 @@ pub fn backbone(device: &Device) -> EfficientNetLite0 {
     weights::load_backbone(&weights_path(), device).expect("weights load").0
 }
 
-/// A run small enough for CI: 64 px, two views, a few epochs.
+/// A run small enough for CI: 128 px, two views, a few epochs (about a second on flex).
 pub fn tiny_config() -> TrainConfig {
-    let mut c = TrainConfig { input_size: 64, batch_size: 8, views: 2, ..Default::default() };
-    c.warmup.epochs = 4;
-    c.warmup.learning_rate = 3e-3;
+    let mut c = TrainConfig { input_size: 128, batch_size: 8, views: 2, ..Default::default() };
+    c.warmup.epochs = 20;
+    c.warmup.learning_rate = 1e-3;
     c.finetune.epochs = 2;
     c.finetune.unfreeze = Unfreeze::Top(1);
     c.finetune.learning_rate = 1e-4;
