@@ -48,7 +48,8 @@ impl RowCache {
         &self.data[i * n..(i + 1) * n]
     }
 
-    fn push_tensor<const D: usize>(&mut self, t: Tensor<D>, labels: &[usize], samples: &[usize]) {
+    /// Appends the rows of a `[n, ...]` tensor.
+    pub fn push_tensor<const D: usize>(&mut self, t: Tensor<D>, labels: &[usize], samples: &[usize]) {
         let data = t.into_data();
         self.data.extend_from_slice(data.as_slice::<f32>().expect("float32 tensor"));
         self.labels.extend_from_slice(labels);

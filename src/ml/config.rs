@@ -96,7 +96,7 @@ pub struct WarmupConfig {
 
 impl Default for WarmupConfig {
     fn default() -> Self {
-        Self { enabled: true, epochs: 40, learning_rate: 1e-3, patience: 8 }
+        Self { enabled: true, epochs: 80, learning_rate: 1e-3, patience: 20 }
     }
 }
 
@@ -138,11 +138,14 @@ pub struct BaselineConfig {
     pub enabled: bool,
     pub epochs: usize,
     pub learning_rate: f64,
+    /// Wall-time budget in seconds: training stops at the first step past it, so the
+    /// comparison can be "the same budget as the transfer run".
+    pub max_seconds: Option<f64>,
 }
 
 impl Default for BaselineConfig {
     fn default() -> Self {
-        Self { enabled: false, epochs: 4, learning_rate: 1e-3 }
+        Self { enabled: false, epochs: 4, learning_rate: 1e-3, max_seconds: None }
     }
 }
 
@@ -181,7 +184,7 @@ impl Default for TrainConfig {
             batch_size: 32,
             views: 2,
             augment: AugmentConfig::default(),
-            dropout: 0.2,
+            dropout: 0.5,
             weight_decay: 1e-4,
             class_weighting: ClassWeighting::Auto,
             max_image_dimension: super::preprocess::DEFAULT_MAX_DIMENSION,
@@ -220,6 +223,7 @@ impl TrainConfig {
         )?;
         check(self.baseline.epochs <= 200, "baseline.epochs", "must be at most 200")?;
         check(lr(self.baseline.learning_rate), "baseline.learning_rate", "must be in (0, 1]")?;
+        check(self.baseline.max_seconds.is_none_or(|s| s > 0.0), "baseline.max_seconds", "must be positive")?;
         check(
             self.warmup.enabled || self.finetune.enabled || self.baseline.enabled,
             "warmup.enabled",

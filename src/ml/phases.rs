@@ -1,0 +1,342 @@
+//! The training loops: warm-up of the head on cached features, and the generic phase loop
+//! (fine-tune from cached activations or streamed views, the from-scratch baseline) with
+//! early stopping that restores the best epoch.
+
+use std::time::Instant;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use super::backbone::FEATURES;
+use super::cache::{RowCache, stream_views};
+use super::config::{TrainConfig, cosine};
+use super::data::{TensorBatcher, ViewDataset};
+use super::head::{TransferModel, TransferModelConfig, dropout_mask};
+use super::train::{Cancel, EpochMetrics, PhaseSummary, TrainError, TrainEvent};
+
+pub(crate) struct Trainer<'a> {
+    pub(crate) config: &'a TrainConfig,
+    pub(crate) device: Device,
+    pub(crate) autodiff: Device,
+    pub(crate) weights: Option<Vec<f32>>,
+    pub(crate) events: &'a mut dyn FnMut(TrainEvent),
+    pub(crate) cancel: &'a Cancel,
+    pub(crate) metrics: Vec<EpochMetrics>,
+    pub(crate) phases: Vec<PhaseSummary>,
+    pub(crate) rng: ChaCha8Rng,
+    /// When set, the running phase stops at the first step boundary past it.
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// Logits of `model` over every row of a cache, in order.
+pub(crate) fn logits_of(model: &TransferModel, cache: &RowCache, batch: usize, device: &Device) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(cache.len());
+    let idx: Vec<usize> = (0..cache.len()).collect();
+    for chunk in idx.chunks(batch) {
+        let b = cache.batch4(chunk, device);
+        rows_into(model.forward(b.inputs), &mut out);
+    }
+    out
+}
+
+pub(crate) fn rows_into(t: Tensor<2>, out: &mut Vec<Vec<f32>>) {
+    let [_, d] = t.dims();
+    let data = t.into_data();
+    out.extend(data.as_slice::<f32>().expect("float32").chunks(d).map(<[f32]>::to_vec));
+}
+
+/// Mean cross-entropy and accuracy of logits, unweighted (validation is judged as it is).
+pub(crate) fn loss_and_accuracy(logits: &[Vec<f32>], labels: &[usize]) -> (f64, f64) {
+    let nll = super::evaluate::nll(logits, labels, 1.0);
+    let correct = logits
+        .iter()
+        .zip(labels)
+        .filter(|(l, y)| l.iter().enumerate().all(|(i, v)| i == **y || *v < l[**y]))
+        .count();
+    (nll, correct as f64 / labels.len().max(1) as f64)
+}
+
+impl Trainer<'_> {
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    pub(crate) fn loss_fn(&self) -> CrossEntropyLoss {
+        CrossEntropyLossConfig::new().with_weights(self.weights.clone()).init(&self.autodiff)
+    }
+
+    /// `items` in a fresh random order: streamed epochs must not see one class per batch.
+    pub(crate) fn shuffled_subset(&mut self, items: &[usize]) -> Vec<usize> {
+        let mut order = items.to_vec();
+        order.shuffle(&mut self.rng);
+        order
+    }
+
+    pub(crate) fn shuffled(&mut self, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut self.rng);
+        order
+    }
+
+    fn record(&mut self, m: EpochMetrics) {
+        (self.events)(TrainEvent::Epoch(m.clone()));
+        self.metrics.push(m);
+    }
+
+    fn finish_phase(&mut self, phase: &str, epochs_run: usize, best: Option<(usize, f64, f64)>, start: Instant) {
+        let (best_epoch, best_val_loss, best_val_accuracy) = best.unwrap_or((0, f64::NAN, f64::NAN));
+        let summary = PhaseSummary {
+            phase: phase.into(),
+            epochs_run,
+            best_epoch,
+            best_val_loss,
+            best_val_accuracy,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        (self.events)(TrainEvent::PhaseDone(summary.clone()));
+        self.phases.push(summary);
+    }
+
+    /// Warm-up: only the head, on cached pooled features. Returns the best head.
+    pub(crate) fn warmup(&mut self, head: burn::nn::Linear, train: &RowCache, val: &RowCache) -> Result<burn::nn::Linear, TrainError> {
+        let cfg = self.config.warmup.clone();
+        let start = Instant::now();
+        let mut model = head.fork(&self.autodiff).train();
+        let mut optim = AdamWConfig::new().with_weight_decay(self.config.weight_decay as f32).init();
+        let loss_fn = self.loss_fn();
+        let (val_x, _) = val.batch2(&(0..val.len()).collect::<Vec<_>>(), &self.device);
+        let val_labels = val.labels.clone();
+        let mut stopping = EarlyStopping::new(model.valid(), None, cfg.patience);
+        let mut epochs_run = 0;
+        for epoch in 0..cfg.epochs {
+            let t0 = Instant::now();
+            let lr = cosine(cfg.learning_rate, epoch, cfg.epochs);
+            let order = self.shuffled(train.len());
+            let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+            for chunk in order.chunks(self.config.batch_size) {
+                self.cancel.check()?;
+                let (x, y) = train.batch2(chunk, &self.autodiff);
+                let mask = dropout_mask(&mut self.rng, chunk.len(), FEATURES, self.config.dropout, &self.autodiff);
+                let logits = model.forward(x * mask);
+                let loss = loss_fn.forward(logits.clone(), y.clone());
+                correct += count_correct(logits, y);
+                seen += chunk.len();
+                loss_sum += loss.clone().into_scalar::<f32>() as f64 * chunk.len() as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+            }
+            let valid = model.valid();
+            let mut logits = Vec::new();
+            rows_into(valid.forward(val_x.clone()), &mut logits);
+            let val = loss_and_accuracy(&logits, &val_labels);
+            epochs_run += 1;
+            self.record(epoch_metrics("warmup", epoch, (loss_sum, correct, seen), val, lr, t0));
+            if stopping.observe(epoch + 1, val, valid) {
+                break;
+            }
+        }
+        self.finish_phase("warmup", epochs_run, stopping.best, start);
+        Ok(stopping.model)
+    }
+
+    /// One optimisation step of a transfer model; returns (model, summed loss, correct).
+    pub(crate) fn step(
+        &mut self,
+        model: TransferModel,
+        optim: &mut ModuleOptimizer,
+        loss_fn: &CrossEntropyLoss,
+        inputs: Tensor<4>,
+        targets: Tensor<1, Int>,
+        lr: f64,
+    ) -> (TransferModel, f64, usize) {
+        let rows = targets.dims()[0];
+        let n = rows as f64;
+        let mask = dropout_mask(&mut self.rng, rows, FEATURES, self.config.dropout, &self.autodiff);
+        let logits = model.forward_train(inputs, mask);
+        let loss = loss_fn.forward(logits.clone(), targets.clone());
+        let correct = count_correct(logits, targets);
+        let loss_value = loss.clone().into_scalar::<f32>() as f64 * n;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        (optim.step(lr, model, grads), loss_value, correct)
+    }
+
+    /// Trains a transfer model for a phase with early stopping on validation loss.
+    /// `epoch_batches` runs one epoch of steps and returns (loss sum, correct, seen).
+    pub(crate) fn train_phase(
+        &mut self,
+        phase: &'static str,
+        model: TransferModel,
+        keep_incoming: bool,
+        epochs: usize,
+        patience: usize,
+        lr_of: &dyn Fn(usize) -> f64,
+        mut run_epoch: impl FnMut(&mut Self, TransferModel, usize, f64) -> Result<(TransferModel, f64, usize, usize), TrainError>,
+        mut validate: impl FnMut(&Self, &TransferModel) -> Result<(f64, f64), TrainError>,
+    ) -> Result<TransferModel, TrainError> {
+        let start = Instant::now();
+        let mut model = model.fork(&self.autodiff).train();
+        // With `keep_incoming`, the model as it enters the phase (the warm-up's) is epoch 0:
+        // a phase that only makes validation worse returns it unchanged.
+        let incoming = model.valid();
+        let initial = if keep_incoming { Some(validate(self, &incoming)?) } else { None };
+        let mut stopping = EarlyStopping::new(incoming, initial, patience);
+        let mut epochs_run = 0;
+        for epoch in 0..epochs {
+            let t0 = Instant::now();
+            let lr = lr_of(epoch);
+            let (m, loss_sum, correct, seen) = run_epoch(self, model, epoch, lr)?;
+            model = m;
+            let valid = model.valid();
+            let val = validate(self, &valid)?;
+            epochs_run += 1;
+            self.record(epoch_metrics(phase, epoch, (loss_sum, correct, seen), val, lr, t0));
+            if stopping.observe(epoch + 1, val, valid) || self.past_deadline() {
+                break;
+            }
+        }
+        self.finish_phase(phase, epochs_run, stopping.best, start);
+        Ok(stopping.model)
+    }
+}
+
+/// Early stopping on validation loss that keeps the best model seen.
+struct EarlyStopping<M> {
+    /// (epoch, validation loss, validation accuracy) of `model`; epoch 0 is the incoming one.
+    best: Option<(usize, f64, f64)>,
+    model: M,
+    since_best: usize,
+    patience: usize,
+}
+
+impl<M> EarlyStopping<M> {
+    fn new(model: M, initial: Option<(f64, f64)>, patience: usize) -> Self {
+        Self { best: initial.map(|(l, a)| (0, l, a)), model, since_best: 0, patience }
+    }
+
+    /// Records an epoch's result; true when training should stop.
+    fn observe(&mut self, epoch: usize, (loss, accuracy): (f64, f64), model: M) -> bool {
+        if self.best.is_none_or(|(_, best, _)| loss < best) {
+            self.best = Some((epoch, loss, accuracy));
+            self.model = model;
+            self.since_best = 0;
+            false
+        } else {
+            self.since_best += 1;
+            self.since_best > self.patience
+        }
+    }
+}
+
+/// The row of a finished epoch: `train` is (loss sum, correct, seen), `val` (loss, accuracy).
+fn epoch_metrics(phase: &str, epoch: usize, train: (f64, usize, usize), val: (f64, f64), lr: f64, t0: Instant) -> EpochMetrics {
+    let (loss_sum, correct, seen) = train;
+    EpochMetrics {
+        phase: phase.into(),
+        epoch: epoch + 1,
+        train_loss: loss_sum / seen.max(1) as f64,
+        train_accuracy: correct as f64 / seen.max(1) as f64,
+        val_loss: val.0,
+        val_accuracy: val.1,
+        learning_rate: lr,
+        seconds: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// Number of rows whose arg-max matches the target (dtype-agnostic: flex's argmax is i32).
+fn count_correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> usize {
+    let pred = logits.argmax(1).reshape([targets.dims()[0]]);
+    pred.equal(targets).int().sum().into_scalar::<i64>() as usize
+}
+
+/// The part of a full model from block `k` on (shares its tensors).
+pub(crate) fn model_top(model: &TransferModel, k: usize) -> TransferModel {
+    TransferModel {
+        stem: None,
+        blocks: model.blocks[k..].to_vec(),
+        conv_head: model.conv_head.clone(),
+        bn1: model.bn1.clone(),
+        dropout: model.dropout,
+        head: model.head.clone(),
+        first_block: k,
+    }
+}
+
+/// One epoch over freshly decoded and augmented views.
+pub(crate) fn stream_epoch(
+    t: &mut Trainer<'_>,
+    model: TransferModel,
+    optim: &mut ModuleOptimizer,
+    loss_fn: &CrossEntropyLoss,
+    ds: &ViewDataset<'_>,
+    lr: f64,
+    stage: &'static str,
+) -> Result<(TransferModel, f64, usize, usize), TrainError> {
+    let size = ds.pre.input_size;
+    let batcher = TensorBatcher { shape: [3, size, size] };
+    let mut slot = Some(model);
+    let (mut loss_sum, mut correct, mut seen) = (0.0, 0, 0);
+    let total = ds.indices.len();
+    let batch = t.config.batch_size;
+    let cancel = t.cancel.clone();
+    let streamed = stream_views(ds, batch, &cancel, |rows| {
+        if t.past_deadline() {
+            return Err(TrainError::BudgetSpent);
+        }
+        let n = rows.len();
+        let b = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), &t.autodiff);
+        let (m, l, c) = t.step(slot.take().expect("model"), optim, loss_fn, b.inputs, b.targets, lr);
+        slot = Some(m);
+        (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + n);
+        (t.events)(TrainEvent::Progress { stage, done: seen, total });
+        Ok(())
+    });
+    match streamed {
+        Ok(_) | Err(TrainError::BudgetSpent) => {}
+        Err(e) => return Err(e),
+    }
+    Ok((slot.expect("model"), loss_sum, correct, seen))
+}
+
+/// The from-scratch comparison: random weights, no warm-up, whole network trained on
+/// streamed views. BatchNorm uses batch statistics, since random weights have no stored ones.
+pub(crate) fn baseline<'d>(
+    t: &mut Trainer<'_>,
+    model_cfg: &TransferModelConfig,
+    view_ds: &dyn Fn(Vec<usize>, usize, bool, u64) -> ViewDataset<'d>,
+    train_ok: &[usize],
+    val_ok: &[usize],
+) -> Result<(), TrainError> {
+    let cfg = t.config.baseline.clone();
+    let seed = t.config.seed;
+    let batch = t.config.batch_size;
+    let model = model_cfg.init(&t.device).use_batch_statistics();
+    let mut optim = AdamWConfig::new().with_weight_decay(t.config.weight_decay as f32).init();
+    let loss_fn = t.loss_fn();
+    // Mixed-class validation batches: batch statistics of a one-class batch would leak it.
+    let mut val_order = val_ok.to_vec();
+    val_order.shuffle(&mut t.rng);
+    let val = view_ds(val_order, 1, true, seed);
+    let lr_of = |e: usize| cosine(cfg.learning_rate, e, cfg.epochs);
+    t.deadline = cfg.max_seconds.map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
+    let result = t.train_phase("baseline", model, false, cfg.epochs, cfg.epochs, &lr_of, |t, model, epoch, lr| {
+        let ds = view_ds(t.shuffled_subset(train_ok), 1, false, seed.wrapping_add(1000 + epoch as u64));
+        stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "baseline")
+    }, |t, m| {
+        let size = val.pre.input_size;
+        let batcher = TensorBatcher { shape: [3, size, size] };
+        let (mut logits, mut labels) = (Vec::new(), Vec::new());
+        stream_views(&val, batch, t.cancel, |rows| {
+            labels.extend(rows.iter().map(|r| r.1));
+            let b = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), &t.device);
+            rows_into(m.forward(b.inputs), &mut logits);
+            Ok(())
+        })?;
+        Ok(loss_and_accuracy(&logits, &labels))
+    });
+    t.deadline = None;
+    result.map(|_| ())
+}
