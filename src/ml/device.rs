@@ -32,19 +32,32 @@ pub struct SelectedDevice {
 pub enum DeviceError {
     #[error("this build has no wgpu support; rebuild with `--features wgpu` or use --device cpu")]
     NoWgpu,
+    #[error("wgpu finds no graphics adapter at all (no Vulkan, Metal or DX12 driver); install one (e.g. Debian's mesa-vulkan-drivers for a software one) or use --device cpu")]
+    NoAdapter,
 }
 
-/// Hardware adapters visible to wgpu, as "name (backend, type)".
+/// An adapter wgpu can see.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// "name (backend, type)", for logs.
+    pub description: String,
+    /// A discrete, integrated or virtual GPU rather than a CPU/software rasteriser.
+    pub hardware: bool,
+}
+
+/// Every adapter visible to wgpu, without opening any of them.
 #[cfg(feature = "wgpu")]
-pub fn hardware_adapters() -> Vec<String> {
+pub fn adapters() -> Vec<Adapter> {
     use wgpu::DeviceType;
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     adapters
         .iter()
         .map(|a| a.get_info())
-        .filter(|i| matches!(i.device_type, DeviceType::DiscreteGpu | DeviceType::IntegratedGpu | DeviceType::VirtualGpu))
-        .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+        .map(|i| Adapter {
+            description: format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type),
+            hardware: matches!(i.device_type, DeviceType::DiscreteGpu | DeviceType::IntegratedGpu | DeviceType::VirtualGpu),
+        })
         .collect()
 }
 
@@ -68,20 +81,25 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(flex()),
         #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu => Ok(SelectedDevice {
-            device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
-            backend: "wgpu",
-            adapter: hardware_adapters().into_iter().next(),
-        }),
+        DeviceChoice::Wgpu => {
+            let found = adapters();
+            // wgpu's default pick prefers hardware; name what it will most likely take.
+            let adapter = found.iter().find(|a| a.hardware).or(found.first()).ok_or(DeviceError::NoAdapter)?;
+            Ok(SelectedDevice {
+                device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
+                backend: "wgpu",
+                adapter: Some(adapter.description.clone()),
+            })
+        }
         #[cfg(not(feature = "wgpu"))]
         DeviceChoice::Wgpu => Err(DeviceError::NoWgpu),
         DeviceChoice::Auto => {
             #[cfg(feature = "wgpu")]
-            if let Some(adapter) = hardware_adapters().into_iter().next() {
+            if let Some(adapter) = adapters().into_iter().find(|a| a.hardware) {
                 return Ok(SelectedDevice {
                     device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
                     backend: "wgpu",
-                    adapter: Some(adapter),
+                    adapter: Some(adapter.description),
                 });
             }
             Ok(flex())

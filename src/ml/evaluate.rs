@@ -55,8 +55,8 @@ pub fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
 
-fn argmax(p: &[f32]) -> usize {
-    p.iter().enumerate().fold(0, |best, (i, &v)| if v > p[best] { i } else { best })
+fn argmax<T: PartialOrd>(p: &[T]) -> usize {
+    p.iter().enumerate().fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
 }
 
 /// Mean negative log-likelihood at a temperature.
@@ -93,13 +93,21 @@ pub fn ece(logits: &[Vec<f32>], labels: &[usize], temperature: f64) -> f64 {
 /// wildly overconfident rather than calibrated.
 pub const MIN_CALIBRATION_IMAGES: usize = 30;
 
-/// The temperature minimising validation NLL, by golden-section search on log T in [1/4, 10].
+/// With fewer validation errors than this, the temperature may soften but never sharpen:
+/// when (almost) every validation image is right, the NLL keeps falling as T shrinks, and
+/// the fit would only be measuring how separable this one validation set happens to be.
+pub const MIN_ERRORS_TO_SHARPEN: usize = 3;
+
+/// The temperature minimising validation NLL, by golden-section search on log T in [1/4, 10]
+/// (in [1, 10] when the validation set has too few errors to justify sharpening).
 pub fn fit_temperature(logits: &[Vec<f32>], labels: &[usize]) -> f64 {
     if logits.len() < MIN_CALIBRATION_IMAGES {
         return 1.0;
     }
+    let errors = logits.iter().zip(labels).filter(|(l, y)| argmax(l) != **y).count();
+    let low: f64 = if errors < MIN_ERRORS_TO_SHARPEN { 1.0 } else { 0.25 };
     let f = |log_t: f64| nll(logits, labels, log_t.exp());
-    let (mut a, mut b) = ((0.25f64).ln(), (10.0f64).ln());
+    let (mut a, mut b) = (low.ln(), (10.0f64).ln());
     let g = (5f64.sqrt() - 1.0) / 2.0;
     let (mut c, mut d) = (b - g * (b - a), a + g * (b - a));
     for _ in 0..60 {
@@ -179,6 +187,13 @@ mod tests {
         assert_eq!(e.misclassified.len(), 1);
         assert_eq!(e.misclassified[0].path, "f2.jpg");
         assert!(e.calibration.nll_after <= e.calibration.nll_before + 1e-9);
+    }
+
+    #[test]
+    fn a_perfect_validation_set_never_sharpens() {
+        let logits: Vec<Vec<f32>> = (0..60).map(|i| if i % 2 == 0 { vec![1.0, 0.0] } else { vec![0.0, 1.0] }).collect();
+        let labels: Vec<usize> = (0..60).map(|i| i % 2).collect();
+        assert!((fit_temperature(&logits, &labels) - 1.0).abs() < 1e-3);
     }
 
     #[test]
