@@ -1,0 +1,71 @@
+//! The GPU code path, checked without a GPU: burn's wgpu backend (WGSL shaders) on a software
+//! adapter (Mesa's lavapipe or llvmpipe, which `.ci/run` installs) must agree with the flex
+//! CPU backend, for inference at full size and for a few training steps at a small size.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use transferd::ml::device::{DeviceChoice, select};
+use transferd::ml::head::TransferModelConfig;
+use transferd::ml::preprocess::{self, Preprocessing};
+
+fn wgpu() -> Device {
+    select(DeviceChoice::Wgpu).expect("a wgpu adapter: .ci/run installs mesa-vulkan-drivers").device
+}
+
+fn view(name: &str, size: usize) -> Vec<f32> {
+    let bytes = std::fs::read(common::fixtures().join("samples").join(name)).unwrap();
+    let image = preprocess::decode(&bytes, 10_000).unwrap();
+    preprocess::eval_view(&image, &Preprocessing::for_size(size))
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().as_slice::<f32>().unwrap().to_vec()
+}
+
+#[test]
+fn imagenet_logits_match_flex_at_224() {
+    let x = view("test_cat.jpg", 224);
+    let logits = |device: &Device| {
+        let backbone = common::backbone(device);
+        to_vec(backbone.forward(Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 3, 224, 224]), device)))
+    };
+    let (cpu, gpu) = (logits(&Device::flex()), logits(&wgpu()));
+    let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "largest logit difference {worst}");
+}
+
+#[test]
+fn training_steps_match_flex_at_64() {
+    // Head plus the top block and head conv, trained from the frozen bottom's activations,
+    // exactly as fine-tuning does: the same loss curve on both backends.
+    let images = [view("test_cat.jpg", 64), view("test_dog.jpg", 64)].concat();
+    let losses = |device: &Device| {
+        let backbone = common::backbone(device);
+        let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [2, 3, 64, 64]), device);
+        let acts = backbone.forward_bottom(x, 15);
+        let ad = device.clone().autodiff();
+        let mut model = TransferModelConfig::new(2).from_backbone(&backbone, 15, device).unfreeze().fork(&ad).train();
+        let mut optim = AdamWConfig::new().init();
+        let loss_fn = CrossEntropyLossConfig::new().init(&ad);
+        let acts = Tensor::<4>::from_data(acts.into_data(), &ad);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1], [2]), &ad);
+        (0..4)
+            .map(|_| {
+                let loss = loss_fn.forward(model.forward(acts.clone()), y.clone());
+                let value = loss.clone().into_scalar::<f32>();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-3, model.clone(), grads);
+                value
+            })
+            .collect::<Vec<f32>>()
+    };
+    let (cpu, gpu) = (losses(&Device::flex()), losses(&wgpu()));
+    assert!(cpu[3] < cpu[0], "the loss goes down: {cpu:?}");
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "flex {cpu:?} vs wgpu {gpu:?}");
+    }
+}
