@@ -88,6 +88,20 @@ fn same_seed_same_split_and_metrics() {
 }
 
 #[test]
+fn whole_network_fine_tuning_streams_fresh_views() {
+    // `"all"`: the GPU default. Nothing is frozen, views are decoded afresh every epoch.
+    let pets = common::pets_copy();
+    let mut config = common::tiny_config();
+    config.input_size = 64;
+    config.finetune.unfreeze = transferd::ml::config::Unfreeze::All;
+    config.finetune.epochs = 1;
+    let outcome = run(pets.path(), &config);
+    assert!(outcome.metrics.iter().any(|m| m.phase == "finetune"));
+    assert_eq!(outcome.evaluation.confusion.iter().flatten().sum::<usize>(), outcome.val_images);
+    assert_eq!(outcome.model.first_block, 0);
+}
+
+#[test]
 fn one_class_is_a_clear_error() {
     let pets = common::pets_copy();
     std::fs::remove_dir_all(pets.path().join("dog")).unwrap();

@@ -140,7 +140,8 @@ pub struct FrozenPass {
 }
 
 /// Runs the pretrained backbone over every view of `dataset`: bottom up to block `k`, then
-/// the pretrained top for the pooled features.
+/// the pretrained top for the pooled features. The kept activations are what a model
+/// trained from block `k` takes as input (the images themselves when `k` is 0).
 pub fn frozen_pass(
     backbone: &EfficientNetLite0,
     k: usize,
@@ -153,7 +154,9 @@ pub fn frozen_pass(
 ) -> Result<FrozenPass, TrainError> {
     let size = dataset.pre.input_size;
     let batcher = TensorBatcher { shape: [3, size, size] };
-    let act_shape = super::backbone::activation_shape(k, size);
+    // With nothing frozen (k = 0) the trainable model starts at the stem, so what it needs
+    // cached is the image itself.
+    let act_shape = if k == 0 { [3, size, size] } else { super::backbone::activation_shape(k, size) };
     let mut features = RowCache::new(&[super::backbone::FEATURES]);
     let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
     let failures = stream_views(dataset, batch_size, cancel, |rows| {
@@ -161,8 +164,9 @@ pub fn frozen_pass(
         let samples: Vec<usize> = rows.iter().map(|r| r.2).collect();
         let n = rows.len();
         let batch = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), device);
-        let acts = backbone.forward_bottom(batch.inputs, k);
-        let feats = backbone.forward_top(acts.clone(), k);
+        let bottom = backbone.forward_bottom(batch.inputs.clone(), k);
+        let feats = backbone.forward_top(bottom.clone(), k);
+        let acts = if k == 0 { batch.inputs } else { bottom };
         if let Some(cache) = activations.as_mut() {
             cache.push_tensor(acts, &labels, &samples);
         }

@@ -254,6 +254,9 @@ fn count_correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> usize {
 
 /// The part of a full model from block `k` on (shares its tensors).
 pub(crate) fn model_top(model: &TransferModel, k: usize) -> TransferModel {
+    if k == 0 {
+        return model.clone();
+    }
     TransferModel {
         stem: None,
         blocks: model.blocks[k..].to_vec(),
