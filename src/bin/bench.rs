@@ -1,6 +1,7 @@
 //! Accuracy and speed benchmark of the default training run (not a test).
 //!
-//! `cargo run --release --bin bench -- [DATA_DIR] [--config FILE.json] [--sweep FILE.jsonl] [--baseline]`
+//! `cargo run --release --bin bench -- [DATA_DIR] [--config FILE.json] [--sweep FILE.jsonl] [--baseline]
+//!     [--device auto|wgpu|cpu] [--batches 1,32]`
 //!
 //! Trains on the tutorial's photos (default `../shared/datasets/dogcat-sub`) and prints a
 //! markdown table: validation accuracy and wall time per phase, backbone and fine-tune
@@ -22,6 +23,7 @@ use transferd::ml::backbone::{EfficientNetLite0, activation_shape};
 use transferd::ml::cache::RowCache;
 use transferd::ml::config::TrainConfig;
 use transferd::ml::data::{self, FolderDataset};
+use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::head::{TransferModel, TransferModelConfig};
 use transferd::ml::infer::Predictor;
 use transferd::ml::preprocess::{self, Preprocessing};
@@ -77,6 +79,9 @@ fn perturbed_caches(ds: &FolderDataset, val: &[usize], config: &TrainConfig, bac
         .iter()
         .map(|(name, f)| {
             let mut cache = RowCache::new(&activation_shape(k, s));
+            if k == 0 {
+                cache = RowCache::new(&[3, s, s]);
+            }
             for chunk in images.chunks(32) {
                 let mut flat = Vec::new();
                 for (img, _, _) in chunk {
@@ -85,7 +90,9 @@ fn perturbed_caches(ds: &FolderDataset, val: &[usize], config: &TrainConfig, bac
                 let x = Tensor::<4>::from_data(TensorData::new(flat, [chunk.len(), 3, s, s]), device);
                 let labels: Vec<usize> = chunk.iter().map(|c| c.1).collect();
                 let samples: Vec<usize> = chunk.iter().map(|c| c.2).collect();
-                cache.push_tensor(backbone.forward_bottom(x, k), &labels, &samples);
+                // With nothing frozen the model takes the image itself.
+                let input = if k == 0 { x } else { backbone.forward_bottom(x, k) };
+                cache.push_tensor(input, &labels, &samples);
             }
             (*name, cache)
         })
@@ -94,8 +101,11 @@ fn perturbed_caches(ds: &FolderDataset, val: &[usize], config: &TrainConfig, bac
 
 /// Accuracy of a full model's top (from block `k`) on a cache of activations.
 fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) -> f64 {
-    let top = TransferModel { stem: None, blocks: model.blocks[k..].to_vec(), ..model.clone() };
-    let top = TransferModel { first_block: k, ..top };
+    let top = if k == 0 {
+        model.clone()
+    } else {
+        TransferModel { stem: None, blocks: model.blocks[k..].to_vec(), first_block: k, ..model.clone() }
+    };
     let mut correct = 0;
     let idx: Vec<usize> = (0..cache.len()).collect();
     for chunk in idx.chunks(32) {
@@ -110,13 +120,13 @@ fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) 
     correct as f64 / cache.len().max(1) as f64
 }
 
-fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Device) -> Vec<(String, String)> {
+fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Device, batches: &[usize]) -> Vec<(String, String)> {
     let s = config.input_size;
     let mut rows = Vec::new();
-    for batch in [1usize, 32] {
+    for &batch in batches {
         let x = Tensor::<4>::zeros([batch, 3, s, s], device);
         let _ = backbone.features(x.clone()).into_data();
-        let reps = if batch == 1 { 10 } else { 2 };
+        let reps = (64 / batch).clamp(2, 10);
         let t = Instant::now();
         for _ in 0..reps {
             let _ = backbone.features(x.clone()).into_data();
@@ -127,7 +137,7 @@ fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Devic
     }
     let k = config.finetune.unfreeze.first_block();
     let ad = device.clone().autodiff();
-    let shape = activation_shape(k, s);
+    let shape = if k == 0 { [3, s, s] } else { activation_shape(k, s) };
     let mut top = TransferModelConfig::new(2).from_backbone(backbone, k, device).unfreeze().fork(&ad).train();
     let mut optim = AdamWConfig::new().init();
     let x = Tensor::<4>::zeros([32, shape[0], shape[1], shape[2]], &ad);
@@ -140,7 +150,9 @@ fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Devic
         top = optim.step(1e-4, top, grads);
     }
     let _ = top.valid();
-    rows.push((format!("fine-tune step (top from block {k}), batch 32"), format!("{:.1} img/s", 96.0 / t.elapsed().as_secs_f64())));
+    let _ = top.valid().head.weight.val().into_data(); // wait for queued GPU work
+    let what = if k == 0 { "full network".to_string() } else { format!("top from block {k}") };
+    rows.push((format!("fine-tune step ({what}), batch 32"), format!("{:.1} img/s", 96.0 / t.elapsed().as_secs_f64())));
     rows
 }
 
@@ -160,15 +172,24 @@ fn print_run(outcome: &TrainOutcome, config: &TrainConfig, data_dir: &Path, tota
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    let flag_values: Vec<String> = ["--config", "--sweep"].iter().filter_map(|f| value_of(f)).collect();
+    let flag_values: Vec<String> = ["--config", "--sweep", "--device", "--batches"].iter().filter_map(|f| value_of(f)).collect();
     let data_dir = args
         .iter()
         .find(|a| !a.starts_with("--") && !flag_values.contains(a))
         .map_or_else(|| PathBuf::from("../shared/datasets/dogcat-sub"), PathBuf::from);
     let config = transferd::cli::read_config(value_of("--config").as_deref().map(Path::new))?;
-    let device = Device::flex();
+    let choice = match value_of("--device").as_deref() {
+        None | Some("cpu") => DeviceChoice::Cpu,
+        Some("wgpu") => DeviceChoice::Wgpu,
+        Some("auto") => DeviceChoice::Auto,
+        Some(other) => anyhow::bail!("--device must be auto, wgpu or cpu, not {other}"),
+    };
+    let selected = select(choice)?;
+    let device = selected.device.clone();
+    let batches: Vec<usize> = value_of("--batches").map_or(Ok(vec![1, 32]), |b| b.split(',').map(str::parse).collect())?;
     let (backbone, _) = weights::load_backbone(&weights::locate(Path::new("data"), true)?, &device)?;
-    let rows = throughput(&backbone, &config, &device);
+    let mut rows = vec![("device".to_string(), format!("{} {}", selected.backend, selected.adapter.unwrap_or_default()))];
+    rows.extend(throughput(&backbone, &config, &device, &batches));
 
     let started = Instant::now();
     let ds = data::scan(&data_dir, config.max_image_dimension, config.min_images_per_class)?;
