@@ -69,3 +69,34 @@ fn training_steps_match_flex_at_64() {
         assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "flex {cpu:?} vs wgpu {gpu:?}");
     }
 }
+
+#[test]
+fn a_batch_too_big_for_the_device_is_split_not_fatal() {
+    // 32 views at 224 px need a 154 MB buffer in block 1: more than lavapipe's 128 MiB limit,
+    // so there the frozen pass must halve the batch and go on. Either way the features must
+    // match flex's.
+    use transferd::ml::augment::AugmentConfig;
+    use transferd::ml::cache::frozen_pass;
+    use transferd::ml::data::{ViewDataset, scan};
+    use transferd::ml::train::Cancel;
+    let ds = scan(&common::fixtures().join("pets"), 10_000, 2).unwrap();
+    let features = |device: &Device| {
+        let backbone = common::backbone(device);
+        let views = ViewDataset {
+            samples: &ds.samples,
+            indices: (0..16).collect(),
+            views: 2,
+            clean_first: true,
+            pre: Preprocessing::for_size(224),
+            augment: AugmentConfig::default(),
+            seed: 7,
+            max_dimension: 10_000,
+        };
+        frozen_pass(&backbone, 16, false, &views, 32, device, &Cancel::default(), |_| {}).unwrap().features
+    };
+    let (cpu, gpu) = (features(&Device::flex()), features(&wgpu()));
+    assert_eq!(cpu.labels, gpu.labels);
+    assert_eq!(cpu.len(), 32);
+    let worst = cpu.data.iter().zip(&gpu.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "largest feature difference {worst}");
+}

@@ -56,6 +56,14 @@ impl RowCache {
         self.samples.extend_from_slice(samples);
     }
 
+    /// Appends flat rows (`labels.len()` of them, each of this cache's shape).
+    pub fn push_rows(&mut self, data: &[f32], labels: &[usize], samples: &[usize]) {
+        debug_assert_eq!(data.len(), labels.len() * self.row_len());
+        self.data.extend_from_slice(data);
+        self.labels.extend_from_slice(labels);
+        self.samples.extend_from_slice(samples);
+    }
+
     /// Rows `indices` as a `[n, c, h, w]` batch (the cache must hold 3-D rows).
     pub fn batch4(&self, indices: &[usize], device: &Device) -> InputBatch {
         let shape: [usize; 3] = self.shape.as_slice().try_into().expect("3-D rows");
@@ -159,20 +167,57 @@ pub fn frozen_pass(
     let act_shape = if k == 0 { [3, size, size] } else { super::backbone::activation_shape(k, size) };
     let mut features = RowCache::new(&[super::backbone::FEATURES]);
     let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
+    // The largest batch the device has accepted; lowered when an allocation fails.
+    let mut limit = batch_size;
     let failures = stream_views(dataset, batch_size, cancel, |rows| {
+        let n = rows.len();
+        let items: Vec<(Vec<f32>, usize)> = rows.iter().map(|(v, l, _)| (v.clone(), *l)).collect();
         let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
         let samples: Vec<usize> = rows.iter().map(|r| r.2).collect();
-        let n = rows.len();
-        let batch = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), device);
-        let bottom = backbone.forward_bottom(batch.inputs.clone(), k);
-        let feats = backbone.forward_top(bottom.clone(), k);
-        let acts = if k == 0 { batch.inputs } else { bottom };
+        let (acts, feats) = forward_adaptive(backbone, k, &batcher, &items, &mut limit, device)?;
         if let Some(cache) = activations.as_mut() {
-            cache.push_tensor(acts, &labels, &samples);
+            cache.push_rows(&acts, &labels, &samples);
         }
-        features.push_tensor(feats, &labels, &samples);
+        features.push_rows(&feats, &labels, &samples);
         progress(n);
         Ok(())
     })?;
     Ok(FrozenPass { features, activations, failures })
+}
+
+/// Frozen forward of `items` in chunks of at most `limit`, halving the chunk (and `limit`)
+/// whenever the device cannot allocate it, so a small GPU slows a run down rather than
+/// failing it. Returns the flat activations to keep and the flat pooled features.
+fn forward_adaptive(
+    backbone: &EfficientNetLite0,
+    k: usize,
+    batcher: &TensorBatcher,
+    items: &[(Vec<f32>, usize)],
+    limit: &mut usize,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let (mut acts, mut feats) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < items.len() {
+        let end = (start + *limit).min(items.len());
+        let batch = batcher.batch(items[start..end].to_vec(), device);
+        let bottom = backbone.forward_bottom(batch.inputs.clone(), k);
+        let pooled = backbone.forward_top(bottom.clone(), k);
+        let kept = if k == 0 { batch.inputs } else { bottom };
+        match (kept.try_into_data(), pooled.try_into_data()) {
+            (Ok(a), Ok(f)) => {
+                acts.extend_from_slice(a.as_slice::<f32>().expect("float32"));
+                feats.extend_from_slice(f.as_slice::<f32>().expect("float32"));
+                start = end;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                if *limit == 1 {
+                    return Err(TrainError::Device(e.to_string()));
+                }
+                *limit = (*limit / 2).max(1);
+                tracing::warn!(batch = end - start, retry_with = *limit, error = %e, "device could not run the batch; splitting it");
+            }
+        }
+    }
+    Ok((acts, feats))
 }

@@ -45,6 +45,8 @@ pub enum TrainError {
     Config(#[from] super::config::ConfigError),
     #[error("cancelled")]
     Cancelled,
+    #[error("the compute device failed even at batch size 1: {0}")]
+    Device(String),
     /// Internal: a phase's time budget ran out mid-epoch (never escapes `fit`).
     #[error("time budget spent")]
     BudgetSpent,
