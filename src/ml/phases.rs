@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -30,6 +30,8 @@ pub(crate) struct Trainer<'a> {
     pub(crate) rng: ChaCha8Rng,
     /// When set, the running phase stops at the first step boundary past it.
     pub(crate) deadline: Option<Instant>,
+    /// Sub-batches each training step is split into; grows when the device runs out of memory.
+    pub(crate) step_parts: usize,
 }
 
 /// Logits of `model` over every row of a cache, in order.
@@ -144,6 +146,10 @@ impl Trainer<'_> {
     }
 
     /// One optimisation step of a transfer model; returns (model, summed loss, correct).
+    ///
+    /// When the device cannot allocate the batch, the step is retried as 2, 4, ... sub-batches
+    /// whose gradients are accumulated, each weighted by its share of the batch, so the update
+    /// matches the whole batch's and a small GPU trains more slowly instead of failing.
     pub(crate) fn step(
         &mut self,
         model: TransferModel,
@@ -152,16 +158,51 @@ impl Trainer<'_> {
         inputs: Tensor<4>,
         targets: Tensor<1, Int>,
         lr: f64,
-    ) -> (TransferModel, f64, usize) {
+    ) -> Result<(TransferModel, f64, usize), TrainError> {
         let rows = targets.dims()[0];
-        let n = rows as f64;
-        let mask = dropout_mask(&mut self.rng, rows, FEATURES, self.config.dropout, &self.autodiff);
-        let logits = model.forward_train(inputs, mask);
-        let loss = loss_fn.forward(logits.clone(), targets.clone());
-        let correct = count_correct(logits, targets);
-        let loss_value = loss.clone().into_scalar::<f32>() as f64 * n;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        (optim.step(lr, model, grads), loss_value, correct)
+        loop {
+            let parts = self.step_parts.clamp(1, rows);
+            match self.accumulate(&model, loss_fn, &inputs, &targets, parts) {
+                Ok((grads, loss_sum, correct)) => return Ok((optim.step(lr, model, grads), loss_sum, correct)),
+                Err(e) if parts < rows => {
+                    self.step_parts = parts * 2;
+                    tracing::warn!(batch = rows, sub_batches = self.step_parts, error = %e, "device could not run the step; splitting it");
+                }
+                Err(e) => return Err(TrainError::Device(e.to_string())),
+            }
+        }
+    }
+
+    fn accumulate(
+        &mut self,
+        model: &TransferModel,
+        loss_fn: &CrossEntropyLoss,
+        inputs: &Tensor<4>,
+        targets: &Tensor<1, Int>,
+        parts: usize,
+    ) -> Result<(GradientsParams, f64, usize), burn::tensor::ExecutionError> {
+        let rows = targets.dims()[0];
+        let size = rows.div_ceil(parts);
+        let mut accumulator = GradientsAccumulator::<TransferModel>::new();
+        let (mut loss_sum, mut correct) = (0.0, 0);
+        for start in (0..rows).step_by(size) {
+            let len = size.min(rows - start);
+            let x = inputs.clone().narrow(0, start, len);
+            let y = targets.clone().narrow(0, start, len);
+            let mask = dropout_mask(&mut self.rng, len, FEATURES, self.config.dropout, &self.autodiff);
+            let logits = model.forward_train(x, mask);
+            let loss = loss_fn.forward(logits.clone(), y.clone());
+            let mean = loss.clone().try_into_data()?.as_slice::<f32>().expect("float32")[0] as f64;
+            loss_sum += mean * len as f64;
+            correct += count_correct(logits, y);
+            let share = len as f64 / rows as f64;
+            let grads = GradientsParams::from_grads((loss * share).backward(), model);
+            accumulator.accumulate(model, grads);
+            // Kernels run lazily: surface an allocation failure of the backward pass here,
+            // while the step can still be retried smaller.
+            self.autodiff.sync()?;
+        }
+        Ok((accumulator.grads(), loss_sum, correct))
     }
 
     /// Trains a transfer model for a phase with early stopping on validation loss.
@@ -291,7 +332,7 @@ pub(crate) fn stream_epoch(
         }
         let n = rows.len();
         let b = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), &t.autodiff);
-        let (m, l, c) = t.step(slot.take().expect("model"), optim, loss_fn, b.inputs, b.targets, lr);
+        let (m, l, c) = t.step(slot.take().expect("model"), optim, loss_fn, b.inputs, b.targets, lr)?;
         slot = Some(m);
         (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + n);
         (t.events)(TrainEvent::Progress { stage, done: seen, total });

@@ -234,6 +234,7 @@ pub fn fit(
         phases: Vec::new(),
         rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x7472_616e_7366_6572),
         deadline: None,
+        step_parts: 1,
     };
     let batch = config.batch_size;
     let model_cfg = TransferModelConfig::new(n_classes).with_dropout(config.dropout);
@@ -264,7 +265,7 @@ pub fn fit(
                 for (s, chunk) in order.chunks(batch).enumerate() {
                     t.cancel.check()?;
                     let b = train_cache.batch4(chunk, &t.autodiff);
-                    let (m, l, c) = t.step(model, &mut optim, &loss_fn, b.inputs, b.targets, lr);
+                    let (m, l, c) = t.step(model, &mut optim, &loss_fn, b.inputs, b.targets, lr)?;
                     (model, loss_sum, correct) = (m, loss_sum + l, correct + c);
                     (t.events)(TrainEvent::Progress { stage: "finetune", done: s + 1, total: steps });
                 }
