@@ -16,5 +16,6 @@ pub mod imagenet;
 pub mod infer;
 pub mod phases;
 pub mod preprocess;
+pub mod streamed;
 pub mod train;
 pub mod weights;

@@ -19,7 +19,8 @@ use super::config::{ClassWeighting, TrainConfig, Unfreeze};
 use super::data::{FolderDataset, Skipped, ViewDataset, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
 use super::head::{TransferModel, TransferModelConfig};
-use super::phases::{Trainer, baseline, logits_of, loss_and_accuracy, model_top, stream_epoch};
+use super::phases::{Trainer, logits_of, loss_and_accuracy, model_top};
+use super::streamed::{baseline, stream_epoch};
 use super::preprocess::Preprocessing;
 
 /// Shared stop flag, checked at every step boundary.
