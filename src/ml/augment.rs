@@ -27,11 +27,14 @@ pub struct AugmentConfig {
     pub brightness: [f32; 2],
     /// Mirror left-right with probability 1/2.
     pub flip: bool,
+    /// Probability of a resolution drop: the view is shrunk to 25–60% of its side and
+    /// scaled back up, as a small or heavily compressed photo would be. 0 disables it.
+    pub low_res_probability: f32,
 }
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        Self { enabled: true, zoom_min: 0.5, rotation_degrees: 15.0, brightness: [0.8, 1.2], flip: true }
+        Self { enabled: true, zoom_min: 0.5, rotation_degrees: 15.0, brightness: [0.8, 1.2], flip: true, low_res_probability: 0.3 }
     }
 }
 
@@ -47,6 +50,9 @@ impl AugmentConfig {
         let [lo, hi] = self.brightness;
         if !(0.1..=1.0).contains(&lo) || !(1.0..=3.0).contains(&hi) {
             return Err("augment.brightness must be [low, high] with 0.1 <= low <= 1 <= high <= 3".into());
+        }
+        if !(0.0..=1.0).contains(&self.low_res_probability) {
+            return Err("augment.low_res_probability must be in [0, 1]".into());
         }
         Ok(())
     }
@@ -96,6 +102,11 @@ pub fn augmented_view(image: &RgbImage, pre: &Preprocessing, config: &AugmentCon
     if config.flip && rng.random_bool(0.5) {
         image::imageops::flip_horizontal_in_place(&mut view);
     }
+    if config.low_res_probability > 0.0 && rng.random_bool(config.low_res_probability as f64) {
+        let small = ((size as f32 * rng.random_range(0.25..=0.6)).round() as u32).max(8);
+        let shrunk = image::imageops::resize(&view, small, small, FilterType::Triangle);
+        view = image::imageops::resize(&shrunk, size, size, FilterType::Triangle);
+    }
     to_chw(&view)
 }
 
@@ -126,5 +137,17 @@ mod tests {
         let cfg = AugmentConfig { enabled: false, ..Default::default() };
         assert_eq!(augmented_view(&photo(), &pre, &cfg, 1), eval_view(&photo(), &pre));
         assert!(AugmentConfig { zoom_min: 0.0, ..Default::default() }.validate().is_err());
+        assert!(AugmentConfig { low_res_probability: 1.5, ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn a_resolution_drop_blurs_the_view() {
+        let pre = Preprocessing::for_size(48);
+        let sharp = AugmentConfig { zoom_min: 1.0, rotation_degrees: 0.0, brightness: [1.0, 1.0], flip: false, ..Default::default() };
+        let blurred = AugmentConfig { low_res_probability: 1.0, ..sharp.clone() };
+        let a = augmented_view(&photo(), &pre, &sharp, 3);
+        let b = augmented_view(&photo(), &pre, &blurred, 3);
+        assert_eq!(a.len(), b.len());
+        assert_ne!(a, b);
     }
 }
