@@ -18,7 +18,12 @@ use crate::ml::{artifact, config::TrainConfig, data, imagenet, infer::Predictor,
 #[command(version, about)]
 pub struct Cli {
     /// Directory for the cached pretrained weights (and, later, the service's data).
-    #[arg(long, env = "TRANSFERD_DATA_DIR", default_value = "data", global = true)]
+    #[arg(
+        long,
+        env = "TRANSFERD_DATA_DIR",
+        default_value = "data",
+        global = true
+    )]
     pub data_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -97,17 +102,30 @@ fn println_json(value: serde_json::Value) -> anyhow::Result<()> {
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Weights { action: WeightsAction::Fetch } => {
+        Command::Weights {
+            action: WeightsAction::Fetch,
+        } => {
             let path = weights::fetch(&cli.data_dir).context("fetching the pretrained weights")?;
             println_json(json!({"path": path, "sha256": weights::SHA256}))
         }
-        Command::Weights { action: WeightsAction::Path } => {
+        Command::Weights {
+            action: WeightsAction::Path,
+        } => {
             let path = weights::locate(&cli.data_dir, false)?;
             println_json(json!({"path": path, "sha256": weights::SHA256}))
         }
         Command::Classify { images, device: d } => classify(&cli.data_dir, &images, &d),
-        Command::Train { data, out, config, device: d } => train_cmd(&cli.data_dir, &data, &out, config.as_deref(), &d),
-        Command::Predict { model, images, device: d } => predict(&model, &images, &d),
+        Command::Train {
+            data,
+            out,
+            config,
+            device: d,
+        } => train_cmd(&cli.data_dir, &data, &out, config.as_deref(), &d),
+        Command::Predict {
+            model,
+            images,
+            device: d,
+        } => predict(&model, &images, &d),
     }
 }
 
@@ -116,9 +134,10 @@ fn classify(data_dir: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Resu
     let path = weights::locate(data_dir, true)?;
     let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
     for image in images {
-        let line = match std::fs::read(image).map_err(|e| e.to_string()).and_then(|b| {
-            imagenet::top5(&backbone, &b, &dev.device).map_err(|e| e.to_string())
-        }) {
+        let line = match std::fs::read(image)
+            .map_err(|e| e.to_string())
+            .and_then(|b| imagenet::top5(&backbone, &b, &dev.device).map_err(|e| e.to_string()))
+        {
             Ok(top5) => json!({"image": image, "top5": top5}),
             Err(error) => json!({"image": image, "error": error}),
         };
@@ -131,7 +150,8 @@ fn classify(data_dir: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Resu
 pub fn read_config(path: Option<&Path>) -> anyhow::Result<TrainConfig> {
     let config: TrainConfig = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
         }
         None => TrainConfig::default(),
@@ -140,10 +160,20 @@ pub fn read_config(path: Option<&Path>) -> anyhow::Result<TrainConfig> {
     Ok(config)
 }
 
-fn train_cmd(data_dir: &Path, data: &Path, out: &Path, config: Option<&Path>, d: &DeviceArgs) -> anyhow::Result<()> {
+fn train_cmd(
+    data_dir: &Path,
+    data: &Path,
+    out: &Path,
+    config: Option<&Path>,
+    d: &DeviceArgs,
+) -> anyhow::Result<()> {
     let config = read_config(config)?;
     let started = Instant::now();
-    let dataset = data::scan(data, config.max_image_dimension, config.min_images_per_class)?;
+    let dataset = data::scan(
+        data,
+        config.max_image_dimension,
+        config.min_images_per_class,
+    )?;
     tracing::info!(classes = ?dataset.classes, counts = ?dataset.counts(), skipped = dataset.skipped.len(), "dataset scanned");
     for s in &dataset.skipped {
         tracing::warn!(path = %s.path, reason = %s.reason, "skipped");
@@ -155,9 +185,20 @@ fn train_cmd(data_dir: &Path, data: &Path, out: &Path, config: Option<&Path>, d:
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Epoch(m) => println!(
             "{:<8} epoch {:>3}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  lr {:.2e}  {:.1}s",
-            m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.learning_rate, m.seconds
+            m.phase,
+            m.epoch,
+            m.train_loss,
+            m.train_accuracy,
+            m.val_loss,
+            m.val_accuracy,
+            m.learning_rate,
+            m.seconds
         ),
-        TrainEvent::Progress { stage: "frozen_pass", done, total } => {
+        TrainEvent::Progress {
+            stage: "frozen_pass",
+            done,
+            total,
+        } => {
             let pct = done * 100 / total.max(1);
             if pct >= last_pct + 10 || done == total {
                 last_pct = pct;
@@ -169,7 +210,14 @@ fn train_cmd(data_dir: &Path, data: &Path, out: &Path, config: Option<&Path>, d:
         ),
         TrainEvent::Progress { .. } => {}
     };
-    let outcome = train::train(&dataset, &config, &backbone, &dev.device, &mut on_event, &Cancel::default())?;
+    let outcome = train::train(
+        &dataset,
+        &config,
+        &backbone,
+        &dev.device,
+        &mut on_event,
+        &Cancel::default(),
+    )?;
     artifact::save(out, &outcome, &config)?;
     let e = &outcome.evaluation;
     println_json(json!({
@@ -191,7 +239,8 @@ fn train_cmd(data_dir: &Path, data: &Path, out: &Path, config: Option<&Path>, d:
 
 fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {
     let dev = device(d)?;
-    let predictor = Predictor::load(model, &dev.device).with_context(|| format!("loading model {}", model.display()))?;
+    let predictor = Predictor::load(model, &dev.device)
+        .with_context(|| format!("loading model {}", model.display()))?;
     let classes = &predictor.config.classes;
     for image in images {
         let line = match std::fs::read(image) {
@@ -199,8 +248,11 @@ fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<(
             Ok(bytes) => match predictor.predict_bytes(&[bytes]).remove(0) {
                 Err(e) => json!({"image": image, "error": e.to_string()}),
                 Ok(p) => {
-                    let probabilities: serde_json::Map<String, serde_json::Value> =
-                        classes.iter().cloned().zip(p.iter().map(|&v| json!(v))).collect();
+                    let probabilities: serde_json::Map<String, serde_json::Value> = classes
+                        .iter()
+                        .cloned()
+                        .zip(p.iter().map(|&v| json!(v)))
+                        .collect();
                     json!({"image": image, "label": classes[Predictor::best(&p)], "probabilities": probabilities})
                 }
             },

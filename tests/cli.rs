@@ -6,7 +6,8 @@ use std::process::Command;
 
 fn transferd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_transferd"));
-    cmd.env("TRANSFERD_WEIGHTS", common::weights_path()).env("RUST_LOG", "warn");
+    cmd.env("TRANSFERD_WEIGHTS", common::weights_path())
+        .env("RUST_LOG", "warn");
     cmd
 }
 
@@ -27,10 +28,19 @@ fn train_then_predict_prints_json() {
         .arg(&config_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert!(lines.iter().any(|l| l.starts_with("warmup") && l.contains("val loss")), "{stdout}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("warmup") && l.contains("val loss")),
+        "{stdout}"
+    );
     let summary: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(summary["classes"], serde_json::json!(["cat", "dog"]));
     assert!(summary["val_accuracy"].as_f64().unwrap() >= 0.5);
@@ -45,9 +55,16 @@ fn train_then_predict_prints_json() {
         .arg(common::fixtures().join("samples/test_dog.jpg"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["label"], "cat");
     assert!(rows[1]["error"].as_str().unwrap().contains("not an image"));

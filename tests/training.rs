@@ -8,11 +8,22 @@ use transferd::ml::data::{self, DataError};
 use transferd::ml::infer::Predictor;
 use transferd::ml::train::{Cancel, TrainError, TrainEvent, train};
 
-fn run(dir: &std::path::Path, config: &transferd::ml::config::TrainConfig) -> transferd::ml::train::TrainOutcome {
+fn run(
+    dir: &std::path::Path,
+    config: &transferd::ml::config::TrainConfig,
+) -> transferd::ml::train::TrainOutcome {
     let device = Device::flex();
     let backbone = common::backbone(&device);
     let ds = data::scan(dir, config.max_image_dimension, 2).unwrap();
-    train(&ds, config, &backbone, &device, &mut |_| {}, &Cancel::default()).unwrap()
+    train(
+        &ds,
+        config,
+        &backbone,
+        &device,
+        &mut |_| {},
+        &Cancel::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -22,32 +33,68 @@ fn tiny_run_learns_saves_and_round_trips() {
     // decoding fails during the frozen pass).
     std::fs::write(pets.path().join("cat/notes.jpg"), b"this is not a photo").unwrap();
     let good = std::fs::read(pets.path().join("dog/dog.0.jpg")).unwrap();
-    std::fs::write(pets.path().join("dog/truncated.jpg"), &good[..good.len() / 3]).unwrap();
+    std::fs::write(
+        pets.path().join("dog/truncated.jpg"),
+        &good[..good.len() / 3],
+    )
+    .unwrap();
 
     let config = common::tiny_config();
     let device = Device::flex();
     let backbone = common::backbone(&device);
     let ds = data::scan(pets.path(), config.max_image_dimension, 2).unwrap();
     assert_eq!(ds.classes, vec!["cat", "dog"]);
-    assert!(ds.skipped.iter().any(|s| s.path.ends_with("notes.jpg") && s.reason.contains("not an image")));
+    assert!(
+        ds.skipped
+            .iter()
+            .any(|s| s.path.ends_with("notes.jpg") && s.reason.contains("not an image"))
+    );
     let mut epochs = Vec::new();
-    let outcome = train(&ds, &config, &backbone, &device, &mut |e| {
-        if let TrainEvent::Epoch(m) = e {
-            epochs.push(m);
-        }
-    }, &Cancel::default())
+    let outcome = train(
+        &ds,
+        &config,
+        &backbone,
+        &device,
+        &mut |e| {
+            if let TrainEvent::Epoch(m) = e {
+                epochs.push(m);
+            }
+        },
+        &Cancel::default(),
+    )
     .unwrap();
-    assert!(outcome.skipped.iter().any(|s| s.path.ends_with("truncated.jpg")), "{:?}", outcome.skipped);
+    assert!(
+        outcome
+            .skipped
+            .iter()
+            .any(|s| s.path.ends_with("truncated.jpg")),
+        "{:?}",
+        outcome.skipped
+    );
     assert_eq!(outcome.train_images + outcome.val_images, 24);
 
     let warm: Vec<_> = epochs.iter().filter(|m| m.phase == "warmup").collect();
     let fine: Vec<_> = epochs.iter().filter(|m| m.phase == "finetune").collect();
     assert!(!warm.is_empty() && !fine.is_empty());
-    assert!(warm.last().unwrap().train_loss < warm[0].train_loss, "warm-up loss goes down: {warm:?}");
-    assert!(epochs.iter().all(|m| m.val_loss.is_finite() && m.seconds >= 0.0));
+    assert!(
+        warm.last().unwrap().train_loss < warm[0].train_loss,
+        "warm-up loss goes down: {warm:?}"
+    );
+    assert!(
+        epochs
+            .iter()
+            .all(|m| m.val_loss.is_finite() && m.seconds >= 0.0)
+    );
     let e = &outcome.evaluation;
-    assert_eq!(e.confusion.iter().flatten().sum::<usize>(), outcome.val_images);
-    assert!(e.accuracy >= 0.5, "pretrained features separate cats from dogs: {}", e.accuracy);
+    assert_eq!(
+        e.confusion.iter().flatten().sum::<usize>(),
+        outcome.val_images
+    );
+    assert!(
+        e.accuracy >= 0.5,
+        "pretrained features separate cats from dogs: {}",
+        e.accuracy
+    );
     assert!(e.calibration.temperature > 0.0);
 
     // Saved model predicts exactly what the in-memory model predicts.
@@ -57,15 +104,26 @@ fn tiny_run_learns_saves_and_round_trips() {
     let in_memory = Predictor::new(saved.clone(), outcome.model.clone(), &device);
     let loaded = Predictor::load(&model_dir, &device).unwrap();
     assert_eq!(loaded.config, saved);
-    let images: Vec<Vec<u8>> = ["cat/cat.3.jpg", "dog/dog.5.jpg"].iter().map(|p| std::fs::read(pets.path().join(p)).unwrap()).collect();
+    let images: Vec<Vec<u8>> = ["cat/cat.3.jpg", "dog/dog.5.jpg"]
+        .iter()
+        .map(|p| std::fs::read(pets.path().join(p)).unwrap())
+        .collect();
     let a = in_memory.predict_bytes(&images);
     let b = loaded.predict_bytes(&images);
     for (x, y) in a.iter().zip(&b) {
         let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
-        assert!(x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5), "{x:?} vs {y:?}");
+        assert!(
+            x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5),
+            "{x:?} vs {y:?}"
+        );
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     }
-    for f in ["config.json", "metrics.json", "evaluation.json", "model.bpk"] {
+    for f in [
+        "config.json",
+        "metrics.json",
+        "evaluation.json",
+        "model.bpk",
+    ] {
         assert!(model_dir.join(f).is_file(), "{f}");
     }
     // An unreadable image fails alone.
@@ -82,7 +140,10 @@ fn same_seed_same_split_and_metrics() {
     let b = run(pets.path(), &config);
     assert_eq!(a.metrics.len(), b.metrics.len());
     for (x, y) in a.metrics.iter().zip(&b.metrics) {
-        assert_eq!((x.train_loss, x.val_loss, x.val_accuracy), (y.train_loss, y.val_loss, y.val_accuracy));
+        assert_eq!(
+            (x.train_loss, x.val_loss, x.val_accuracy),
+            (y.train_loss, y.val_loss, y.val_accuracy)
+        );
     }
     assert_eq!(a.evaluation.confusion, b.evaluation.confusion);
 }
@@ -97,7 +158,10 @@ fn whole_network_fine_tuning_streams_fresh_views() {
     config.finetune.epochs = 1;
     let outcome = run(pets.path(), &config);
     assert!(outcome.metrics.iter().any(|m| m.phase == "finetune"));
-    assert_eq!(outcome.evaluation.confusion.iter().flatten().sum::<usize>(), outcome.val_images);
+    assert_eq!(
+        outcome.evaluation.confusion.iter().flatten().sum::<usize>(),
+        outcome.val_images
+    );
     assert_eq!(outcome.model.first_block, 0);
 }
 
@@ -106,7 +170,9 @@ fn one_class_is_a_clear_error() {
     let pets = common::pets_copy();
     std::fs::remove_dir_all(pets.path().join("dog")).unwrap();
     match data::scan(pets.path(), 10_000, 2) {
-        Err(e @ DataError::TooFewClasses { found: 1, .. }) => assert!(e.to_string().contains("at least 2 classes")),
+        Err(e @ DataError::TooFewClasses { found: 1, .. }) => {
+            assert!(e.to_string().contains("at least 2 classes"))
+        }
         other => panic!("expected TooFewClasses, got {other:?}"),
     }
 }
@@ -119,6 +185,13 @@ fn cancellation_stops_the_run() {
     let ds = data::scan(pets.path(), 10_000, 2).unwrap();
     let cancel = Cancel::default();
     cancel.cancel();
-    let r = train(&ds, &common::tiny_config(), &backbone, &device, &mut |_| {}, &cancel);
+    let r = train(
+        &ds,
+        &common::tiny_config(),
+        &backbone,
+        &device,
+        &mut |_| {},
+        &cancel,
+    );
     assert!(matches!(r, Err(TrainError::Cancelled)));
 }

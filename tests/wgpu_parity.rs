@@ -13,7 +13,9 @@ use transferd::ml::head::TransferModelConfig;
 use transferd::ml::preprocess::{self, Preprocessing};
 
 fn wgpu() -> Device {
-    select(DeviceChoice::Wgpu).expect("a wgpu adapter: .ci/run installs mesa-vulkan-drivers").device
+    select(DeviceChoice::Wgpu)
+        .expect("a wgpu adapter: .ci/run installs mesa-vulkan-drivers")
+        .device
 }
 
 fn view(name: &str, size: usize) -> Vec<f32> {
@@ -31,10 +33,17 @@ fn imagenet_logits_match_flex_at_224() {
     let x = view("test_cat.jpg", 224);
     let logits = |device: &Device| {
         let backbone = common::backbone(device);
-        to_vec(backbone.forward(Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 3, 224, 224]), device)))
+        to_vec(backbone.forward(Tensor::<4>::from_data(
+            TensorData::new(x.clone(), [1, 3, 224, 224]),
+            device,
+        )))
     };
     let (cpu, gpu) = (logits(&Device::flex()), logits(&wgpu()));
-    let worst = cpu.iter().zip(&gpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = cpu
+        .iter()
+        .zip(&gpu)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-3, "largest logit difference {worst}");
 }
 
@@ -48,7 +57,11 @@ fn training_steps_match_flex_at_64() {
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), [2, 3, 64, 64]), device);
         let acts = backbone.forward_bottom(x, 15);
         let ad = device.clone().autodiff();
-        let mut model = TransferModelConfig::new(2).from_backbone(&backbone, 15, device).unfreeze().fork(&ad).train();
+        let mut model = TransferModelConfig::new(2)
+            .from_backbone(&backbone, 15, device)
+            .unfreeze()
+            .fork(&ad)
+            .train();
         let mut optim = AdamWConfig::new().init();
         let loss_fn = CrossEntropyLossConfig::new().init(&ad);
         let acts = Tensor::<4>::from_data(acts.into_data(), &ad);
@@ -66,7 +79,10 @@ fn training_steps_match_flex_at_64() {
     let (cpu, gpu) = (losses(&Device::flex()), losses(&wgpu()));
     assert!(cpu[3] < cpu[0], "the loss goes down: {cpu:?}");
     for (a, b) in cpu.iter().zip(&gpu) {
-        assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "flex {cpu:?} vs wgpu {gpu:?}");
+        assert!(
+            (a - b).abs() < 1e-3 * a.abs().max(1.0),
+            "flex {cpu:?} vs wgpu {gpu:?}"
+        );
     }
 }
 
@@ -92,11 +108,27 @@ fn a_batch_too_big_for_the_device_is_split_not_fatal() {
             seed: 7,
             max_dimension: 10_000,
         };
-        frozen_pass(&backbone, 16, false, &views, 32, device, &Cancel::default(), |_| {}).unwrap().features
+        frozen_pass(
+            &backbone,
+            16,
+            false,
+            &views,
+            32,
+            device,
+            &Cancel::default(),
+            |_| {},
+        )
+        .unwrap()
+        .features
     };
     let (cpu, gpu) = (features(&Device::flex()), features(&wgpu()));
     assert_eq!(cpu.labels, gpu.labels);
     assert_eq!(cpu.len(), 32);
-    let worst = cpu.data.iter().zip(&gpu.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let worst = cpu
+        .data
+        .iter()
+        .zip(&gpu.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(worst < 1e-3, "largest feature difference {worst}");
 }

@@ -45,33 +45,59 @@ type Perturbation = (&'static str, fn(&RgbImage) -> RgbImage);
 /// Perturbations standing in for photos from other sources.
 const PERTURBATIONS: [Perturbation; 6] = [
     ("mirrored", |i| image::imageops::flip_horizontal(i)),
-    ("grayscale", |i| image::DynamicImage::ImageLuma8(image::imageops::grayscale(i)).into_rgb8()),
+    ("grayscale", |i| {
+        image::DynamicImage::ImageLuma8(image::imageops::grayscale(i)).into_rgb8()
+    }),
     ("dark x0.5", |i| {
         let mut o = i.clone();
-        o.pixels_mut().for_each(|p| p.0.iter_mut().for_each(|c| *c /= 2));
+        o.pixels_mut()
+            .for_each(|p| p.0.iter_mut().for_each(|c| *c /= 2));
         o
     }),
     ("low-res 48px", |i| {
         let (w, h) = i.dimensions();
         let s = 48.0 / w.min(h) as f32;
-        let small = image::imageops::resize(i, (w as f32 * s) as u32, (h as f32 * s) as u32, image::imageops::FilterType::Triangle);
+        let small = image::imageops::resize(
+            i,
+            (w as f32 * s) as u32,
+            (h as f32 * s) as u32,
+            image::imageops::FilterType::Triangle,
+        );
         image::imageops::resize(&small, w, h, image::imageops::FilterType::Triangle)
     }),
     ("tight crop 60%", |i| {
         let (w, h) = i.dimensions();
         image::imageops::crop_imm(i, w / 5, h / 5, w * 3 / 5, h * 3 / 5).to_image()
     }),
-    ("rotated 20deg", |i| rotate_about_center(i, 20f32.to_radians(), Interpolation::Bilinear, image::Rgb([127, 127, 127]))),
+    ("rotated 20deg", |i| {
+        rotate_about_center(
+            i,
+            20f32.to_radians(),
+            Interpolation::Bilinear,
+            image::Rgb([127, 127, 127]),
+        )
+    }),
 ];
 
 /// Activations at block `k` of every validation photo under each perturbation.
-fn perturbed_caches(ds: &FolderDataset, val: &[usize], config: &TrainConfig, backbone: &EfficientNetLite0, k: usize, device: &Device) -> Vec<(&'static str, RowCache)> {
+fn perturbed_caches(
+    ds: &FolderDataset,
+    val: &[usize],
+    config: &TrainConfig,
+    backbone: &EfficientNetLite0,
+    k: usize,
+    device: &Device,
+) -> Vec<(&'static str, RowCache)> {
     let pre = Preprocessing::for_size(config.input_size);
     let images: Vec<(RgbImage, usize, usize)> = val
         .iter()
         .filter_map(|&i| {
             let b = std::fs::read(&ds.samples[i].path).ok()?;
-            Some((preprocess::decode(&b, config.max_image_dimension).ok()?, ds.samples[i].label, i))
+            Some((
+                preprocess::decode(&b, config.max_image_dimension).ok()?,
+                ds.samples[i].label,
+                i,
+            ))
         })
         .collect();
     let s = config.input_size;
@@ -87,11 +113,16 @@ fn perturbed_caches(ds: &FolderDataset, val: &[usize], config: &TrainConfig, bac
                 for (img, _, _) in chunk {
                     flat.extend(preprocess::eval_view(&f(img), &pre));
                 }
-                let x = Tensor::<4>::from_data(TensorData::new(flat, [chunk.len(), 3, s, s]), device);
+                let x =
+                    Tensor::<4>::from_data(TensorData::new(flat, [chunk.len(), 3, s, s]), device);
                 let labels: Vec<usize> = chunk.iter().map(|c| c.1).collect();
                 let samples: Vec<usize> = chunk.iter().map(|c| c.2).collect();
                 // With nothing frozen the model takes the image itself.
-                let input = if k == 0 { x } else { backbone.forward_bottom(x, k) };
+                let input = if k == 0 {
+                    x
+                } else {
+                    backbone.forward_bottom(x, k)
+                };
                 cache.push_tensor(input, &labels, &samples);
             }
             (*name, cache)
@@ -104,7 +135,12 @@ fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) 
     let top = if k == 0 {
         model.clone()
     } else {
-        TransferModel { stem: None, blocks: model.blocks[k..].to_vec(), first_block: k, ..model.clone() }
+        TransferModel {
+            stem: None,
+            blocks: model.blocks[k..].to_vec(),
+            first_block: k,
+            ..model.clone()
+        }
     };
     let mut correct = 0;
     let idx: Vec<usize> = (0..cache.len()).collect();
@@ -120,7 +156,12 @@ fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) 
     correct as f64 / cache.len().max(1) as f64
 }
 
-fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Device, batches: &[usize]) -> Vec<(String, String)> {
+fn throughput(
+    backbone: &EfficientNetLite0,
+    config: &TrainConfig,
+    device: &Device,
+    batches: &[usize],
+) -> Vec<(String, String)> {
     let s = config.input_size;
     let mut rows = Vec::new();
     for &batch in batches {
@@ -133,12 +174,23 @@ fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Devic
         }
         let secs = t.elapsed().as_secs_f64();
         let n = (batch * reps) as f64;
-        rows.push((format!("backbone forward, batch {batch}"), format!("{:.1} img/s ({:.1} ms/img)", n / secs, secs * 1e3 / n)));
+        rows.push((
+            format!("backbone forward, batch {batch}"),
+            format!("{:.1} img/s ({:.1} ms/img)", n / secs, secs * 1e3 / n),
+        ));
     }
     let k = config.finetune.unfreeze.first_block();
     let ad = device.clone().autodiff();
-    let shape = if k == 0 { [3, s, s] } else { activation_shape(k, s) };
-    let mut top = TransferModelConfig::new(2).from_backbone(backbone, k, device).unfreeze().fork(&ad).train();
+    let shape = if k == 0 {
+        [3, s, s]
+    } else {
+        activation_shape(k, s)
+    };
+    let mut top = TransferModelConfig::new(2)
+        .from_backbone(backbone, k, device)
+        .unfreeze()
+        .fork(&ad)
+        .train();
     let mut optim = AdamWConfig::new().init();
     let x = Tensor::<4>::zeros([32, shape[0], shape[1], shape[2]], &ad);
     let y = Tensor::<1, Int>::zeros([32], &ad);
@@ -151,32 +203,75 @@ fn throughput(backbone: &EfficientNetLite0, config: &TrainConfig, device: &Devic
     }
     let _ = top.valid();
     let _ = top.valid().head.weight.val().into_data(); // wait for queued GPU work
-    let what = if k == 0 { "full network".to_string() } else { format!("top from block {k}") };
-    rows.push((format!("fine-tune step ({what}), batch 32"), format!("{:.1} img/s", 96.0 / t.elapsed().as_secs_f64())));
+    let what = if k == 0 {
+        "full network".to_string()
+    } else {
+        format!("top from block {k}")
+    };
+    rows.push((
+        format!("fine-tune step ({what}), batch 32"),
+        format!("{:.1} img/s", 96.0 / t.elapsed().as_secs_f64()),
+    ));
     rows
 }
 
 fn print_run(outcome: &TrainOutcome, config: &TrainConfig, data_dir: &Path, total: f64) {
     println!("| measure | value |\n|---|---|");
-    println!("| data | {} ({} train / {} val images, {} skipped) |", data_dir.display(), outcome.train_images, outcome.val_images, outcome.skipped.len());
-    println!("| frozen pass (decode, augment, frozen backbone; {} views/train image) | {:.1} s |", config.views, outcome.cache_seconds);
+    println!(
+        "| data | {} ({} train / {} val images, {} skipped) |",
+        data_dir.display(),
+        outcome.train_images,
+        outcome.val_images,
+        outcome.skipped.len()
+    );
+    println!(
+        "| frozen pass (decode, augment, frozen backbone; {} views/train image) | {:.1} s |",
+        config.views, outcome.cache_seconds
+    );
     for p in &outcome.phases {
-        println!("| {} | best epoch {}/{}, val acc {:.2}%, val loss {:.4}, {:.1} s |", p.phase, p.best_epoch, p.epochs_run, p.best_val_accuracy * 100.0, p.best_val_loss, p.seconds);
+        println!(
+            "| {} | best epoch {}/{}, val acc {:.2}%, val loss {:.4}, {:.1} s |",
+            p.phase,
+            p.best_epoch,
+            p.epochs_run,
+            p.best_val_accuracy * 100.0,
+            p.best_val_loss,
+            p.seconds
+        );
     }
     let e = &outcome.evaluation;
-    println!("| **final validation accuracy** | **{:.2}%** ({} of {} wrong) |", e.accuracy * 100.0, e.misclassified.len(), outcome.val_images);
-    println!("| calibration | T = {:.2}, ECE {:.4} → {:.4} |", e.calibration.temperature, e.calibration.ece_before, e.calibration.ece_after);
+    println!(
+        "| **final validation accuracy** | **{:.2}%** ({} of {} wrong) |",
+        e.accuracy * 100.0,
+        e.misclassified.len(),
+        outcome.val_images
+    );
+    println!(
+        "| calibration | T = {:.2}, ECE {:.4} → {:.4} |",
+        e.calibration.temperature, e.calibration.ece_before, e.calibration.ece_after
+    );
     println!("| **whole run** | **{total:.1} s** |");
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
-    let flag_values: Vec<String> = ["--config", "--sweep", "--device", "--batches"].iter().filter_map(|f| value_of(f)).collect();
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let flag_values: Vec<String> = ["--config", "--sweep", "--device", "--batches"]
+        .iter()
+        .filter_map(|f| value_of(f))
+        .collect();
     let data_dir = args
         .iter()
         .find(|a| !a.starts_with("--") && !flag_values.contains(a))
-        .map_or_else(|| PathBuf::from("../shared/datasets/dogcat-sub"), PathBuf::from);
+        .map_or_else(
+            || PathBuf::from("../shared/datasets/dogcat-sub"),
+            PathBuf::from,
+        );
     let config = transferd::cli::read_config(value_of("--config").as_deref().map(Path::new))?;
     let choice = match value_of("--device").as_deref() {
         None | Some("cpu") => DeviceChoice::Cpu,
@@ -186,16 +281,39 @@ fn main() -> anyhow::Result<()> {
     };
     let selected = select(choice)?;
     let device = selected.device.clone();
-    let batches: Vec<usize> = value_of("--batches").map_or(Ok(vec![1, 32]), |b| b.split(',').map(str::parse).collect())?;
-    let (backbone, _) = weights::load_backbone(&weights::locate(Path::new("data"), true)?, &device)?;
-    let mut rows = vec![("device".to_string(), format!("{} {}", selected.backend, selected.adapter.unwrap_or_default()))];
+    let batches: Vec<usize> = value_of("--batches")
+        .map_or(Ok(vec![1, 32]), |b| b.split(',').map(str::parse).collect())?;
+    let (backbone, _) =
+        weights::load_backbone(&weights::locate(Path::new("data"), true)?, &device)?;
+    let mut rows = vec![(
+        "device".to_string(),
+        format!(
+            "{} {}",
+            selected.backend,
+            selected.adapter.unwrap_or_default()
+        ),
+    )];
     rows.extend(throughput(&backbone, &config, &device, &batches));
 
     let started = Instant::now();
-    let ds = data::scan(&data_dir, config.max_image_dimension, config.min_images_per_class)?;
+    let ds = data::scan(
+        &data_dir,
+        config.max_image_dimension,
+        config.min_images_per_class,
+    )?;
     let mut log = |e: TrainEvent| {
         if let TrainEvent::Epoch(m) = e {
-            eprintln!("{:<8} epoch {:>3}  train {:.4}/{:.4}  val {:.4}/{:.4}  lr {:.1e}  {:.1}s", m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.learning_rate, m.seconds);
+            eprintln!(
+                "{:<8} epoch {:>3}  train {:.4}/{:.4}  val {:.4}/{:.4}  lr {:.1e}  {:.1}s",
+                m.phase,
+                m.epoch,
+                m.train_loss,
+                m.train_accuracy,
+                m.val_loss,
+                m.val_accuracy,
+                m.learning_rate,
+                m.seconds
+            );
         }
     };
     let cancel = Cancel::default();
@@ -204,7 +322,10 @@ fn main() -> anyhow::Result<()> {
     let prepare_seconds = started.elapsed().as_secs_f64();
     let mut candidates = vec![("default".to_string(), config.clone())];
     if let Some(path) = value_of("--sweep") {
-        for line in std::fs::read_to_string(&path)?.lines().filter(|l| !l.trim().is_empty()) {
+        for line in std::fs::read_to_string(&path)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
             let mut merged = serde_json::to_value(&config)?;
             merge(&mut merged, serde_json::from_str(line)?);
             candidates.push((line.to_string(), serde_json::from_value(merged)?));
@@ -217,7 +338,10 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let outcome = train::fit(&prepared, &ds, cfg, &backbone, &device, &mut log, &cancel)?;
         let fit_seconds = t.elapsed().as_secs_f64();
-        let robust: Vec<f64> = perturbed.iter().map(|(_, c)| accuracy(&outcome.model, k, c, &device)).collect();
+        let robust: Vec<f64> = perturbed
+            .iter()
+            .map(|(_, c)| accuracy(&outcome.model, k, c, &device))
+            .collect();
         if i == 0 {
             // Scan, frozen pass and fit: the perturbed caches are the benchmark's own cost.
             let run_seconds = prepare_seconds + fit_seconds;
@@ -231,7 +355,10 @@ fn main() -> anyhow::Result<()> {
             }
             println!("| peak RSS | {:.0} MiB |", peak_rss_mib());
             for m in &outcome.evaluation.misclassified {
-                eprintln!("misclassified: {} (true {}, predicted {}, p {:?})", m.path, m.true_label, m.predicted, m.probabilities);
+                eprintln!(
+                    "misclassified: {} (true {}, predicted {}, p {:?})",
+                    m.path, m.true_label, m.predicted, m.probabilities
+                );
             }
         }
         let mean = robust.iter().sum::<f64>() / robust.len() as f64;
@@ -251,14 +378,27 @@ fn main() -> anyhow::Result<()> {
         let mut cfg = config.clone();
         cfg.warmup.enabled = false;
         cfg.finetune.epochs = 0;
-        cfg.baseline = transferd::ml::config::BaselineConfig { enabled: true, epochs: 50, learning_rate: 1e-3, max_seconds: Some(budget) };
+        cfg.baseline = transferd::ml::config::BaselineConfig {
+            enabled: true,
+            epochs: 50,
+            learning_rate: 1e-3,
+            max_seconds: Some(budget),
+        };
         let outcome = train::fit(&prepared, &ds, &cfg, &backbone, &device, &mut log, &cancel)?;
         if let Some(p) = outcome.phases.iter().find(|p| p.phase == "baseline") {
-            println!("\n| from scratch, same budget ({budget:.0} s) | val acc {:.2}% after {} epoch(s) (best {}), {:.0} s |", p.best_val_accuracy * 100.0, p.epochs_run, p.best_epoch, p.seconds);
+            println!(
+                "\n| from scratch, same budget ({budget:.0} s) | val acc {:.2}% after {} epoch(s) (best {}), {:.0} s |",
+                p.best_val_accuracy * 100.0,
+                p.epochs_run,
+                p.best_epoch,
+                p.seconds
+            );
         }
     }
     if candidates.len() > 1 {
-        println!("\n| config | val acc | errors | val loss | perturbed mean | perturbed worst | fit time |\n|---|---|---|---|---|---|---|");
+        println!(
+            "\n| config | val acc | errors | val loss | perturbed mean | perturbed worst | fit time |\n|---|---|---|---|---|---|---|"
+        );
         for r in sweep_rows {
             println!("{r}");
         }

@@ -53,13 +53,19 @@ pub struct MetricsFile {
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a valid model file: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
-    move |source| ArtifactError::Io { path: path.to_path_buf(), source }
+    move |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ArtifactError> {
@@ -69,7 +75,10 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ArtifactError>
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ArtifactError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
-    serde_json::from_str(&text).map_err(|e| ArtifactError::Invalid { path: path.to_path_buf(), message: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ArtifactError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// The `config.json` for a finished run.
@@ -89,10 +98,20 @@ pub fn model_config(outcome: &TrainOutcome, training: &TrainConfig) -> ModelConf
 }
 
 /// Saves a finished run to `dir` (replacing an existing model there).
-pub fn save(dir: &Path, outcome: &TrainOutcome, training: &TrainConfig) -> Result<ModelConfig, ArtifactError> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+pub fn save(
+    dir: &Path,
+    outcome: &TrainOutcome,
+    training: &TrainConfig,
+) -> Result<ModelConfig, ArtifactError> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io(parent))?;
-    let staging = tempfile::Builder::new().prefix(".model-").tempdir_in(parent).map_err(io(parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".model-")
+        .tempdir_in(parent)
+        .map_err(io(parent))?;
     let config = model_config(outcome, training);
     write_json(&staging.path().join("config.json"), &config)?;
     let metrics = MetricsFile {
@@ -112,7 +131,10 @@ pub fn save(dir: &Path, outcome: &TrainOutcome, training: &TrainConfig) -> Resul
         .clone()
         .into_record()
         .save(&weights_path)
-        .map_err(|e| ArtifactError::Invalid { path: weights_path.clone(), message: e.to_string() })?;
+        .map_err(|e| ArtifactError::Invalid {
+            path: weights_path.clone(),
+            message: e.to_string(),
+        })?;
     if dir.exists() {
         fs::remove_dir_all(dir).map_err(io(dir))?;
     }
@@ -134,14 +156,23 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, ArtifactError> {
     if config.format_version != FORMAT_VERSION {
         return Err(ArtifactError::Invalid {
             path: config_path,
-            message: format!("format version {} is not supported (expected {FORMAT_VERSION})", config.format_version),
+            message: format!(
+                "format version {} is not supported (expected {FORMAT_VERSION})",
+                config.format_version
+            ),
         });
     }
     let weights_path = dir.join(WEIGHTS_FILE);
     if !weights_path.is_file() {
-        return Err(ArtifactError::Invalid { path: weights_path, message: "missing".into() });
+        return Err(ArtifactError::Invalid {
+            path: weights_path,
+            message: "missing".into(),
+        });
     }
-    let invalid = |e: burn::store::RecordError| ArtifactError::Invalid { path: weights_path.clone(), message: e.to_string() };
+    let invalid = |e: burn::store::RecordError| ArtifactError::Invalid {
+        path: weights_path.clone(),
+        message: e.to_string(),
+    };
     let record = ModuleRecord::load(&weights_path).map_err(invalid)?;
     let model = TransferModelConfig::new(config.classes.len())
         .with_dropout(config.dropout)

@@ -34,7 +34,14 @@ pub struct AugmentConfig {
 
 impl Default for AugmentConfig {
     fn default() -> Self {
-        Self { enabled: true, zoom_min: 0.5, rotation_degrees: 15.0, brightness: [0.8, 1.2], flip: true, low_res_probability: 0.3 }
+        Self {
+            enabled: true,
+            zoom_min: 0.5,
+            rotation_degrees: 15.0,
+            brightness: [0.8, 1.2],
+            flip: true,
+            low_res_probability: 0.3,
+        }
     }
 }
 
@@ -49,7 +56,9 @@ impl AugmentConfig {
         }
         let [lo, hi] = self.brightness;
         if !(0.1..=1.0).contains(&lo) || !(1.0..=3.0).contains(&hi) {
-            return Err("augment.brightness must be [low, high] with 0.1 <= low <= 1 <= high <= 3".into());
+            return Err(
+                "augment.brightness must be [low, high] with 0.1 <= low <= 1 <= high <= 3".into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.low_res_probability) {
             return Err("augment.low_res_probability must be in [0, 1]".into());
@@ -60,14 +69,21 @@ impl AugmentConfig {
 
 /// Seed of one view; SplitMix64-style mixing so neighbouring images get unrelated streams.
 pub fn view_seed(seed: u64, image: usize, view: usize) -> u64 {
-    let mut z = seed ^ (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (view as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z = seed
+        ^ (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (view as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
 /// One augmented `[3, size, size]` view of `image`.
-pub fn augmented_view(image: &RgbImage, pre: &Preprocessing, config: &AugmentConfig, seed: u64) -> Vec<f32> {
+pub fn augmented_view(
+    image: &RgbImage,
+    pre: &Preprocessing,
+    config: &AugmentConfig,
+    seed: u64,
+) -> Vec<f32> {
     if !config.enabled {
         return eval_view(image, pre);
     }
@@ -77,7 +93,11 @@ pub fn augmented_view(image: &RgbImage, pre: &Preprocessing, config: &AugmentCon
     let short = w.min(h) as f32;
     // Zoom: a random square whose side is a random fraction of the shorter side, anywhere in
     // the image. At zoom 1 this is a random square crop along the longer side.
-    let frac = if config.zoom_min < 1.0 { rng.random_range(config.zoom_min..=1.0) } else { 1.0 };
+    let frac = if config.zoom_min < 1.0 {
+        rng.random_range(config.zoom_min..=1.0)
+    } else {
+        1.0
+    };
     let side = ((short * frac).round() as u32).clamp(1, w.min(h));
     let x = rng.random_range(0..=w - side);
     let y = rng.random_range(0..=h - side);
@@ -115,7 +135,9 @@ mod tests {
     use super::*;
 
     fn photo() -> RgbImage {
-        RgbImage::from_fn(120, 90, |x, y| Rgb([(x * 2) as u8, (y * 2) as u8, ((x + y) % 256) as u8]))
+        RgbImage::from_fn(120, 90, |x, y| {
+            Rgb([(x * 2) as u8, (y * 2) as u8, ((x + y) % 256) as u8])
+        })
     }
 
     #[test]
@@ -134,17 +156,46 @@ mod tests {
     #[test]
     fn disabled_augmentation_is_the_eval_view() {
         let pre = Preprocessing::for_size(32);
-        let cfg = AugmentConfig { enabled: false, ..Default::default() };
-        assert_eq!(augmented_view(&photo(), &pre, &cfg, 1), eval_view(&photo(), &pre));
-        assert!(AugmentConfig { zoom_min: 0.0, ..Default::default() }.validate().is_err());
-        assert!(AugmentConfig { low_res_probability: 1.5, ..Default::default() }.validate().is_err());
+        let cfg = AugmentConfig {
+            enabled: false,
+            ..Default::default()
+        };
+        assert_eq!(
+            augmented_view(&photo(), &pre, &cfg, 1),
+            eval_view(&photo(), &pre)
+        );
+        assert!(
+            AugmentConfig {
+                zoom_min: 0.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            AugmentConfig {
+                low_res_probability: 1.5,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]
     fn a_resolution_drop_blurs_the_view() {
         let pre = Preprocessing::for_size(48);
-        let sharp = AugmentConfig { zoom_min: 1.0, rotation_degrees: 0.0, brightness: [1.0, 1.0], flip: false, ..Default::default() };
-        let blurred = AugmentConfig { low_res_probability: 1.0, ..sharp.clone() };
+        let sharp = AugmentConfig {
+            zoom_min: 1.0,
+            rotation_degrees: 0.0,
+            brightness: [1.0, 1.0],
+            flip: false,
+            ..Default::default()
+        };
+        let blurred = AugmentConfig {
+            low_res_probability: 1.0,
+            ..sharp.clone()
+        };
         let a = augmented_view(&photo(), &pre, &sharp, 3);
         let b = augmented_view(&photo(), &pre, &blurred, 3);
         assert_eq!(a.len(), b.len());

@@ -76,7 +76,14 @@ pub fn activation_shape(k: usize, input_size: usize) -> [usize; 3] {
     [channels, side, side]
 }
 
-fn conv(input: usize, output: usize, kernel: usize, stride: usize, groups: usize, device: &Device) -> Conv2d {
+fn conv(
+    input: usize,
+    output: usize,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    device: &Device,
+) -> Conv2d {
     Conv2dConfig::new([input, output], [kernel, kernel])
         .with_stride([stride, stride])
         .with_groups(groups)
@@ -86,7 +93,9 @@ fn conv(input: usize, output: usize, kernel: usize, stride: usize, groups: usize
 }
 
 fn bn(channels: usize, device: &Device) -> FrozenBatchNorm {
-    FrozenBatchNormConfig::new(channels).with_epsilon(BN_EPS).init(device)
+    FrozenBatchNormConfig::new(channels)
+        .with_epsilon(BN_EPS)
+        .init(device)
 }
 
 /// Inverted-residual block: 1×1 expand, depthwise k×k, 1×1 project, with an identity skip
@@ -106,7 +115,10 @@ impl MbConv {
     fn new(spec: BlockSpec, device: &Device) -> Self {
         let hidden = spec.input * spec.expand;
         let (expand_conv, bn0) = if spec.expand != 1 {
-            (Some(conv(spec.input, hidden, 1, 1, 1, device)), Some(bn(hidden, device)))
+            (
+                Some(conv(spec.input, hidden, 1, 1, 1, device)),
+                Some(bn(hidden, device)),
+            )
         } else {
             (None, None)
         };
@@ -174,7 +186,10 @@ impl EfficientNetLite0Config {
         EfficientNetLite0 {
             conv_stem: conv(3, 32, 3, 2, 1, device),
             bn0: bn(32, device),
-            blocks: block_specs().into_iter().map(|s| MbConv::new(s, device)).collect(),
+            blocks: block_specs()
+                .into_iter()
+                .map(|s| MbConv::new(s, device))
+                .collect(),
             conv_head: conv(320, FEATURES, 1, 1, 1, device),
             bn1: bn(FEATURES, device),
             dropout: DropoutConfig::new(self.dropout).init(),

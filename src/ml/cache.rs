@@ -28,7 +28,10 @@ pub struct RowCache {
 
 impl RowCache {
     pub fn new(shape: &[usize]) -> Self {
-        Self { shape: shape.to_vec(), ..Default::default() }
+        Self {
+            shape: shape.to_vec(),
+            ..Default::default()
+        }
     }
 
     fn row_len(&self) -> usize {
@@ -49,9 +52,15 @@ impl RowCache {
     }
 
     /// Appends the rows of a `[n, ...]` tensor.
-    pub fn push_tensor<const D: usize>(&mut self, t: Tensor<D>, labels: &[usize], samples: &[usize]) {
+    pub fn push_tensor<const D: usize>(
+        &mut self,
+        t: Tensor<D>,
+        labels: &[usize],
+        samples: &[usize],
+    ) {
         let data = t.into_data();
-        self.data.extend_from_slice(data.as_slice::<f32>().expect("float32 tensor"));
+        self.data
+            .extend_from_slice(data.as_slice::<f32>().expect("float32 tensor"));
         self.labels.extend_from_slice(labels);
         self.samples.extend_from_slice(samples);
     }
@@ -67,7 +76,10 @@ impl RowCache {
     /// Rows `indices` as a `[n, c, h, w]` batch (the cache must hold 3-D rows).
     pub fn batch4(&self, indices: &[usize], device: &Device) -> InputBatch {
         let shape: [usize; 3] = self.shape.as_slice().try_into().expect("3-D rows");
-        let items = indices.iter().map(|&i| (self.row(i).to_vec(), self.labels[i])).collect();
+        let items = indices
+            .iter()
+            .map(|&i| (self.row(i).to_vec(), self.labels[i]))
+            .collect();
         TensorBatcher { shape }.batch(items, device)
     }
 
@@ -161,10 +173,16 @@ pub fn frozen_pass(
     mut progress: impl FnMut(usize),
 ) -> Result<FrozenPass, TrainError> {
     let size = dataset.pre.input_size;
-    let batcher = TensorBatcher { shape: [3, size, size] };
+    let batcher = TensorBatcher {
+        shape: [3, size, size],
+    };
     // With nothing frozen (k = 0) the trainable model starts at the stem, so what it needs
     // cached is the image itself.
-    let act_shape = if k == 0 { [3, size, size] } else { super::backbone::activation_shape(k, size) };
+    let act_shape = if k == 0 {
+        [3, size, size]
+    } else {
+        super::backbone::activation_shape(k, size)
+    };
     let mut features = RowCache::new(&[super::backbone::FEATURES]);
     let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
     // The largest batch the device has accepted; lowered when an allocation fails.
@@ -182,7 +200,11 @@ pub fn frozen_pass(
         progress(n);
         Ok(())
     })?;
-    Ok(FrozenPass { features, activations, failures })
+    Ok(FrozenPass {
+        features,
+        activations,
+        failures,
+    })
 }
 
 /// Frozen forward of `items` in chunks of at most `limit`, halving the chunk (and `limit`)

@@ -15,7 +15,14 @@ pub struct ConfigError {
 }
 
 fn check(ok: bool, field: &str, message: &str) -> Result<(), ConfigError> {
-    if ok { Ok(()) } else { Err(ConfigError { field: field.into(), message: message.into() }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            field: field.into(),
+            message: message.into(),
+        })
+    }
 }
 
 /// How much of the backbone the fine-tune phase trains.
@@ -58,7 +65,9 @@ impl<'de> Deserialize<'de> for Unfreeze {
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(Unfreeze::Top(n)),
             Raw::S(s) if s == "all" => Ok(Unfreeze::All),
-            Raw::S(s) => Err(serde::de::Error::custom(format!("expected a block count or \"all\", got \"{s}\""))),
+            Raw::S(s) => Err(serde::de::Error::custom(format!(
+                "expected a block count or \"all\", got \"{s}\""
+            ))),
         }
     }
 }
@@ -96,7 +105,12 @@ pub struct WarmupConfig {
 
 impl Default for WarmupConfig {
     fn default() -> Self {
-        Self { enabled: true, epochs: 80, learning_rate: 1e-3, patience: 20 }
+        Self {
+            enabled: true,
+            epochs: 80,
+            learning_rate: 1e-3,
+            patience: 20,
+        }
     }
 }
 
@@ -145,7 +159,12 @@ pub struct BaselineConfig {
 
 impl Default for BaselineConfig {
     fn default() -> Self {
-        Self { enabled: false, epochs: 4, learning_rate: 1e-3, max_seconds: None }
+        Self {
+            enabled: false,
+            epochs: 4,
+            learning_rate: 1e-3,
+            max_seconds: None,
+        }
     }
 }
 
@@ -199,31 +218,98 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Range checks; the error names the first field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check((32..=512).contains(&self.input_size), "input_size", "must be between 32 and 512")?;
-        check(self.val_fraction > 0.0 && self.val_fraction < 0.9, "val_fraction", "must be in (0, 0.9)")?;
-        check((1..=512).contains(&self.batch_size), "batch_size", "must be between 1 and 512")?;
-        check((1..=16).contains(&self.views), "views", "must be between 1 and 16")?;
-        check((0.0..0.95).contains(&self.dropout), "dropout", "must be in [0, 0.95)")?;
-        check((0.0..=1.0).contains(&self.weight_decay), "weight_decay", "must be in [0, 1]")?;
-        check(self.max_image_dimension >= 32, "max_image_dimension", "must be at least 32")?;
-        check(self.min_images_per_class >= 2, "min_images_per_class", "must be at least 2")?;
-        self.augment.validate().map_err(|m| ConfigError { field: "augment".into(), message: m })?;
+        check(
+            (32..=512).contains(&self.input_size),
+            "input_size",
+            "must be between 32 and 512",
+        )?;
+        check(
+            self.val_fraction > 0.0 && self.val_fraction < 0.9,
+            "val_fraction",
+            "must be in (0, 0.9)",
+        )?;
+        check(
+            (1..=512).contains(&self.batch_size),
+            "batch_size",
+            "must be between 1 and 512",
+        )?;
+        check(
+            (1..=16).contains(&self.views),
+            "views",
+            "must be between 1 and 16",
+        )?;
+        check(
+            (0.0..0.95).contains(&self.dropout),
+            "dropout",
+            "must be in [0, 0.95)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.weight_decay),
+            "weight_decay",
+            "must be in [0, 1]",
+        )?;
+        check(
+            self.max_image_dimension >= 32,
+            "max_image_dimension",
+            "must be at least 32",
+        )?;
+        check(
+            self.min_images_per_class >= 2,
+            "min_images_per_class",
+            "must be at least 2",
+        )?;
+        self.augment.validate().map_err(|m| ConfigError {
+            field: "augment".into(),
+            message: m,
+        })?;
         let lr = |v: f64| v > 0.0 && v <= 1.0;
-        check(self.warmup.epochs <= 1000, "warmup.epochs", "must be at most 1000")?;
-        check(lr(self.warmup.learning_rate), "warmup.learning_rate", "must be in (0, 1]")?;
-        check(self.finetune.epochs <= 200, "finetune.epochs", "must be at most 200")?;
-        check(lr(self.finetune.learning_rate), "finetune.learning_rate", "must be in (0, 1]")?;
+        check(
+            self.warmup.epochs <= 1000,
+            "warmup.epochs",
+            "must be at most 1000",
+        )?;
+        check(
+            lr(self.warmup.learning_rate),
+            "warmup.learning_rate",
+            "must be in (0, 1]",
+        )?;
+        check(
+            self.finetune.epochs <= 200,
+            "finetune.epochs",
+            "must be at most 200",
+        )?;
+        check(
+            lr(self.finetune.learning_rate),
+            "finetune.learning_rate",
+            "must be in (0, 1]",
+        )?;
         if let Unfreeze::Top(n) = self.finetune.unfreeze {
-            check(n <= NUM_BLOCKS, "finetune.unfreeze", "must be a block count from 0 to 16, or \"all\"")?;
+            check(
+                n <= NUM_BLOCKS,
+                "finetune.unfreeze",
+                "must be a block count from 0 to 16, or \"all\"",
+            )?;
         }
         check(
             self.finetune.decay_rate > 0.0 && self.finetune.decay_rate <= 1.0,
             "finetune.decay_rate",
             "must be in (0, 1]",
         )?;
-        check(self.baseline.epochs <= 200, "baseline.epochs", "must be at most 200")?;
-        check(lr(self.baseline.learning_rate), "baseline.learning_rate", "must be in (0, 1]")?;
-        check(self.baseline.max_seconds.is_none_or(|s| s > 0.0), "baseline.max_seconds", "must be positive")?;
+        check(
+            self.baseline.epochs <= 200,
+            "baseline.epochs",
+            "must be at most 200",
+        )?;
+        check(
+            lr(self.baseline.learning_rate),
+            "baseline.learning_rate",
+            "must be in (0, 1]",
+        )?;
+        check(
+            self.baseline.max_seconds.is_none_or(|s| s > 0.0),
+            "baseline.max_seconds",
+            "must be positive",
+        )?;
         check(
             self.warmup.enabled || self.finetune.enabled || self.baseline.enabled,
             "warmup.enabled",
@@ -238,7 +324,9 @@ impl TrainConfig {
         match f.schedule {
             Schedule::Cosine => cosine(f.learning_rate, epoch, f.epochs),
             Schedule::ConstantThenExponential => {
-                f.learning_rate * f.decay_rate.powi(epoch.saturating_sub(f.constant_epochs.saturating_sub(1)) as i32)
+                f.learning_rate
+                    * f.decay_rate
+                        .powi(epoch.saturating_sub(f.constant_epochs.saturating_sub(1)) as i32)
             }
         }
     }
@@ -264,14 +352,18 @@ mod tests {
         c.validate().unwrap();
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<TrainConfig>(&json).unwrap(), c);
-        let partial: TrainConfig = serde_json::from_str(r#"{"finetune": {"unfreeze": "all"}}"#).unwrap();
+        let partial: TrainConfig =
+            serde_json::from_str(r#"{"finetune": {"unfreeze": "all"}}"#).unwrap();
         assert_eq!(partial.finetune.unfreeze, Unfreeze::All);
         assert_eq!(partial.finetune.epochs, FinetuneConfig::default().epochs);
     }
 
     #[test]
     fn out_of_range_names_the_field() {
-        let c = TrainConfig { batch_size: 0, ..Default::default() };
+        let c = TrainConfig {
+            batch_size: 0,
+            ..Default::default()
+        };
         assert_eq!(c.validate().unwrap_err().field, "batch_size");
         assert!(serde_json::from_str::<TrainConfig>(r#"{"bogus": 1}"#).is_err());
     }

@@ -39,12 +39,21 @@ pub struct Skipped {
 pub enum DataError {
     #[error("data folder {0} does not exist or is not a directory")]
     NotADirectory(PathBuf),
-    #[error("need at least 2 classes (one sub-folder per class with images in it), found {found}: {classes:?}")]
+    #[error(
+        "need at least 2 classes (one sub-folder per class with images in it), found {found}: {classes:?}"
+    )]
     TooFewClasses { found: usize, classes: Vec<String> },
     #[error("class '{class}' has {count} usable images, the minimum is {min}")]
-    TooFewImages { class: String, count: usize, min: usize },
+    TooFewImages {
+        class: String,
+        count: usize,
+        min: usize,
+    },
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A scanned folder-per-class dataset.
@@ -73,8 +82,15 @@ fn is_hidden(name: &str) -> bool {
 
 /// Every regular file below `dir`, sorted so scans are reproducible.
 fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let io = |source| DataError::Io { path: dir.to_path_buf(), source };
-    let mut entries: Vec<_> = fs::read_dir(dir).map_err(io)?.filter_map(Result::ok).map(|e| e.path()).collect();
+    let io = |source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for path in entries {
         if path.is_dir() {
@@ -89,21 +105,31 @@ fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 /// Scans `dir`: each sub-folder is a class, each file in it (at any depth) a candidate image.
 /// Files are sniffed and their header dimensions checked; exact duplicates (by content) are
 /// kept once, so the same photo can never land in both training and validation.
-pub fn scan(dir: &Path, max_dimension: u32, min_per_class: usize) -> Result<FolderDataset, DataError> {
+pub fn scan(
+    dir: &Path,
+    max_dimension: u32,
+    min_per_class: usize,
+) -> Result<FolderDataset, DataError> {
     if !dir.is_dir() {
         return Err(DataError::NotADirectory(dir.to_path_buf()));
     }
     let mut classes = Vec::new();
     let mut skipped = Vec::new();
     let mut top: Vec<_> = fs::read_dir(dir)
-        .map_err(|source| DataError::Io { path: dir.to_path_buf(), source })?
+        .map_err(|source| DataError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .collect();
     top.sort();
     let mut candidates = Vec::new();
     for path in top {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if is_hidden(&name) {
             continue;
         }
@@ -112,7 +138,10 @@ pub fn scan(dir: &Path, max_dimension: u32, min_per_class: usize) -> Result<Fold
             files_below(&path, &mut files)?;
             candidates.push((name, files));
         } else {
-            skipped.push(Skipped { path: path.display().to_string(), reason: "not inside a class folder".into() });
+            skipped.push(Skipped {
+                path: path.display().to_string(),
+                reason: "not inside a class folder".into(),
+            });
         }
     }
     let mut samples = Vec::new();
@@ -121,27 +150,46 @@ pub fn scan(dir: &Path, max_dimension: u32, min_per_class: usize) -> Result<Fold
         let label = classes.len();
         let mut usable = 0;
         for path in files {
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             if is_hidden(&name) {
-                skipped.push(Skipped { path: path.display().to_string(), reason: "hidden file".into() });
+                skipped.push(Skipped {
+                    path: path.display().to_string(),
+                    reason: "hidden file".into(),
+                });
                 continue;
             }
-            let bytes = fs::read(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+            let bytes = fs::read(&path).map_err(|source| DataError::Io {
+                path: path.clone(),
+                source,
+            })?;
             let verdict = preprocess::dimensions(&bytes).and_then(|(w, h)| {
                 if w > max_dimension || h > max_dimension {
-                    Err(ImageRejection::TooLarge { width: w, height: h, max: max_dimension })
+                    Err(ImageRejection::TooLarge {
+                        width: w,
+                        height: h,
+                        max: max_dimension,
+                    })
                 } else {
                     Ok(())
                 }
             });
             if let Err(reason) = verdict {
-                skipped.push(Skipped { path: path.display().to_string(), reason: reason.to_string() });
+                skipped.push(Skipped {
+                    path: path.display().to_string(),
+                    reason: reason.to_string(),
+                });
                 continue;
             }
             let hash: [u8; 32] = Sha256::digest(&bytes).into();
             if let Some(first) = seen.get(&hash) {
                 let reason = format!("duplicate of {}", first.display());
-                skipped.push(Skipped { path: path.display().to_string(), reason });
+                skipped.push(Skipped {
+                    path: path.display().to_string(),
+                    reason,
+                });
                 continue;
             }
             seen.insert(hash, path.clone());
@@ -153,12 +201,23 @@ pub fn scan(dir: &Path, max_dimension: u32, min_per_class: usize) -> Result<Fold
         }
     }
     if classes.len() < 2 {
-        return Err(DataError::TooFewClasses { found: classes.len(), classes });
+        return Err(DataError::TooFewClasses {
+            found: classes.len(),
+            classes,
+        });
     }
-    let ds = FolderDataset { classes, samples, skipped };
+    let ds = FolderDataset {
+        classes,
+        samples,
+        skipped,
+    };
     for (class, count) in ds.classes.iter().zip(ds.counts()) {
         if count < min_per_class {
-            return Err(DataError::TooFewImages { class: class.clone(), count, min: min_per_class });
+            return Err(DataError::TooFewImages {
+                class: class.clone(),
+                count,
+                min: min_per_class,
+            });
         }
     }
     Ok(ds)
@@ -166,7 +225,11 @@ pub fn scan(dir: &Path, max_dimension: u32, min_per_class: usize) -> Result<Fold
 
 /// Stratified, seeded split: each class contributes `round(n * val_fraction)` images to
 /// validation (at least one when it has two or more). Returns (train, validation) indices.
-pub fn stratified_split(labels: &[usize], val_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+pub fn stratified_split(
+    labels: &[usize],
+    val_fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
     let n_classes = labels.iter().copied().max().map_or(0, |m| m + 1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut train, mut val) = (Vec::new(), Vec::new());
@@ -222,19 +285,33 @@ impl Dataset<ImageViews, SampleError> for ViewDataset<'_> {
     fn get(&self, index: usize) -> Result<ImageViews, SampleError> {
         let sample_index = self.indices[index];
         let sample = &self.samples[sample_index];
-        let fail = |reason: String| SampleError { sample: sample_index, path: sample.path.display().to_string(), reason };
+        let fail = |reason: String| SampleError {
+            sample: sample_index,
+            path: sample.path.display().to_string(),
+            reason,
+        };
         let bytes = fs::read(&sample.path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let image = preprocess::decode(&bytes, self.max_dimension).map_err(|e| fail(e.to_string()))?;
+        let image =
+            preprocess::decode(&bytes, self.max_dimension).map_err(|e| fail(e.to_string()))?;
         let views = (0..self.views)
             .map(|v| {
                 if v == 0 && self.clean_first {
                     preprocess::eval_view(&image, &self.pre)
                 } else {
-                    augmented_view(&image, &self.pre, &self.augment, view_seed(self.seed, sample_index, v))
+                    augmented_view(
+                        &image,
+                        &self.pre,
+                        &self.augment,
+                        view_seed(self.seed, sample_index, v),
+                    )
                 }
             })
             .collect();
-        Ok(ImageViews { sample: sample_index, label: sample.label, views })
+        Ok(ImageViews {
+            sample: sample_index,
+            label: sample.label,
+            views,
+        })
     }
 
     fn len(&self) -> usize {
@@ -287,7 +364,10 @@ mod tests {
         assert!(train.iter().all(|i| !val.contains(i)));
         assert_eq!(val.iter().filter(|&&i| labels[i] == 0).count(), 14);
         assert_eq!(val.iter().filter(|&&i| labels[i] == 1).count(), 6);
-        assert_eq!(stratified_split(&labels, 0.2, 42), (train.clone(), val.clone()));
+        assert_eq!(
+            stratified_split(&labels, 0.2, 42),
+            (train.clone(), val.clone())
+        );
         assert_ne!(stratified_split(&labels, 0.2, 43).1, val);
     }
 }

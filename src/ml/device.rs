@@ -32,7 +32,9 @@ pub struct SelectedDevice {
 pub enum DeviceError {
     #[error("this build has no wgpu support; rebuild with `--features wgpu` or use --device cpu")]
     NoWgpu,
-    #[error("wgpu finds no graphics adapter at all (no Vulkan, Metal or DX12 driver); install one (e.g. Debian's mesa-vulkan-drivers for a software one) or use --device cpu")]
+    #[error(
+        "wgpu finds no graphics adapter at all (no Vulkan, Metal or DX12 driver); install one (e.g. Debian's mesa-vulkan-drivers for a software one) or use --device cpu"
+    )]
     NoAdapter,
 }
 
@@ -49,14 +51,18 @@ pub struct Adapter {
 #[cfg(feature = "wgpu")]
 pub fn adapters() -> Vec<Adapter> {
     use wgpu::DeviceType;
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     adapters
         .iter()
         .map(|a| a.get_info())
         .map(|i| Adapter {
             description: format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type),
-            hardware: matches!(i.device_type, DeviceType::DiscreteGpu | DeviceType::IntegratedGpu | DeviceType::VirtualGpu),
+            hardware: matches!(
+                i.device_type,
+                DeviceType::DiscreteGpu | DeviceType::IntegratedGpu | DeviceType::VirtualGpu
+            ),
         })
         .collect()
 }
@@ -77,14 +83,22 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 /// Picks the device for `choice`.
 pub fn select(choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
-    let flex = || SelectedDevice { device: Device::flex(), backend: "flex", adapter: None };
+    let flex = || SelectedDevice {
+        device: Device::flex(),
+        backend: "flex",
+        adapter: None,
+    };
     match choice {
         DeviceChoice::Cpu => Ok(flex()),
         #[cfg(feature = "wgpu")]
         DeviceChoice::Wgpu => {
             let found = adapters();
             // wgpu's default pick prefers hardware; name what it will most likely take.
-            let adapter = found.iter().find(|a| a.hardware).or(found.first()).ok_or(DeviceError::NoAdapter)?;
+            let adapter = found
+                .iter()
+                .find(|a| a.hardware)
+                .or(found.first())
+                .ok_or(DeviceError::NoAdapter)?;
             Ok(SelectedDevice {
                 device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice),
                 backend: "wgpu",

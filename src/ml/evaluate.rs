@@ -56,7 +56,9 @@ pub fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {
 }
 
 fn argmax<T: PartialOrd>(p: &[T]) -> usize {
-    p.iter().enumerate().fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
+    p.iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > p[best] { i } else { best })
 }
 
 /// Mean negative log-likelihood at a temperature.
@@ -85,7 +87,10 @@ pub fn ece(logits: &[Vec<f32>], labels: &[usize], temperature: f64) -> f64 {
         count[b] += 1;
     }
     let n = logits.len().max(1) as f64;
-    (0..BINS).filter(|&b| count[b] > 0).map(|b| (acc[b] - conf[b]).abs() / n).sum()
+    (0..BINS)
+        .filter(|&b| count[b] > 0)
+        .map(|b| (acc[b] - conf[b]).abs() / n)
+        .sum()
 }
 
 /// Fewer validation images than this leave the temperature at 1: on a handful of perfectly
@@ -104,8 +109,16 @@ pub fn fit_temperature(logits: &[Vec<f32>], labels: &[usize]) -> f64 {
     if logits.len() < MIN_CALIBRATION_IMAGES {
         return 1.0;
     }
-    let errors = logits.iter().zip(labels).filter(|(l, y)| argmax(l) != **y).count();
-    let low: f64 = if errors < MIN_ERRORS_TO_SHARPEN { 1.0 } else { 0.25 };
+    let errors = logits
+        .iter()
+        .zip(labels)
+        .filter(|(l, y)| argmax(l) != **y)
+        .count();
+    let low: f64 = if errors < MIN_ERRORS_TO_SHARPEN {
+        1.0
+    } else {
+        0.25
+    };
     let f = |log_t: f64| nll(logits, labels, log_t.exp());
     let (mut a, mut b) = (low.ln(), (10.0f64).ln());
     let g = (5f64.sqrt() - 1.0) / 2.0;
@@ -123,7 +136,12 @@ pub fn fit_temperature(logits: &[Vec<f32>], labels: &[usize]) -> f64 {
 }
 
 /// Builds the full evaluation from validation logits.
-pub fn evaluate(classes: &[String], logits: &[Vec<f32>], labels: &[usize], paths: &[String]) -> Evaluation {
+pub fn evaluate(
+    classes: &[String],
+    logits: &[Vec<f32>],
+    labels: &[usize],
+    paths: &[String],
+) -> Evaluation {
     let n = classes.len();
     let temperature = fit_temperature(logits, labels);
     let mut confusion = vec![vec![0usize; n]; n];
@@ -147,10 +165,28 @@ pub fn evaluate(classes: &[String], logits: &[Vec<f32>], labels: &[usize], paths
             let tp = confusion[c][c] as f64;
             let predicted: usize = (0..n).map(|r| confusion[r][c]).sum();
             let support: usize = confusion[c].iter().sum();
-            let precision = if predicted > 0 { tp / predicted as f64 } else { 0.0 };
-            let recall = if support > 0 { tp / support as f64 } else { 0.0 };
-            let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-            ClassReport { class: classes[c].clone(), precision, recall, f1, support }
+            let precision = if predicted > 0 {
+                tp / predicted as f64
+            } else {
+                0.0
+            };
+            let recall = if support > 0 {
+                tp / support as f64
+            } else {
+                0.0
+            };
+            let f1 = if precision + recall > 0.0 {
+                2.0 * precision * recall / (precision + recall)
+            } else {
+                0.0
+            };
+            ClassReport {
+                class: classes[c].clone(),
+                precision,
+                recall,
+                f1,
+                support,
+            }
         })
         .collect();
     Evaluation {
@@ -176,7 +212,12 @@ mod tests {
     #[test]
     fn confusion_and_scores() {
         let classes = vec!["cat".to_string(), "dog".to_string()];
-        let logits = vec![vec![2.0, 0.0], vec![0.0, 3.0], vec![1.0, 0.0], vec![0.0, 1.0]];
+        let logits = vec![
+            vec![2.0, 0.0],
+            vec![0.0, 3.0],
+            vec![1.0, 0.0],
+            vec![0.0, 1.0],
+        ];
         let labels = vec![0, 1, 1, 1];
         let paths: Vec<String> = (0..4).map(|i| format!("f{i}.jpg")).collect();
         let e = evaluate(&classes, &logits, &labels, &paths);
@@ -191,7 +232,15 @@ mod tests {
 
     #[test]
     fn a_perfect_validation_set_never_sharpens() {
-        let logits: Vec<Vec<f32>> = (0..60).map(|i| if i % 2 == 0 { vec![1.0, 0.0] } else { vec![0.0, 1.0] }).collect();
+        let logits: Vec<Vec<f32>> = (0..60)
+            .map(|i| {
+                if i % 2 == 0 {
+                    vec![1.0, 0.0]
+                } else {
+                    vec![0.0, 1.0]
+                }
+            })
+            .collect();
         let labels: Vec<usize> = (0..60).map(|i| i % 2).collect();
         assert!((fit_temperature(&logits, &labels) - 1.0).abs() < 1e-3);
     }

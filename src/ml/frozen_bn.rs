@@ -58,14 +58,22 @@ impl FrozenBatchNorm {
         if self.batch_stats {
             let mean = input.clone().mean_dim(0).mean_dim(2).mean_dim(3);
             let centered = input - mean;
-            let var = centered.clone().powf_scalar(2.0).mean_dim(0).mean_dim(2).mean_dim(3);
+            let var = centered
+                .clone()
+                .powf_scalar(2.0)
+                .mean_dim(0)
+                .mean_dim(2)
+                .mean_dim(3);
             return centered / (var + self.epsilon).sqrt() * weight + bias;
         }
         // The statistics are detached so that no optimiser ever moves them, even after an
         // `unfreeze()` of the enclosing module marks every parameter as trainable.
         let mean = self.running_mean.val().detach();
         let var = self.running_var.val().detach();
-        let inv_std = (var + self.epsilon).sqrt().recip().reshape([1, channels, 1, 1]);
+        let inv_std = (var + self.epsilon)
+            .sqrt()
+            .recip()
+            .reshape([1, channels, 1, 1]);
         let mean = mean.reshape([1, channels, 1, 1]);
         (input - mean) * inv_std * weight + bias
     }
@@ -84,7 +92,9 @@ mod tests {
     #[test]
     fn normalises_with_running_statistics() {
         let device = Device::flex();
-        let mut bn = FrozenBatchNormConfig::new(2).with_epsilon(0.0).init(&device);
+        let mut bn = FrozenBatchNormConfig::new(2)
+            .with_epsilon(0.0)
+            .init(&device);
         bn.running_mean = Param::from_tensor(Tensor::from_floats([1.0, -1.0], &device));
         bn.running_var = Param::from_tensor(Tensor::from_floats([4.0, 1.0], &device));
         bn.bias = Param::from_tensor(Tensor::from_floats([0.5, 0.0], &device));

@@ -10,7 +10,9 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
-use super::backbone::{EfficientNetLite0, EfficientNetLite0Config, FEATURES, MbConv, NUM_BLOCKS, pool};
+use super::backbone::{
+    EfficientNetLite0, EfficientNetLite0Config, FEATURES, MbConv, NUM_BLOCKS, pool,
+};
 use super::frozen_bn::FrozenBatchNorm;
 
 /// The stem conv and its BatchNorm.
@@ -53,8 +55,16 @@ impl TransferModelConfig {
     }
 
     /// Blocks `first_block..16` of a (pretrained) backbone with a fresh head.
-    pub fn from_backbone(&self, backbone: &EfficientNetLite0, first_block: usize, device: &Device) -> TransferModel {
-        let stem = (first_block == 0).then(|| Stem { conv: backbone.conv_stem.clone(), bn: backbone.bn0.clone() });
+    pub fn from_backbone(
+        &self,
+        backbone: &EfficientNetLite0,
+        first_block: usize,
+        device: &Device,
+    ) -> TransferModel {
+        let stem = (first_block == 0).then(|| Stem {
+            conv: backbone.conv_stem.clone(),
+            bn: backbone.bn0.clone(),
+        });
         TransferModel {
             stem,
             blocks: backbone.blocks[first_block..].to_vec(),
@@ -63,7 +73,9 @@ impl TransferModelConfig {
             dropout: self.dropout,
             // A zero head starts every class at equal probability (loss ln n) instead of the
             // large random logits that 1280 ReLU6 features would give, which steadies warm-up.
-            head: LinearConfig::new(FEATURES, self.num_classes).with_initializer(Initializer::Zeros).init(device),
+            head: LinearConfig::new(FEATURES, self.num_classes)
+                .with_initializer(Initializer::Zeros)
+                .init(device),
             first_block,
         }
     }
@@ -109,8 +121,15 @@ impl TransferModel {
     /// Per-batch BatchNorm statistics everywhere (the from-scratch baseline).
     pub fn use_batch_statistics(self) -> Self {
         TransferModel {
-            stem: self.stem.map(|s| Stem { conv: s.conv, bn: s.bn.use_batch_statistics() }),
-            blocks: self.blocks.into_iter().map(MbConv::use_batch_statistics).collect(),
+            stem: self.stem.map(|s| Stem {
+                conv: s.conv,
+                bn: s.bn.use_batch_statistics(),
+            }),
+            blocks: self
+                .blocks
+                .into_iter()
+                .map(MbConv::use_batch_statistics)
+                .collect(),
             bn1: self.bn1.use_batch_statistics(),
             ..self
         }
@@ -126,7 +145,10 @@ impl TransferModel {
         blocks.extend(self.blocks);
         debug_assert_eq!(blocks.len(), NUM_BLOCKS);
         TransferModel {
-            stem: Some(Stem { conv: backbone.conv_stem.clone(), bn: backbone.bn0.clone() }),
+            stem: Some(Stem {
+                conv: backbone.conv_stem.clone(),
+                bn: backbone.bn0.clone(),
+            }),
             blocks,
             conv_head: self.conv_head,
             bn1: self.bn1,
@@ -139,8 +161,16 @@ impl TransferModel {
 
 /// An inverted-dropout mask `[rows, cols]` drawn from `rng`: each entry is 0 with
 /// probability `p`, else `1 / (1 - p)`.
-pub fn dropout_mask(rng: &mut impl rand::Rng, rows: usize, cols: usize, p: f64, device: &Device) -> Tensor<2> {
+pub fn dropout_mask(
+    rng: &mut impl rand::Rng,
+    rows: usize,
+    cols: usize,
+    p: f64,
+    device: &Device,
+) -> Tensor<2> {
     let keep = (1.0 / (1.0 - p)) as f32;
-    let data: Vec<f32> = (0..rows * cols).map(|_| if rng.random_bool(p) { 0.0 } else { keep }).collect();
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|_| if rng.random_bool(p) { 0.0 } else { keep })
+        .collect();
     Tensor::from_data(TensorData::new(data, [rows, cols]), device)
 }

@@ -25,7 +25,11 @@ pub struct Top {
 }
 
 /// The five most probable ImageNet classes of an encoded image at 224 px.
-pub fn top5(backbone: &EfficientNetLite0, bytes: &[u8], device: &Device) -> Result<Vec<Top>, ImageRejection> {
+pub fn top5(
+    backbone: &EfficientNetLite0,
+    bytes: &[u8],
+    device: &Device,
+) -> Result<Vec<Top>, ImageRejection> {
     let image = preprocess::decode(bytes, preprocess::DEFAULT_MAX_DIMENSION)?;
     let view = preprocess::eval_view(&image, &Preprocessing::for_size(224));
     let x = Tensor::<4>::from_data(TensorData::new(view, [1, 3, 224, 224]), device);
@@ -33,5 +37,13 @@ pub fn top5(backbone: &EfficientNetLite0, bytes: &[u8], device: &Device) -> Resu
     let probs = softmax(logits.as_slice::<f32>().expect("float32"), 1.0);
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    Ok(order.into_iter().take(5).map(|c| Top { class: c, label: label(c), probability: probs[c] }).collect())
+    Ok(order
+        .into_iter()
+        .take(5)
+        .map(|c| Top {
+            class: c,
+            label: label(c),
+            probability: probs[c],
+        })
+        .collect())
 }

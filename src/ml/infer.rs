@@ -34,7 +34,11 @@ impl Predictor {
 
     /// Wraps an in-memory model (e.g. the one a run just produced).
     pub fn new(config: ModelConfig, model: TransferModel, device: &Device) -> Self {
-        Self { config, model: model.valid(), device: device.clone() }
+        Self {
+            config,
+            model: model.valid(),
+            device: device.clone(),
+        }
     }
 
     /// Calibrated class probabilities of preprocessed `[3, s, s]` views.
@@ -44,8 +48,11 @@ impl Predictor {
         let mut out = Vec::with_capacity(views.len());
         let mut views = views.into_iter().peekable();
         while views.peek().is_some() {
-            let chunk: Vec<(Vec<f32>, usize)> = views.by_ref().take(MAX_BATCH).map(|v| (v, 0)).collect();
-            let logits = self.model.forward(batcher.batch(chunk, &self.device).inputs);
+            let chunk: Vec<(Vec<f32>, usize)> =
+                views.by_ref().take(MAX_BATCH).map(|v| (v, 0)).collect();
+            let logits = self
+                .model
+                .forward(batcher.batch(chunk, &self.device).inputs);
             let [_, c] = logits.dims();
             let data = logits.into_data();
             for row in data.as_slice::<f32>().expect("float32").chunks(c) {
@@ -59,15 +66,27 @@ impl Predictor {
     pub fn predict_bytes(&self, images: &[Vec<u8>]) -> Vec<Result<Vec<f32>, ImageRejection>> {
         let decoded: Vec<Result<Vec<f32>, ImageRejection>> = images
             .iter()
-            .map(|b| preprocess::decode(b, MAX_DIMENSION).map(|img| preprocess::eval_view(&img, &self.config.preprocessing)))
+            .map(|b| {
+                preprocess::decode(b, MAX_DIMENSION)
+                    .map(|img| preprocess::eval_view(&img, &self.config.preprocessing))
+            })
             .collect();
-        let good: Vec<Vec<f32>> = decoded.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+        let good: Vec<Vec<f32>> = decoded
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
         let mut probs = self.probabilities_of_views(good).into_iter();
-        decoded.into_iter().map(|r| r.map(|_| probs.next().expect("one result per view"))).collect()
+        decoded
+            .into_iter()
+            .map(|r| r.map(|_| probs.next().expect("one result per view")))
+            .collect()
     }
 
     /// Index of the most probable class.
     pub fn best(probabilities: &[f32]) -> usize {
-        probabilities.iter().enumerate().fold(0, |b, (i, &p)| if p > probabilities[b] { i } else { b })
+        probabilities
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &p)| if p > probabilities[b] { i } else { b })
     }
 }

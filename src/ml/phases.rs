@@ -33,7 +33,12 @@ pub(crate) struct Trainer<'a> {
 }
 
 /// Logits of `model` over every row of a cache, in order.
-pub(crate) fn logits_of(model: &TransferModel, cache: &RowCache, batch: usize, device: &Device) -> Vec<Vec<f32>> {
+pub(crate) fn logits_of(
+    model: &TransferModel,
+    cache: &RowCache,
+    batch: usize,
+    device: &Device,
+) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(cache.len());
     let idx: Vec<usize> = (0..cache.len()).collect();
     for chunk in idx.chunks(batch) {
@@ -46,7 +51,12 @@ pub(crate) fn logits_of(model: &TransferModel, cache: &RowCache, batch: usize, d
 pub(crate) fn rows_into(t: Tensor<2>, out: &mut Vec<Vec<f32>>) {
     let [_, d] = t.dims();
     let data = t.into_data();
-    out.extend(data.as_slice::<f32>().expect("float32").chunks(d).map(<[f32]>::to_vec));
+    out.extend(
+        data.as_slice::<f32>()
+            .expect("float32")
+            .chunks(d)
+            .map(<[f32]>::to_vec),
+    );
 }
 
 /// Mean cross-entropy and accuracy of logits, unweighted (validation is judged as it is).
@@ -66,7 +76,9 @@ impl Trainer<'_> {
     }
 
     pub(crate) fn loss_fn(&self) -> CrossEntropyLoss {
-        CrossEntropyLossConfig::new().with_weights(self.weights.clone()).init(&self.autodiff)
+        CrossEntropyLossConfig::new()
+            .with_weights(self.weights.clone())
+            .init(&self.autodiff)
     }
 
     /// `items` in a fresh random order: streamed epochs must not see one class per batch.
@@ -87,8 +99,15 @@ impl Trainer<'_> {
         self.metrics.push(m);
     }
 
-    fn finish_phase(&mut self, phase: &str, epochs_run: usize, best: Option<(usize, f64, f64)>, start: Instant) {
-        let (best_epoch, best_val_loss, best_val_accuracy) = best.unwrap_or((0, f64::NAN, f64::NAN));
+    fn finish_phase(
+        &mut self,
+        phase: &str,
+        epochs_run: usize,
+        best: Option<(usize, f64, f64)>,
+        start: Instant,
+    ) {
+        let (best_epoch, best_val_loss, best_val_accuracy) =
+            best.unwrap_or((0, f64::NAN, f64::NAN));
         let summary = PhaseSummary {
             phase: phase.into(),
             epochs_run,
@@ -102,11 +121,18 @@ impl Trainer<'_> {
     }
 
     /// Warm-up: only the head, on cached pooled features. Returns the best head.
-    pub(crate) fn warmup(&mut self, head: burn::nn::Linear, train: &RowCache, val: &RowCache) -> Result<burn::nn::Linear, TrainError> {
+    pub(crate) fn warmup(
+        &mut self,
+        head: burn::nn::Linear,
+        train: &RowCache,
+        val: &RowCache,
+    ) -> Result<burn::nn::Linear, TrainError> {
         let cfg = self.config.warmup.clone();
         let start = Instant::now();
         let mut model = head.fork(&self.autodiff).train();
-        let mut optim = AdamWConfig::new().with_weight_decay(self.config.weight_decay as f32).init();
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(self.config.weight_decay as f32)
+            .init();
         let loss_fn = self.loss_fn();
         let (val_x, _) = val.batch2(&(0..val.len()).collect::<Vec<_>>(), &self.device);
         let val_labels = val.labels.clone();
@@ -120,7 +146,13 @@ impl Trainer<'_> {
             for chunk in order.chunks(self.config.batch_size) {
                 self.cancel.check()?;
                 let (x, y) = train.batch2(chunk, &self.autodiff);
-                let mask = dropout_mask(&mut self.rng, chunk.len(), FEATURES, self.config.dropout, &self.autodiff);
+                let mask = dropout_mask(
+                    &mut self.rng,
+                    chunk.len(),
+                    FEATURES,
+                    self.config.dropout,
+                    &self.autodiff,
+                );
                 let logits = model.forward(x * mask);
                 let loss = loss_fn.forward(logits.clone(), y.clone());
                 correct += count_correct(logits, y);
@@ -134,7 +166,14 @@ impl Trainer<'_> {
             rows_into(valid.forward(val_x.clone()), &mut logits);
             let val = loss_and_accuracy(&logits, &val_labels);
             epochs_run += 1;
-            self.record(epoch_metrics("warmup", epoch, (loss_sum, correct, seen), val, lr, t0));
+            self.record(epoch_metrics(
+                "warmup",
+                epoch,
+                (loss_sum, correct, seen),
+                val,
+                lr,
+                t0,
+            ));
             if stopping.observe(epoch + 1, val, valid) {
                 break;
             }
@@ -161,7 +200,9 @@ impl Trainer<'_> {
         loop {
             let parts = self.step_parts.clamp(1, rows);
             match self.accumulate(&model, loss_fn, &inputs, &targets, parts) {
-                Ok((grads, loss_sum, correct)) => return Ok((optim.step(lr, model, grads), loss_sum, correct)),
+                Ok((grads, loss_sum, correct)) => {
+                    return Ok((optim.step(lr, model, grads), loss_sum, correct));
+                }
                 Err(e) if parts < rows => {
                     self.step_parts = parts * 2;
                     tracing::warn!(batch = rows, sub_batches = self.step_parts, error = %e, "device could not run the step; splitting it");
@@ -187,10 +228,20 @@ impl Trainer<'_> {
             let len = size.min(rows - start);
             let x = inputs.clone().narrow(0, start, len);
             let y = targets.clone().narrow(0, start, len);
-            let mask = dropout_mask(&mut self.rng, len, FEATURES, self.config.dropout, &self.autodiff);
+            let mask = dropout_mask(
+                &mut self.rng,
+                len,
+                FEATURES,
+                self.config.dropout,
+                &self.autodiff,
+            );
             let logits = model.forward_train(x, mask);
             let loss = loss_fn.forward(logits.clone(), y.clone());
-            let mean = loss.clone().try_into_data()?.as_slice::<f32>().expect("float32")[0] as f64;
+            let mean = loss
+                .clone()
+                .try_into_data()?
+                .as_slice::<f32>()
+                .expect("float32")[0] as f64;
             loss_sum += mean * len as f64;
             correct += count_correct(logits, y);
             let share = len as f64 / rows as f64;
@@ -213,7 +264,12 @@ impl Trainer<'_> {
         epochs: usize,
         patience: usize,
         lr_of: &dyn Fn(usize) -> f64,
-        mut run_epoch: impl FnMut(&mut Self, TransferModel, usize, f64) -> Result<(TransferModel, f64, usize, usize), TrainError>,
+        mut run_epoch: impl FnMut(
+            &mut Self,
+            TransferModel,
+            usize,
+            f64,
+        ) -> Result<(TransferModel, f64, usize, usize), TrainError>,
         mut validate: impl FnMut(&Self, &TransferModel) -> Result<(f64, f64), TrainError>,
     ) -> Result<TransferModel, TrainError> {
         let start = Instant::now();
@@ -221,7 +277,11 @@ impl Trainer<'_> {
         // With `keep_incoming`, the model as it enters the phase (the warm-up's) is epoch 0:
         // a phase that only makes validation worse returns it unchanged.
         let incoming = model.valid();
-        let initial = if keep_incoming { Some(validate(self, &incoming)?) } else { None };
+        let initial = if keep_incoming {
+            Some(validate(self, &incoming)?)
+        } else {
+            None
+        };
         let mut stopping = EarlyStopping::new(incoming, initial, patience);
         let mut epochs_run = 0;
         for epoch in 0..epochs {
@@ -232,7 +292,14 @@ impl Trainer<'_> {
             let valid = model.valid();
             let val = validate(self, &valid)?;
             epochs_run += 1;
-            self.record(epoch_metrics(phase, epoch, (loss_sum, correct, seen), val, lr, t0));
+            self.record(epoch_metrics(
+                phase,
+                epoch,
+                (loss_sum, correct, seen),
+                val,
+                lr,
+                t0,
+            ));
             if stopping.observe(epoch + 1, val, valid) || self.past_deadline() {
                 break;
             }
@@ -253,7 +320,12 @@ struct EarlyStopping<M> {
 
 impl<M> EarlyStopping<M> {
     fn new(model: M, initial: Option<(f64, f64)>, patience: usize) -> Self {
-        Self { best: initial.map(|(l, a)| (0, l, a)), model, since_best: 0, patience }
+        Self {
+            best: initial.map(|(l, a)| (0, l, a)),
+            model,
+            since_best: 0,
+            patience,
+        }
     }
 
     /// Records an epoch's result; true when training should stop.
@@ -271,7 +343,14 @@ impl<M> EarlyStopping<M> {
 }
 
 /// The row of a finished epoch: `train` is (loss sum, correct, seen), `val` (loss, accuracy).
-fn epoch_metrics(phase: &str, epoch: usize, train: (f64, usize, usize), val: (f64, f64), lr: f64, t0: Instant) -> EpochMetrics {
+fn epoch_metrics(
+    phase: &str,
+    epoch: usize,
+    train: (f64, usize, usize),
+    val: (f64, f64),
+    lr: f64,
+    t0: Instant,
+) -> EpochMetrics {
     let (loss_sum, correct, seen) = train;
     EpochMetrics {
         phase: phase.into(),

@@ -36,7 +36,12 @@ pub struct Preprocessing {
 impl Preprocessing {
     /// The ImageNet protocol scaled to `input_size` (224 → resize 256, crop 224).
     pub fn for_size(input_size: usize) -> Self {
-        Self { input_size, resize_shorter: (input_size * 256).div_ceil(224), mean: MEAN, scale: SCALE }
+        Self {
+            input_size,
+            resize_shorter: (input_size * 256).div_ceil(224),
+            mean: MEAN,
+            scale: SCALE,
+        }
     }
 }
 
@@ -102,14 +107,22 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
 pub fn decode(bytes: &[u8], max_dimension: u32) -> Result<RgbImage, ImageRejection> {
     let (width, height) = dimensions(bytes)?;
     if width > max_dimension || height > max_dimension {
-        return Err(ImageRejection::TooLarge { width, height, max: max_dimension });
+        return Err(ImageRejection::TooLarge {
+            width,
+            height,
+            max: max_dimension,
+        });
     }
     let format = sniff(bytes)?;
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(ImageRejection::Corrupt("truncated JPEG (no end-of-image marker)".into()));
+        return Err(ImageRejection::Corrupt(
+            "truncated JPEG (no end-of-image marker)".into(),
+        ));
     }
     let corrupt = |e: image::ImageError| ImageRejection::Corrupt(e.to_string());
-    let mut decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder().map_err(corrupt)?;
+    let mut decoder = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
+        .map_err(corrupt)?;
     let orientation = decoder.orientation().map_err(corrupt)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
@@ -158,9 +171,12 @@ mod tests {
     use super::*;
 
     fn png(width: u32, height: u32) -> Vec<u8> {
-        let img = RgbImage::from_fn(width, height, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 200]));
+        let img = RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 200])
+        });
         let mut out = Vec::new();
-        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
         out
     }
 
@@ -178,19 +194,28 @@ mod tests {
         assert_eq!(sniff(b"hello, I am text"), Err(ImageRejection::NotAnImage));
         let bytes = png(40, 30);
         assert_eq!(dimensions(&bytes), Ok((40, 30)));
-        assert!(matches!(decode(&bytes, 32), Err(ImageRejection::TooLarge { .. })));
-        assert!(matches!(decode(&bytes[..bytes.len() / 2], 100), Err(ImageRejection::Corrupt(_))));
+        assert!(matches!(
+            decode(&bytes, 32),
+            Err(ImageRejection::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() / 2], 100),
+            Err(ImageRejection::Corrupt(_))
+        ));
     }
 
     #[test]
     fn truncated_jpeg_is_corrupt() {
         let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90]));
         let mut jpeg = Vec::new();
-        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
         assert!(jpeg_is_complete(&jpeg));
         assert!(decode(&jpeg, 100).is_ok());
         let cut = &jpeg[..jpeg.len() * 2 / 3];
         assert!(!jpeg_is_complete(cut));
-        assert!(matches!(decode(cut, 100), Err(ImageRejection::Corrupt(m)) if m.contains("truncated")));
+        assert!(
+            matches!(decode(cut, 100), Err(ImageRejection::Corrupt(m)) if m.contains("truncated"))
+        );
     }
 }

@@ -26,7 +26,9 @@ pub(crate) fn stream_epoch(
     stage: &'static str,
 ) -> Result<(TransferModel, f64, usize, usize), TrainError> {
     let size = ds.pre.input_size;
-    let batcher = TensorBatcher { shape: [3, size, size] };
+    let batcher = TensorBatcher {
+        shape: [3, size, size],
+    };
     let mut slot = Some(model);
     let (mut loss_sum, mut correct, mut seen) = (0.0, 0, 0);
     let total = ds.indices.len();
@@ -37,11 +39,25 @@ pub(crate) fn stream_epoch(
             return Err(TrainError::BudgetSpent);
         }
         let n = rows.len();
-        let b = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), &t.autodiff);
-        let (m, l, c) = t.step(slot.take().expect("model"), optim, loss_fn, b.inputs, b.targets, lr)?;
+        let b = batcher.batch(
+            rows.into_iter().map(|(v, l, _)| (v, l)).collect(),
+            &t.autodiff,
+        );
+        let (m, l, c) = t.step(
+            slot.take().expect("model"),
+            optim,
+            loss_fn,
+            b.inputs,
+            b.targets,
+            lr,
+        )?;
         slot = Some(m);
         (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + n);
-        (t.events)(TrainEvent::Progress { stage, done: seen, total });
+        (t.events)(TrainEvent::Progress {
+            stage,
+            done: seen,
+            total,
+        });
         Ok(())
     });
     match streamed {
@@ -64,29 +80,52 @@ pub(crate) fn baseline<'d>(
     let seed = t.config.seed;
     let batch = t.config.batch_size;
     let model = model_cfg.init(&t.device).use_batch_statistics();
-    let mut optim = AdamWConfig::new().with_weight_decay(t.config.weight_decay as f32).init();
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(t.config.weight_decay as f32)
+        .init();
     let loss_fn = t.loss_fn();
     // Mixed-class validation batches: batch statistics of a one-class batch would leak it.
     let mut val_order = val_ok.to_vec();
     val_order.shuffle(&mut t.rng);
     let val = view_ds(val_order, 1, true, seed);
     let lr_of = |e: usize| cosine(cfg.learning_rate, e, cfg.epochs);
-    t.deadline = cfg.max_seconds.map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
-    let result = t.train_phase("baseline", model, false, cfg.epochs, cfg.epochs, &lr_of, |t, model, epoch, lr| {
-        let ds = view_ds(t.shuffled_subset(train_ok), 1, false, seed.wrapping_add(1000 + epoch as u64));
-        stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "baseline")
-    }, |t, m| {
-        let size = val.pre.input_size;
-        let batcher = TensorBatcher { shape: [3, size, size] };
-        let (mut logits, mut labels) = (Vec::new(), Vec::new());
-        stream_views(&val, batch, t.cancel, |rows| {
-            labels.extend(rows.iter().map(|r| r.1));
-            let b = batcher.batch(rows.into_iter().map(|(v, l, _)| (v, l)).collect(), &t.device);
-            rows_into(m.forward(b.inputs), &mut logits);
-            Ok(())
-        })?;
-        Ok(loss_and_accuracy(&logits, &labels))
-    });
+    t.deadline = cfg
+        .max_seconds
+        .map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
+    let result = t.train_phase(
+        "baseline",
+        model,
+        false,
+        cfg.epochs,
+        cfg.epochs,
+        &lr_of,
+        |t, model, epoch, lr| {
+            let ds = view_ds(
+                t.shuffled_subset(train_ok),
+                1,
+                false,
+                seed.wrapping_add(1000 + epoch as u64),
+            );
+            stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "baseline")
+        },
+        |t, m| {
+            let size = val.pre.input_size;
+            let batcher = TensorBatcher {
+                shape: [3, size, size],
+            };
+            let (mut logits, mut labels) = (Vec::new(), Vec::new());
+            stream_views(&val, batch, t.cancel, |rows| {
+                labels.extend(rows.iter().map(|r| r.1));
+                let b = batcher.batch(
+                    rows.into_iter().map(|(v, l, _)| (v, l)).collect(),
+                    &t.device,
+                );
+                rows_into(m.forward(b.inputs), &mut logits);
+                Ok(())
+            })?;
+            Ok(loss_and_accuracy(&logits, &labels))
+        },
+    );
     t.deadline = None;
     result.map(|_| ())
 }

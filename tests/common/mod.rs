@@ -19,18 +19,26 @@ pub fn weights_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-        weights::locate(&data_dir, true).expect("pretrained weights (run `transferd weights fetch`)")
+        weights::locate(&data_dir, true)
+            .expect("pretrained weights (run `transferd weights fetch`)")
     })
     .clone()
 }
 
 pub fn backbone(device: &Device) -> EfficientNetLite0 {
-    weights::load_backbone(&weights_path(), device).expect("weights load").0
+    weights::load_backbone(&weights_path(), device)
+        .expect("weights load")
+        .0
 }
 
 /// A run small enough for CI: 128 px, two views, a few epochs (about a second on flex).
 pub fn tiny_config() -> TrainConfig {
-    let mut c = TrainConfig { input_size: 128, batch_size: 8, views: 2, ..Default::default() };
+    let mut c = TrainConfig {
+        input_size: 128,
+        batch_size: 8,
+        views: 2,
+        ..Default::default()
+    };
     c.warmup.epochs = 20;
     c.warmup.learning_rate = 1e-3;
     c.finetune.epochs = 2;
