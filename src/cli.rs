@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
+use crate::ml::evaluate::argmax;
 use crate::ml::train::{Cancel, TrainEvent};
 use crate::ml::{artifact, config::TrainConfig, data, imagenet, infer::Predictor, train, weights};
 
@@ -253,7 +254,7 @@ fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<(
                         .cloned()
                         .zip(p.iter().map(|&v| json!(v)))
                         .collect();
-                    json!({"image": image, "label": classes[Predictor::best(&p)], "probabilities": probabilities})
+                    json!({"image": image, "label": classes[argmax(&p)], "probabilities": probabilities})
                 }
             },
         };

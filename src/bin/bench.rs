@@ -24,8 +24,9 @@ use transferd::ml::cache::RowCache;
 use transferd::ml::config::TrainConfig;
 use transferd::ml::data::{self, FolderDataset};
 use transferd::ml::device::{DeviceChoice, select};
+use transferd::ml::evaluate::argmax;
 use transferd::ml::head::{TransferModel, TransferModelConfig};
-use transferd::ml::infer::Predictor;
+use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::{self, Preprocessing};
 use transferd::ml::train::{self, Cancel, TrainEvent, TrainOutcome};
 use transferd::ml::weights;
@@ -132,27 +133,12 @@ fn perturbed_caches(
 
 /// Accuracy of a full model's top (from block `k`) on a cache of activations.
 fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) -> f64 {
-    let top = if k == 0 {
-        model.clone()
-    } else {
-        TransferModel {
-            stem: None,
-            blocks: model.blocks[k..].to_vec(),
-            first_block: k,
-            ..model.clone()
-        }
-    };
-    let mut correct = 0;
-    let idx: Vec<usize> = (0..cache.len()).collect();
-    for chunk in idx.chunks(32) {
-        let b = cache.batch4(chunk, device);
-        let logits = top.forward(b.inputs);
-        let [_, c] = logits.dims();
-        let data = logits.into_data();
-        for (row, &i) in data.as_slice::<f32>().unwrap().chunks(c).zip(chunk) {
-            correct += usize::from(Predictor::best(row) == cache.labels[i]);
-        }
-    }
+    let logits = logits_of(&model.top(k), cache, 32, device);
+    let correct = logits
+        .iter()
+        .zip(&cache.labels)
+        .filter(|(l, y)| argmax(l) == **y)
+        .count();
     correct as f64 / cache.len().max(1) as f64
 }
 

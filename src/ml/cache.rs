@@ -8,7 +8,6 @@
 
 use std::sync::mpsc::sync_channel;
 
-use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
 use burn::prelude::*;
 use rayon::prelude::*;
@@ -76,11 +75,11 @@ impl RowCache {
     /// Rows `indices` as a `[n, c, h, w]` batch (the cache must hold 3-D rows).
     pub fn batch4(&self, indices: &[usize], device: &Device) -> InputBatch {
         let shape: [usize; 3] = self.shape.as_slice().try_into().expect("3-D rows");
-        let items = indices
-            .iter()
-            .map(|&i| (self.row(i).to_vec(), self.labels[i]))
-            .collect();
-        TensorBatcher { shape }.batch(items, device)
+        let rows: Vec<&[f32]> = indices.iter().map(|&i| self.row(i)).collect();
+        InputBatch {
+            inputs: TensorBatcher { shape }.stack(&rows, device),
+            targets: TensorBatcher::targets(indices.iter().map(|&i| self.labels[i]), device),
+        }
     }
 
     /// Rows `indices` as a `[n, d]` tensor with their labels (the cache must hold 1-D rows).
@@ -189,10 +188,10 @@ pub fn frozen_pass(
     let mut limit = batch_size;
     let failures = stream_views(dataset, batch_size, cancel, |rows| {
         let n = rows.len();
-        let items: Vec<(Vec<f32>, usize)> = rows.iter().map(|(v, l, _)| (v.clone(), *l)).collect();
         let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
         let samples: Vec<usize> = rows.iter().map(|r| r.2).collect();
-        let (acts, feats) = forward_adaptive(backbone, k, &batcher, &items, &mut limit, device)?;
+        let views: Vec<&[f32]> = rows.iter().map(|r| r.0.as_slice()).collect();
+        let (acts, feats) = forward_adaptive(backbone, k, &batcher, &views, &mut limit, device)?;
         if let Some(cache) = activations.as_mut() {
             cache.push_rows(&acts, &labels, &samples);
         }
@@ -207,25 +206,25 @@ pub fn frozen_pass(
     })
 }
 
-/// Frozen forward of `items` in chunks of at most `limit`, halving the chunk (and `limit`)
+/// Frozen forward of `views` in chunks of at most `limit`, halving the chunk (and `limit`)
 /// whenever the device cannot allocate it, so a small GPU slows a run down rather than
 /// failing it. Returns the flat activations to keep and the flat pooled features.
 fn forward_adaptive(
     backbone: &EfficientNetLite0,
     k: usize,
     batcher: &TensorBatcher,
-    items: &[(Vec<f32>, usize)],
+    views: &[&[f32]],
     limit: &mut usize,
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let (mut acts, mut feats) = (Vec::new(), Vec::new());
     let mut start = 0;
-    while start < items.len() {
-        let end = (start + *limit).min(items.len());
-        let batch = batcher.batch(items[start..end].to_vec(), device);
-        let bottom = backbone.forward_bottom(batch.inputs.clone(), k);
+    while start < views.len() {
+        let end = (start + *limit).min(views.len());
+        let inputs = batcher.stack(&views[start..end], device);
+        let bottom = backbone.forward_bottom(inputs.clone(), k);
         let pooled = backbone.forward_top(bottom.clone(), k);
-        let kept = if k == 0 { batch.inputs } else { bottom };
+        let kept = if k == 0 { inputs } else { bottom };
         match (kept.try_into_data(), pooled.try_into_data()) {
             (Ok(a), Ok(f)) => {
                 acts.extend_from_slice(a.as_slice::<f32>().expect("float32"));

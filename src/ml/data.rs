@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::augment::{AugmentConfig, augmented_view, view_seed};
-use super::preprocess::{self, ImageRejection, Preprocessing};
+use super::preprocess::{self, Preprocessing};
 
 /// One labelled image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,18 +165,7 @@ pub fn scan(
                 path: path.clone(),
                 source,
             })?;
-            let verdict = preprocess::dimensions(&bytes).and_then(|(w, h)| {
-                if w > max_dimension || h > max_dimension {
-                    Err(ImageRejection::TooLarge {
-                        width: w,
-                        height: h,
-                        max: max_dimension,
-                    })
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(reason) = verdict {
+            if let Err(reason) = preprocess::checked_header(&bytes, max_dimension) {
                 skipped.push(Skipped {
                     path: path.display().to_string(),
                     reason: reason.to_string(),
@@ -334,20 +323,35 @@ pub struct TensorBatcher {
     pub shape: [usize; 3],
 }
 
+impl TensorBatcher {
+    /// Stacks borrowed `[c, h, w]` rows into one `[n, c, h, w]` tensor, copying each once.
+    pub fn stack(&self, rows: &[&[f32]], device: &Device) -> Tensor<4> {
+        let [c, h, w] = self.shape;
+        let mut flat = Vec::with_capacity(rows.len() * c * h * w);
+        for row in rows {
+            debug_assert_eq!(row.len(), c * h * w);
+            flat.extend_from_slice(row);
+        }
+        Tensor::from_data(TensorData::new(flat, [rows.len(), c, h, w]), device)
+    }
+
+    /// Labels as an `[n]` integer tensor.
+    pub fn targets(
+        labels: impl ExactSizeIterator<Item = usize>,
+        device: &Device,
+    ) -> Tensor<1, Int> {
+        let n = labels.len();
+        let labels: Vec<i64> = labels.map(|l| l as i64).collect();
+        Tensor::from_data(TensorData::new(labels, [n]), device)
+    }
+}
+
 impl Batcher<(Vec<f32>, usize), InputBatch> for TensorBatcher {
     fn batch(&self, items: Vec<(Vec<f32>, usize)>, device: &Device) -> InputBatch {
-        let [c, h, w] = self.shape;
-        let n = items.len();
-        let mut flat = Vec::with_capacity(n * c * h * w);
-        let mut labels = Vec::with_capacity(n);
-        for (row, label) in items {
-            debug_assert_eq!(row.len(), c * h * w);
-            flat.extend_from_slice(&row);
-            labels.push(label as i64);
-        }
+        let rows: Vec<&[f32]> = items.iter().map(|(row, _)| row.as_slice()).collect();
         InputBatch {
-            inputs: Tensor::from_data(TensorData::new(flat, [n, c, h, w]), device),
-            targets: Tensor::from_data(TensorData::new(labels, [n]), device),
+            inputs: self.stack(&rows, device),
+            targets: Self::targets(items.iter().map(|(_, label)| *label), device),
         }
     }
 }

@@ -55,7 +55,8 @@ pub fn softmax(logits: &[f32], temperature: f64) -> Vec<f32> {
     exps.iter().map(|e| (e / sum) as f32).collect()
 }
 
-fn argmax<T: PartialOrd>(p: &[T]) -> usize {
+/// Index of the largest value (the first one on ties).
+pub fn argmax<T: PartialOrd>(p: &[T]) -> usize {
     p.iter()
         .enumerate()
         .fold(0, |best, (i, v)| if *v > p[best] { i } else { best })

@@ -135,6 +135,21 @@ impl TransferModel {
         }
     }
 
+    /// The part of this full network from block `k` on, sharing its tensors: what runs on
+    /// activations cached at block `k` (the whole network when `k` is 0).
+    pub fn top(&self, k: usize) -> TransferModel {
+        debug_assert_eq!(self.first_block, 0, "top() splits a full network");
+        if k == 0 {
+            return self.clone();
+        }
+        TransferModel {
+            stem: None,
+            blocks: self.blocks[k..].to_vec(),
+            first_block: k,
+            ..self.clone()
+        }
+    }
+
     /// Puts the frozen bottom (blocks `0..first_block` and the stem of `backbone`) under this
     /// top, giving the full network that is saved and served.
     pub fn attach_bottom(self, backbone: &EfficientNetLite0) -> TransferModel {

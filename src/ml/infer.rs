@@ -64,29 +64,19 @@ impl Predictor {
 
     /// Probabilities for encoded images; each image fails or succeeds on its own.
     pub fn predict_bytes(&self, images: &[Vec<u8>]) -> Vec<Result<Vec<f32>, ImageRejection>> {
-        let decoded: Vec<Result<Vec<f32>, ImageRejection>> = images
+        let mut views = Vec::with_capacity(images.len());
+        let decoded: Vec<Result<(), ImageRejection>> = images
             .iter()
             .map(|b| {
-                preprocess::decode(b, MAX_DIMENSION)
-                    .map(|img| preprocess::eval_view(&img, &self.config.preprocessing))
+                let image = preprocess::decode(b, MAX_DIMENSION)?;
+                views.push(preprocess::eval_view(&image, &self.config.preprocessing));
+                Ok(())
             })
             .collect();
-        let good: Vec<Vec<f32>> = decoded
-            .iter()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect();
-        let mut probs = self.probabilities_of_views(good).into_iter();
+        let mut probs = self.probabilities_of_views(views).into_iter();
         decoded
             .into_iter()
-            .map(|r| r.map(|_| probs.next().expect("one result per view")))
+            .map(|r| r.map(|()| probs.next().expect("one result per view")))
             .collect()
-    }
-
-    /// Index of the most probable class.
-    pub fn best(probabilities: &[f32]) -> usize {
-        probabilities
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &p)| if p > probabilities[b] { i } else { b })
     }
 }

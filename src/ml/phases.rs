@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::backbone::FEATURES;
 use super::cache::RowCache;
 use super::config::{TrainConfig, cosine};
+use super::evaluate::argmax;
 use super::head::{TransferModel, dropout_mask};
 use super::train::{Cancel, EpochMetrics, PhaseSummary, TrainError, TrainEvent};
 
@@ -32,8 +33,8 @@ pub(crate) struct Trainer<'a> {
     pub(crate) step_parts: usize,
 }
 
-/// Logits of `model` over every row of a cache, in order.
-pub(crate) fn logits_of(
+/// Logits of `model` over every row of a cache (inputs for its first block), in order.
+pub fn logits_of(
     model: &TransferModel,
     cache: &RowCache,
     batch: usize,
@@ -65,7 +66,7 @@ pub(crate) fn loss_and_accuracy(logits: &[Vec<f32>], labels: &[usize]) -> (f64, 
     let correct = logits
         .iter()
         .zip(labels)
-        .filter(|(l, y)| l.iter().enumerate().all(|(i, v)| i == **y || *v < l[**y]))
+        .filter(|(l, y)| argmax(l) == **y)
         .count();
     (nll, correct as f64 / labels.len().max(1) as f64)
 }
@@ -81,15 +82,9 @@ impl Trainer<'_> {
             .init(&self.autodiff)
     }
 
-    /// `items` in a fresh random order: streamed epochs must not see one class per batch.
-    pub(crate) fn shuffled_subset(&mut self, items: &[usize]) -> Vec<usize> {
-        let mut order = items.to_vec();
-        order.shuffle(&mut self.rng);
-        order
-    }
-
-    pub(crate) fn shuffled(&mut self, n: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..n).collect();
+    /// `items` in a fresh random order (batches must never hold one class at a time).
+    pub(crate) fn shuffled(&mut self, items: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut order: Vec<usize> = items.into_iter().collect();
         order.shuffle(&mut self.rng);
         order
     }
@@ -141,7 +136,7 @@ impl Trainer<'_> {
         for epoch in 0..cfg.epochs {
             let t0 = Instant::now();
             let lr = cosine(cfg.learning_rate, epoch, cfg.epochs);
-            let order = self.shuffled(train.len());
+            let order = self.shuffled(0..train.len());
             let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
             for chunk in order.chunks(self.config.batch_size) {
                 self.cancel.check()?;
@@ -368,20 +363,4 @@ fn epoch_metrics(
 fn count_correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> usize {
     let pred = logits.argmax(1).reshape([targets.dims()[0]]);
     pred.equal(targets).int().sum().into_scalar::<i64>() as usize
-}
-
-/// The part of a full model from block `k` on (shares its tensors).
-pub(crate) fn model_top(model: &TransferModel, k: usize) -> TransferModel {
-    if k == 0 {
-        return model.clone();
-    }
-    TransferModel {
-        stem: None,
-        blocks: model.blocks[k..].to_vec(),
-        conv_head: model.conv_head.clone(),
-        bn1: model.bn1.clone(),
-        dropout: model.dropout,
-        head: model.head.clone(),
-        first_block: k,
-    }
 }

@@ -70,10 +70,27 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageRejection> {
 
 /// Width and height from the header alone, without decoding pixels.
 pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageRejection> {
+    checked_header(bytes, u32::MAX).map(|(_, w, h)| (w, h))
+}
+
+/// Format and size from the header, refusing images over `max_dimension` on either side
+/// before any pixel is allocated (the guard against decompression bombs).
+pub fn checked_header(
+    bytes: &[u8],
+    max_dimension: u32,
+) -> Result<(ImageFormat, u32, u32), ImageRejection> {
     let format = sniff(bytes)?;
-    ImageReader::with_format(Cursor::new(bytes), format)
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
-        .map_err(|e| ImageRejection::Corrupt(e.to_string()))
+        .map_err(|e| ImageRejection::Corrupt(e.to_string()))?;
+    if width > max_dimension || height > max_dimension {
+        return Err(ImageRejection::TooLarge {
+            width,
+            height,
+            max: max_dimension,
+        });
+    }
+    Ok((format, width, height))
 }
 
 /// Whether a JPEG's image data is complete. The decoder is lenient and paints a truncated
@@ -105,15 +122,7 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
 /// Decodes to RGB, refusing oversized images before any pixel is allocated, and applies the
 /// EXIF orientation so phone photos are upright.
 pub fn decode(bytes: &[u8], max_dimension: u32) -> Result<RgbImage, ImageRejection> {
-    let (width, height) = dimensions(bytes)?;
-    if width > max_dimension || height > max_dimension {
-        return Err(ImageRejection::TooLarge {
-            width,
-            height,
-            max: max_dimension,
-        });
-    }
-    let format = sniff(bytes)?;
+    let (format, _, _) = checked_header(bytes, max_dimension)?;
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         return Err(ImageRejection::Corrupt(
             "truncated JPEG (no end-of-image marker)".into(),

@@ -101,7 +101,7 @@ pub(crate) fn baseline<'d>(
         &lr_of,
         |t, model, epoch, lr| {
             let ds = view_ds(
-                t.shuffled_subset(train_ok),
+                t.shuffled(train_ok.iter().copied()),
                 1,
                 false,
                 seed.wrapping_add(1000 + epoch as u64),

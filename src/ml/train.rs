@@ -19,7 +19,7 @@ use super::config::{ClassWeighting, TrainConfig, Unfreeze};
 use super::data::{FolderDataset, Skipped, ViewDataset, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
 use super::head::{TransferModel, TransferModelConfig};
-use super::phases::{Trainer, logits_of, loss_and_accuracy, model_top};
+use super::phases::{Trainer, logits_of, loss_and_accuracy};
 use super::preprocess::Preprocessing;
 use super::streamed::{baseline, stream_epoch};
 
@@ -347,7 +347,7 @@ pub fn fit(
                 patience,
                 &lr_of,
                 |t, mut model, _, lr| {
-                    let order = t.shuffled(train_cache.len());
+                    let order = t.shuffled(0..train_cache.len());
                     let (mut loss_sum, mut correct) = (0.0, 0);
                     let steps = order.len().div_ceil(batch);
                     for (s, chunk) in order.chunks(batch).enumerate() {
@@ -376,7 +376,7 @@ pub fn fit(
                 &lr_of,
                 |t, model, epoch, lr| {
                     let ds = view_ds(
-                        t.shuffled_subset(&prepared.train_ok),
+                        t.shuffled(prepared.train_ok.iter().copied()),
                         1,
                         false,
                         config.seed.wrapping_add(1 + epoch as u64),
@@ -390,7 +390,7 @@ pub fn fit(
     let model = top.valid().attach_bottom(backbone);
 
     // The evaluation always describes the model that is returned.
-    let logits = logits_of(&model_top(&model, k), val_cache, batch, device);
+    let logits = logits_of(&model.top(k), val_cache, batch, device);
     let paths: Vec<String> = val_cache
         .samples
         .iter()
