@@ -90,3 +90,28 @@ fn bad_config_names_the_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch_size"));
 }
+
+#[test]
+fn missing_or_wrong_weights_say_what_to_do() {
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .env_remove("TRANSFERD_WEIGHTS")
+        .arg("--data-dir")
+        .arg(work.path())
+        .args(["weights", "path"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("transferd weights fetch"), "{stderr}");
+
+    let fake = work.path().join("fake.pth");
+    std::fs::write(&fake, b"not the weights").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .env("TRANSFERD_WEIGHTS", &fake)
+        .args(["weights", "path"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sha256"));
+}

@@ -166,6 +166,31 @@ fn whole_network_fine_tuning_streams_fresh_views() {
 }
 
 #[test]
+fn three_classes_give_three_probabilities() {
+    // Split the cats into two classes: any number of classes >= 2 works.
+    let pets = common::pets_copy();
+    let kittens = pets.path().join("kitten");
+    std::fs::create_dir(&kittens).unwrap();
+    for i in 0..6 {
+        let name = format!("cat.{i}.jpg");
+        std::fs::rename(pets.path().join("cat").join(&name), kittens.join(&name)).unwrap();
+    }
+    let mut config = common::tiny_config();
+    config.finetune.enabled = false;
+    let outcome = run(pets.path(), &config);
+    assert_eq!(outcome.classes, vec!["cat", "dog", "kitten"]);
+    assert_eq!(outcome.evaluation.confusion.len(), 3);
+    assert_eq!(outcome.evaluation.per_class.len(), 3);
+    let device = Device::flex();
+    let saved = artifact::model_config(&outcome, &config);
+    let predictor = Predictor::new(saved, outcome.model, &device);
+    let photo = std::fs::read(common::fixtures().join("samples/test_cat.jpg")).unwrap();
+    let p = predictor.predict_bytes(&[photo]).remove(0).unwrap();
+    assert_eq!(p.len(), 3);
+    assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+}
+
+#[test]
 fn one_class_is_a_clear_error() {
     let pets = common::pets_copy();
     std::fs::remove_dir_all(pets.path().join("dog")).unwrap();

@@ -433,3 +433,24 @@ pub fn train(
     let prepared = prepare(dataset, config, backbone, device, events, cancel)?;
     fit(&prepared, dataset, config, backbone, device, events, cancel)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_weights_follow_the_imbalance_rule() {
+        assert_eq!(
+            class_weights(&[100, 80], ClassWeighting::Auto),
+            None,
+            "1.25:1 is balanced enough"
+        );
+        let w = class_weights(&[100, 50], ClassWeighting::Auto).expect("2:1 is weighted");
+        assert!(
+            (w[0] - 2.0 / 3.0).abs() < 1e-6 && (w[1] - 4.0 / 3.0).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert_eq!(class_weights(&[100, 50], ClassWeighting::Off), None);
+        assert!(class_weights(&[10, 10], ClassWeighting::On).is_some_and(|w| w == vec![1.0, 1.0]));
+    }
+}
