@@ -1,4 +1,4 @@
-//! Command-line interface: `weights fetch`, `classify`, `train` and `predict`.
+//! Command-line interface: `serve`, `weights fetch`, `classify`, `train` and `predict`.
 //! Each command is scriptable: machine-readable JSON on stdout, logs on stderr.
 
 use std::io::Write;
@@ -40,6 +40,8 @@ pub struct DeviceArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the HTTP service: dataset uploads, the training queue, predictions, the web page.
+    Serve(crate::config::ServeArgs),
     /// Manage the pretrained EfficientNet-Lite0 weights.
     Weights {
         #[command(subcommand)]
@@ -103,6 +105,7 @@ fn println_json(value: serde_json::Value) -> anyhow::Result<()> {
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve(&cli.data_dir, &args),
         Command::Weights {
             action: WeightsAction::Fetch,
         } => {
@@ -128,6 +131,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             device: d,
         } => predict(&model, &images, &d),
     }
+}
+
+fn serve(data_dir: &Path, args: &crate::config::ServeArgs) -> anyhow::Result<()> {
+    let settings = crate::config::Settings::new(data_dir, args);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("listening on {}", args.addr))?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        crate::run(listener, settings, shutdown).await
+    })
+}
+
+/// Fires `shutdown` on ctrl-c or SIGTERM.
+async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
 }
 
 fn classify(data_dir: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {

@@ -1,8 +1,53 @@
-//! transferd turns a folder (later: a zip upload) of labelled photos into an image classifier
-//! by transfer learning from a pretrained EfficientNet-Lite0, then serves predictions.
+//! transferd turns a zip of labelled photos into an image classifier by transfer learning from
+//! a pretrained EfficientNet-Lite0, then serves predictions.
 //!
+//! - [`api`]: the HTTP routes, one module per resource; [`error`]: their error type.
+//! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir.
+//! - [`jobs`]: the training queue's workers, live events and the inference thread.
 //! - [`ml`]: the learning core (backbone, data, training, evaluation, inference).
-//! - [`cli`]: the command-line interface over it.
+//! - [`cli`] and [`config`]: the command line and the service's settings.
 
+pub mod api;
 pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ingest;
+pub mod jobs;
 pub mod ml;
+pub mod state;
+pub mod storage;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use api::app;
+pub use config::Settings;
+pub use state::{AppState, Service};
+
+/// Serves on `listener` until `shutdown` fires, then finishes in-flight requests, stops the
+/// training run at its next step (leaving it queued to resume) and returns.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let service = Service::start(settings, shutdown.clone()).await?;
+    let router: Router = app(service.state.clone());
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("HTTP server stopped; waiting for the workers");
+    for worker in service.workers {
+        if let Err(e) = worker.await {
+            tracing::error!(error = %e, "a worker task panicked");
+        }
+    }
+    service.state.db.close().await;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}

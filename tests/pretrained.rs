@@ -62,9 +62,7 @@ fn a_wrong_file_is_refused_by_checksum() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("fake.pth");
     std::fs::write(&fake, b"not weights").unwrap();
-    let err = weights::load_backbone(&fake, &Device::flex())
-        .err()
-        .expect("garbage must not load");
+    let err = weights::load_backbone(&fake, &Device::flex()).expect_err("garbage must not load");
     assert!(err.to_string().contains("fake.pth"));
     assert!(weights::sha256_file(&fake).unwrap() != weights::SHA256);
 }

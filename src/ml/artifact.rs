@@ -186,3 +186,36 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, ArtifactError> {
 pub fn load_evaluation(dir: &Path) -> Result<Evaluation, ArtifactError> {
     read_json(&dir.join("evaluation.json"))
 }
+
+/// Saves a warm-up head as a checkpoint (temp file + rename, so a crash never leaves half a
+/// file behind).
+pub fn save_head(path: &Path, head: &burn::nn::Linear) -> Result<(), ArtifactError> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = path.with_extension("partial");
+    head.clone()
+        .into_record()
+        .save(&tmp)
+        .map_err(|e| ArtifactError::Invalid {
+            path: tmp.clone(),
+            message: e.to_string(),
+        })?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Loads a head saved by [`save_head`] for `num_classes` classes.
+pub fn load_head(
+    path: &Path,
+    num_classes: usize,
+    device: &Device,
+) -> Result<burn::nn::Linear, ArtifactError> {
+    let invalid = |e: burn::store::RecordError| ArtifactError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let record = ModuleRecord::load(path).map_err(invalid)?;
+    burn::nn::LinearConfig::new(super::backbone::FEATURES, num_classes)
+        .init(device)
+        .try_load_record(record)
+        .map_err(invalid)
+}

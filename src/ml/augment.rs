@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::preprocess::{MEAN, Preprocessing, eval_view, to_chw};
 
 /// Augmentation settings; every transform can be switched off on its own.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {
     /// Master switch: `false` makes every view the plain evaluation view.

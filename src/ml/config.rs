@@ -73,7 +73,7 @@ impl<'de> Deserialize<'de> for Unfreeze {
 }
 
 /// Learning-rate schedule over the epochs of a phase.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// Cosine decay from the base rate to 1% of it.
@@ -83,7 +83,7 @@ pub enum Schedule {
 }
 
 /// Class weights in the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClassWeighting {
     /// Inverse frequency when the largest class outnumbers the smallest by more than 1.5:1.
@@ -93,7 +93,7 @@ pub enum ClassWeighting {
 }
 
 /// Warm-up: backbone frozen, only the new head trains, on cached pooled features.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct WarmupConfig {
     pub enabled: bool,
@@ -115,12 +115,14 @@ impl Default for WarmupConfig {
 }
 
 /// Fine-tune: the top of the backbone unfrozen, at a lower learning rate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FinetuneConfig {
     pub enabled: bool,
     pub epochs: usize,
     pub learning_rate: f64,
+    /// Top blocks to unfreeze (0–16), or `"all"` for the whole network.
+    #[schema(value_type = Object)]
     pub unfreeze: Unfreeze,
     pub schedule: Schedule,
     /// For `constant_then_exponential`: epochs at the base rate.
@@ -146,7 +148,7 @@ impl Default for FinetuneConfig {
 }
 
 /// The from-scratch comparison: same architecture, random initialisation, no warm-up.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BaselineConfig {
     pub enabled: bool,
@@ -169,7 +171,7 @@ impl Default for BaselineConfig {
 }
 
 /// Everything a run needs besides the data and the device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Side of the square network input in pixels.

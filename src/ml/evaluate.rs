@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Per-class scores.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClassReport {
     pub class: String,
     pub precision: f64,
@@ -15,7 +15,7 @@ pub struct ClassReport {
 }
 
 /// A validation image the model got wrong.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Misclassified {
     pub path: String,
     pub true_label: String,
@@ -25,7 +25,7 @@ pub struct Misclassified {
 }
 
 /// Temperature scaling fitted on the validation logits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Calibration {
     pub temperature: f64,
     pub ece_before: f64,
@@ -35,7 +35,7 @@ pub struct Calibration {
 }
 
 /// Everything `evaluation.json` holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Evaluation {
     pub classes: Vec<String>,
     pub accuracy: f64,

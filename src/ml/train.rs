@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use burn::nn::Linear;
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use rand::SeedableRng;
@@ -63,14 +64,31 @@ pub enum TrainError {
         "after skipping unreadable images, class '{0}' has no training or validation image left"
     )]
     EmptyClass(String),
+    #[error("could not checkpoint the warm-up: {0}")]
+    Checkpoint(String),
+}
+
+/// Called with the warm-up's head so the caller can checkpoint it.
+pub type OnWarmup<'h> = &'h mut dyn FnMut(&Linear) -> Result<(), TrainError>;
+
+/// Lets a long-lived caller (the service) checkpoint a run between phases and resume it
+/// after a restart without repeating the warm-up.
+#[derive(Default)]
+pub struct Resume<'h> {
+    /// A head trained by an earlier warm-up of this same run (same data, split and seed).
+    /// When set, the warm-up is not run again.
+    pub warm_head: Option<Linear>,
+    /// Called with the head as soon as the warm-up is finished.
+    pub on_warmup: Option<OnWarmup<'h>>,
 }
 
 /// One row per epoch, as stored and plotted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct EpochMetrics {
     /// `warmup`, `finetune` or `baseline`.
     pub phase: String,
     /// 1-based.
+    #[sqlx(try_from = "i64")]
     pub epoch: usize,
     pub train_loss: f64,
     pub train_accuracy: f64,
@@ -81,7 +99,7 @@ pub struct EpochMetrics {
 }
 
 /// What a phase ended with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PhaseSummary {
     pub phase: String,
     pub epochs_run: usize,
@@ -279,6 +297,24 @@ pub fn fit(
     events: &mut dyn FnMut(TrainEvent),
     cancel: &Cancel,
 ) -> Result<TrainOutcome, TrainError> {
+    let resume = Resume::default();
+    fit_resumable(
+        prepared, dataset, config, backbone, device, events, cancel, resume,
+    )
+}
+
+/// [`fit`], resuming from (and checkpointing) the warm-up as `resume` says.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_resumable(
+    prepared: &Prepared,
+    dataset: &FolderDataset,
+    config: &TrainConfig,
+    backbone: &EfficientNetLite0,
+    device: &Device,
+    events: &mut dyn FnMut(TrainEvent),
+    cancel: &Cancel,
+    resume: Resume<'_>,
+) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     if prepared.k != cut(config) {
         return Err(TrainError::CutMismatch {
@@ -310,12 +346,17 @@ pub fn fit(
     let batch = config.batch_size;
     let model_cfg = TransferModelConfig::new(n_classes).with_dropout(config.dropout);
     let mut top = model_cfg.from_backbone(backbone, k, device);
-    if config.warmup.enabled {
+    if let Some(head) = resume.warm_head {
+        top.head = head;
+    } else if config.warmup.enabled {
         top.head = trainer.warmup(
             top.head.clone(),
             &prepared.train.features,
             &prepared.val.features,
         )?;
+        if let Some(on_warmup) = resume.on_warmup {
+            on_warmup(&top.head)?;
+        }
     }
     let val_cache = prepared
         .val

@@ -73,7 +73,8 @@ pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-fn verify(path: &Path) -> Result<(), WeightsError> {
+/// Checks that `path` holds exactly the pinned weights file.
+pub fn verify(path: &Path) -> Result<(), WeightsError> {
     let actual = sha256_file(path)?;
     if actual == SHA256 {
         Ok(())

@@ -60,3 +60,46 @@ pub fn pets_copy() -> tempfile::TempDir {
     }
     dir
 }
+
+/// A zip archive built in memory from (name, bytes) entries.
+pub fn zip_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in entries {
+        w.start_file(*name, opts).unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// The pet fixtures as zip entries under `prefix` (`""` or `"root/"`).
+pub fn pet_entries(prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for class in ["cat", "dog"] {
+        let mut files: Vec<_> = std::fs::read_dir(fixtures().join("pets").join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        for f in files {
+            let name = format!(
+                "{prefix}{class}/{}",
+                f.file_name().unwrap().to_string_lossy()
+            );
+            out.push((name, std::fs::read(&f).unwrap()));
+        }
+    }
+    out
+}
+
+/// The pet fixtures as a zip.
+pub fn pets_zip() -> Vec<u8> {
+    let entries = pet_entries("");
+    let refs: Vec<(&str, Vec<u8>)> = entries
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    zip_of(&refs)
+}

@@ -1,0 +1,272 @@
+//! `/api/datasets`: zip uploads (multipart field `file` or a raw `application/zip` body),
+//! their reports, deletion, and the stored images.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::body::{check_length, media_type, write_chunk};
+use crate::db::{self, datasets::Dataset};
+use crate::error::{ApiError, ErrorBody};
+use crate::ingest::ingest_zip;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/datasets", get(list).post(upload))
+        .route("/datasets/{id}", get(show).delete(delete))
+        .route("/datasets/{id}/files/{file_id}", get(file))
+}
+
+/// Query of a raw upload.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UploadQuery {
+    /// A name for the dataset (a multipart `name` field works too).
+    pub name: Option<String>,
+}
+
+const MAX_NAME: usize = 200;
+const ZIP_TYPES: [&str; 4] = [
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/x-zip",
+    "application/octet-stream",
+];
+
+/// Streams the zip to a temporary file under the upload limit.
+async fn receive(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: Request,
+    name: &mut Option<String>,
+) -> Result<tempfile::TempPath, ApiError> {
+    let limit = state.settings.max_upload_bytes;
+    check_length(headers, limit, "the upload")?;
+    let path = tempfile::Builder::new()
+        .prefix("upload-")
+        .suffix(".zip")
+        .tempfile_in(state.storage.tmp())
+        .map_err(|e| ApiError::internal("creating an upload file", e))?
+        .into_temp_path();
+    let mut out = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| ApiError::internal("opening an upload file", e))?;
+    let mut written = 0u64;
+    match media_type(headers).as_deref() {
+        Some("multipart/form-data") => {
+            let mut multipart = Multipart::from_request(request, state)
+                .await
+                .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            let mut got_file = false;
+            while let Some(mut field) = multipart
+                .next_field()
+                .await
+                .map_err(|e| ApiError::BadRequest(format!("reading the multipart body: {e}")))?
+            {
+                match field.name() {
+                    Some("file") if !got_file => {
+                        got_file = true;
+                        if name.is_none() {
+                            *name = field
+                                .file_name()
+                                .map(|f| f.trim_end_matches(".zip").to_string());
+                        }
+                        while let Some(chunk) = field.chunk().await.map_err(|e| {
+                            ApiError::BadRequest(format!("reading the `file` field: {e}"))
+                        })? {
+                            write_chunk(&mut out, &mut written, &chunk, limit, "the upload")
+                                .await?;
+                        }
+                    }
+                    Some("name") => {
+                        let text = field.text().await.map_err(|e| {
+                            ApiError::BadRequest(format!("reading the `name` field: {e}"))
+                        })?;
+                        *name = Some(text);
+                    }
+                    _ => {} // other fields are ignored
+                }
+            }
+            if !got_file {
+                return Err(ApiError::invalid(
+                    "file",
+                    "the multipart body has no `file` field with the zip",
+                ));
+            }
+        }
+        Some(t) if ZIP_TYPES.contains(&t) => {
+            let mut stream = request.into_body().into_data_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk =
+                    chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+                write_chunk(&mut out, &mut written, &chunk, limit, "the upload").await?;
+            }
+        }
+        other => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "send the zip as multipart/form-data (field `file`) or as an application/zip \
+                 body, not {}",
+                other.unwrap_or("a body without Content-Type")
+            )));
+        }
+    }
+    if written == 0 {
+        return Err(ApiError::BadRequest(
+            "the upload is empty; expected a zip".into(),
+        ));
+    }
+    out.sync_all()
+        .await
+        .map_err(|e| ApiError::internal("flushing an upload", e))?;
+    Ok(path)
+}
+
+/// Upload a zip with one folder of images per class.
+#[utoipa::path(post, path = "/api/datasets", tag = "datasets", params(UploadQuery),
+    request_body(content = Vec<u8>, description = "The zip, raw (`application/zip`) or as multipart field `file` (with an optional `name` field)", content_type = "application/zip"),
+    responses(
+        (status = 201, description = "The dataset report", body = Dataset),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+    ))]
+pub async fn upload(
+    State(state): State<AppState>,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<(StatusCode, Json<Dataset>), ApiError> {
+    let mut name = query.name;
+    let zip = receive(&state, &headers, request, &mut name).await?;
+    let name = name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "dataset".into());
+    if name.chars().count() > MAX_NAME {
+        return Err(ApiError::invalid(
+            "name",
+            format!("longer than {MAX_NAME} characters"),
+        ));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let staging = state.storage.tmp().join(format!("dataset-{id}"));
+    let limits = state.settings.limits.clone();
+    let staged = staging.clone();
+    let ingested = tokio::task::spawn_blocking(move || {
+        let result = ingest_zip(&zip, &staged, &limits);
+        drop(zip); // the upload itself is no longer needed
+        result
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking an upload", e))?;
+    let ingested = match ingested {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(e.into());
+        }
+    };
+    // The folder gets its final name before the rows commit; a crash in between leaves an
+    // orphan folder that start-up removes, never a row without its files.
+    let dir = state.storage.dataset(&id);
+    tokio::fs::rename(&staging, &dir)
+        .await
+        .map_err(|e| ApiError::internal("moving an upload into place", e))?;
+    match db::datasets::insert(&state.db, &id, &name, &ingested).await {
+        Ok(dataset) => {
+            tracing::info!(dataset_id = %id, images = dataset.total_images,
+                skipped = dataset.skipped.len(), "dataset stored");
+            Ok((StatusCode::CREATED, Json(dataset)))
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Every dataset, newest first.
+#[utoipa::path(get, path = "/api/datasets", tag = "datasets",
+    responses((status = 200, body = Vec<Dataset>)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Dataset>>, ApiError> {
+    Ok(Json(db::datasets::list(&state.db).await?))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("dataset {id} not found"))
+}
+
+/// One dataset and its upload report.
+#[utoipa::path(get, path = "/api/datasets/{id}", tag = "datasets",
+    params(("id" = String, Path, description = "Dataset id")),
+    responses((status = 200, body = Dataset), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Dataset>, ApiError> {
+    db::datasets::get(&state.db, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(&id))
+}
+
+/// Delete a dataset and its images. Refused while a queued or running run uses it; the
+/// models of finished runs stay usable.
+#[utoipa::path(delete, path = "/api/datasets/{id}", tag = "datasets",
+    params(("id" = String, Path, description = "Dataset id")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match db::datasets::delete(&state.db, &id).await? {
+        db::datasets::Delete::Deleted => {
+            if let Err(e) = tokio::fs::remove_dir_all(state.storage.dataset(&id)).await {
+                // The rows are gone; a leftover folder is removed at the next start-up.
+                tracing::warn!(dataset_id = %id, error = %e, "could not remove the dataset folder");
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+        db::datasets::Delete::NotFound => Err(not_found(&id)),
+        db::datasets::Delete::InUse(n) => Err(ApiError::Conflict(format!(
+            "dataset {id} is used by {n} queued or running run(s); cancel them first"
+        ))),
+    }
+}
+
+/// One stored image, as uploaded.
+#[utoipa::path(get, path = "/api/datasets/{id}/files/{file_id}", tag = "datasets",
+    params(("id" = String, Path, description = "Dataset id"), ("file_id" = i64, Path, description = "File id")),
+    responses((status = 200, description = "The image bytes", content_type = "image/*"), (status = 404, body = ErrorBody)))]
+pub async fn file(
+    State(state): State<AppState>,
+    Path((id, file_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let missing = || ApiError::NotFound(format!("file {file_id} of dataset {id} not found"));
+    let file_id: i64 = file_id.parse().map_err(|_| missing())?;
+    let file = db::datasets::file(&state.db, &id, file_id)
+        .await?
+        .ok_or_else(missing)?;
+    let path = state.storage.dataset(&id).join(file.file_name());
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|e| ApiError::internal("reading a dataset image", e))?;
+    let content_type = format!("image/{}", file.format);
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CACHE_CONTROL,
+                "public, max-age=31536000, immutable".to_string(),
+            ),
+        ],
+        Body::from(bytes),
+    )
+        .into_response())
+}

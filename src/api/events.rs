@@ -1,0 +1,79 @@
+//! `GET /api/runs/{id}/events`: Server-Sent Events of one run. The stream opens with a
+//! `snapshot` (the run as `GET /api/runs/{id}` shows it), then carries `progress`, `epoch`,
+//! `phase_finished` and `status` events, and ends after the status that ends the run (or when
+//! the server shuts down).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, KeepAliveStream, Sse};
+use axum::routing::get;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::db;
+use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/runs/{id}/events", get(events))
+}
+
+const ENDED: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+/// Live events of a run.
+#[utoipa::path(get, path = "/api/runs/{id}/events", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "text/event-stream: `snapshot`, then `progress`, `epoch`, `phase_finished` and `status` events (data: RunEvent JSON)", content_type = "text/event-stream", body = crate::jobs::RunEvent),
+        (status = 404, body = ErrorBody)))]
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<KeepAliveStream<BoxStream<'static, Result<Event, Infallible>>>>, ApiError> {
+    // Subscribe before reading the snapshot so nothing falls between the two.
+    let rx = state.jobs.subscribe();
+    let run = db::runs::get(&state.db, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {id} not found")))?;
+    let ended = ENDED.contains(&run.status.as_str());
+    let snapshot = Event::default()
+        .event("snapshot")
+        .json_data(&run)
+        .map_err(|e| ApiError::internal("encoding an event", e))?;
+    let first = stream::once(async move { Ok(snapshot) });
+    let stream: BoxStream<'static, Result<Event, Infallible>> = if ended {
+        first.boxed()
+    } else {
+        // Forwards this run's events and ends right after the one that ends the run.
+        let live = stream::unfold((BroadcastStream::new(rx), false), move |(mut rx, over)| {
+            let id = id.clone();
+            async move {
+                if over {
+                    return None;
+                }
+                loop {
+                    match rx.next().await? {
+                        Ok(e) if e.run_id == id => {
+                            let over = e.kind.is_final();
+                            return Some((e, (rx, over)));
+                        }
+                        // Other runs' events, or a lag that cost some progress events.
+                        _ => continue,
+                    }
+                }
+            }
+        })
+        .map(|e| {
+            Ok(Event::default()
+                .event(e.kind.name())
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().comment("unencodable event")))
+        })
+        .take_until(state.shutdown.clone().cancelled_owned());
+        first.chain(live).boxed()
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,61 @@
+//! The HTTP API, one router module per resource, and the page in `static/` at `/`.
+//! Every handler answers JSON; errors are [`crate::error::ApiError`].
+
+mod body;
+pub mod datasets;
+pub mod events;
+pub mod health;
+pub mod models;
+pub mod predict;
+pub mod runs;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+use crate::state::AppState;
+
+/// The OpenAPI document, generated from the handlers' annotations and types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "transferd", description = "Transfer learning as a service: upload a zip of labelled photos, train, predict."),
+    paths(
+        datasets::upload, datasets::list, datasets::show, datasets::delete, datasets::file,
+        runs::create, runs::list, runs::show, runs::metrics, runs::evaluation, runs::cancel,
+        events::events,
+        models::list, models::promote,
+        predict::predict,
+        health::healthz, health::readyz,
+    ),
+    components(schemas(crate::jobs::RunEvent, crate::jobs::events::EventKind)),
+    tags(
+        (name = "datasets", description = "Zip uploads of folder-per-class photos"),
+        (name = "runs", description = "Training runs: warm-up, then fine-tune"),
+        (name = "models", description = "Trained classifiers"),
+        (name = "predict", description = "Class probabilities of images"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The whole application: API routes, OpenAPI document and the static page.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(datasets::router())
+        .merge(runs::router())
+        .merge(events::router())
+        .merge(models::router())
+        .merge(predict::router())
+        .route("/openapi.json", axum::routing::get(health::openapi))
+        // Handlers enforce their own, configurable limits while streaming.
+        .layer(DefaultBodyLimit::disable())
+        .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) });
+    Router::new()
+        .nest("/api", api)
+        .merge(health::router())
+        .fallback_service(ServeDir::new(&state.settings.static_dir))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

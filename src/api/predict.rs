@@ -1,0 +1,208 @@
+//! `POST /api/predict`: class probabilities of one image (multipart `image` or a raw body) or
+//! of several (repeated multipart `image` fields), from the default or a named model.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::http::HeaderMap;
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::body::{check_length, media_type, read_limited, too_large};
+use crate::db;
+use crate::error::{ApiError, ErrorBody};
+use crate::ml::evaluate::argmax;
+use crate::ml::preprocess::{self, Preprocessing};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/predict", post(predict))
+}
+
+/// Most images in one request.
+pub const MAX_IMAGES: usize = 64;
+
+/// Which model, and how many top classes to list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PredictQuery {
+    /// Model id; the default model when left out.
+    pub model: Option<String>,
+    /// Classes listed in `top_k` (default 5, at most the number of classes).
+    pub top_k: Option<usize>,
+}
+
+/// A class and its probability.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Scored {
+    pub label: String,
+    pub probability: f32,
+}
+
+/// The prediction for one image.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagePrediction {
+    /// The multipart file name, when one was sent.
+    pub filename: Option<String>,
+    /// The most probable class.
+    pub label: String,
+    pub confidence: f32,
+    /// Calibrated probability of every class; they sum to 1.
+    pub probabilities: std::collections::BTreeMap<String, f32>,
+    /// The most probable classes, best first.
+    pub top_k: Vec<Scored>,
+}
+
+/// Predictions of a request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Prediction {
+    pub model_id: String,
+    pub classes: Vec<String>,
+    pub predictions: Vec<ImagePrediction>,
+}
+
+/// The images of a request: (file name, bytes).
+async fn receive(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: Request,
+) -> Result<Vec<(Option<String>, Vec<u8>)>, ApiError> {
+    let per_image = state.settings.limits.max_entry_bytes;
+    let total = per_image.saturating_mul(MAX_IMAGES as u64);
+    check_length(headers, total, "the request")?;
+    let mut images = Vec::new();
+    if media_type(headers).as_deref() == Some("multipart/form-data") {
+        let mut multipart = Multipart::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        while let Some(mut field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("reading the multipart body: {e}")))?
+        {
+            if !matches!(field.name(), Some("image" | "images" | "file")) {
+                continue;
+            }
+            if images.len() == MAX_IMAGES {
+                return Err(ApiError::TooLarge(format!(
+                    "at most {MAX_IMAGES} images per request"
+                )));
+            }
+            let name = field.file_name().map(str::to_string);
+            let mut bytes = Vec::new();
+            while let Some(chunk) = field
+                .chunk()
+                .await
+                .map_err(|e| ApiError::BadRequest(format!("reading an image field: {e}")))?
+            {
+                if (bytes.len() + chunk.len()) as u64 > per_image {
+                    return Err(too_large("an image", per_image));
+                }
+                bytes.extend_from_slice(&chunk);
+            }
+            images.push((name, bytes));
+        }
+        if images.is_empty() {
+            return Err(ApiError::invalid(
+                "image",
+                "the multipart body has no `image` field",
+            ));
+        }
+    } else {
+        let bytes = read_limited(request.into_body(), per_image, "the image").await?;
+        images.push((None, bytes));
+    }
+    if let Some(i) = images.iter().position(|(_, b)| b.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "image {} is empty",
+            images[i].0.clone().unwrap_or_else(|| (i + 1).to_string())
+        )));
+    }
+    Ok(images)
+}
+
+/// Predict the class of one or several images.
+#[utoipa::path(post, path = "/api/predict", tag = "predict", params(PredictQuery),
+    request_body(content = Vec<u8>, description = "One image as the raw body, or multipart `image` fields (one or many)", content_type = "image/*"),
+    responses(
+        (status = 200, body = Prediction),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "No model exists yet", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+    ))]
+pub async fn predict(
+    State(state): State<AppState>,
+    Query(q): Query<PredictQuery>,
+    headers: HeaderMap,
+    request: Request,
+) -> Result<Json<Prediction>, ApiError> {
+    let model = match q.model.as_deref() {
+        Some(id) => db::models::get(&state.db, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("model {id} not found")))?,
+        None => db::models::default_model(&state.db)
+            .await?
+            .ok_or_else(|| ApiError::Conflict("no trained model yet: train a run first".into()))?,
+    };
+    if q.top_k == Some(0) {
+        return Err(ApiError::invalid("top_k", "must be at least 1"));
+    }
+    let images = receive(&state, &headers, request).await?;
+    let max_dim = state.settings.limits.max_image_dimension;
+    let pre = Preprocessing::for_size(model.input_size as usize);
+    let names: Vec<Option<String>> = images.iter().map(|(n, _)| n.clone()).collect();
+    let views = tokio::task::spawn_blocking(move || {
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, (name, bytes))| {
+                let image = preprocess::decode(bytes, max_dim).map_err(|e| {
+                    let which = name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+                    ApiError::invalid("image", format!("image {which}: {e}"))
+                })?;
+                Ok(preprocess::eval_view(&image, &pre))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal("decoding images", e))??;
+    let probabilities = state
+        .inference
+        .predict(&model.id, state.storage.model(&model.id), views)
+        .await
+        .map_err(|e| ApiError::internal("predicting", e))?;
+    let k = q.top_k.unwrap_or(5).min(model.classes.len());
+    let predictions = probabilities
+        .into_iter()
+        .zip(names)
+        .map(|(p, filename)| {
+            let best = argmax(&p);
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            ImagePrediction {
+                filename,
+                label: model.classes[best].clone(),
+                confidence: p[best],
+                probabilities: model
+                    .classes
+                    .iter()
+                    .cloned()
+                    .zip(p.iter().copied())
+                    .collect(),
+                top_k: order
+                    .into_iter()
+                    .take(k)
+                    .map(|i| Scored {
+                        label: model.classes[i].clone(),
+                        probability: p[i],
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(Json(Prediction {
+        model_id: model.id.clone(),
+        classes: model.classes.clone(),
+        predictions,
+    }))
+}

@@ -1,0 +1,254 @@
+//! `/api/runs`: queue a run, follow it, read its metrics and evaluation, cancel it.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::body::{parse_json, read_limited};
+use crate::db::{self, runs::CancelOutcome, runs::Run};
+use crate::error::{ApiError, ErrorBody};
+use crate::ml::config::TrainConfig;
+use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
+use crate::ml::train::EpochMetrics;
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/runs", get(list).post(create))
+        .route("/runs/{id}", get(show))
+        .route("/runs/{id}/metrics", get(metrics))
+        .route("/runs/{id}/evaluation", get(evaluation))
+        .route("/runs/{id}/cancel", post(cancel))
+}
+
+/// Largest accepted run request.
+const MAX_BODY: u64 = 64 << 10;
+
+/// A run to queue.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    pub dataset_id: String,
+    /// Training settings; every field left out takes its default. Set `warmup.enabled` or
+    /// `finetune.enabled` to `false` to skip a phase, `baseline.enabled` to `true` to also
+    /// train from scratch for comparison.
+    #[serde(default)]
+    pub config: TrainConfig,
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("run {id} not found"))
+}
+
+/// Queue a training run.
+#[utoipa::path(post, path = "/api/runs", tag = "runs", request_body = CreateRun,
+    responses(
+        (status = 202, description = "Queued", body = Run),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    let bytes = read_limited(request.into_body(), MAX_BODY, "the run request").await?;
+    let req: CreateRun = parse_json(&bytes)?;
+    req.config
+        .validate()
+        .map_err(|e| ApiError::invalid(format!("config.{}", e.field), e.message))?;
+    if !req.config.warmup.enabled && !req.config.finetune.enabled {
+        return Err(ApiError::invalid(
+            "config.finetune.enabled",
+            "at least one of warm-up and fine-tune must be enabled",
+        ));
+    }
+    let dataset = db::datasets::get(&state.db, &req.dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {} not found", req.dataset_id)))?;
+    if let Some(small) = dataset
+        .classes
+        .iter()
+        .find(|c| c.count < req.config.min_images_per_class.max(2))
+    {
+        return Err(ApiError::invalid(
+            "config.min_images_per_class",
+            format!(
+                "class {:?} of the dataset has {} images, fewer than the {} this config needs",
+                small.name,
+                small.count,
+                req.config.min_images_per_class.max(2)
+            ),
+        ));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let run = db::runs::create(&state.db, &id, &dataset.id, &req.config).await?;
+    state.jobs.wake();
+    tracing::info!(run_id = %id, dataset_id = %dataset.id, "run queued");
+    Ok((StatusCode::ACCEPTED, Json(run)))
+}
+
+/// Filter of the run list.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// Only runs with this status.
+    pub status: Option<String>,
+}
+
+/// Every run, newest first.
+#[utoipa::path(get, path = "/api/runs", tag = "runs", params(ListQuery),
+    responses((status = 200, body = Vec<Run>), (status = 422, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Run>>, ApiError> {
+    const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+    if let Some(s) = q.status.as_deref().filter(|s| !STATUSES.contains(s)) {
+        return Err(ApiError::invalid(
+            "status",
+            format!("unknown status {s:?}; one of {STATUSES:?}"),
+        ));
+    }
+    Ok(Json(db::runs::list(&state.db, q.status.as_deref()).await?))
+}
+
+/// One run: status, phase, progress, ETA, best metrics, error.
+#[utoipa::path(get, path = "/api/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
+    db::runs::get(&state.db, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(&id))
+}
+
+/// The per-epoch rows of every phase, in order.
+#[utoipa::path(get, path = "/api/runs/{id}/metrics", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, body = Vec<EpochMetrics>), (status = 404, body = ErrorBody)))]
+pub async fn metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<EpochMetrics>>, ApiError> {
+    if db::runs::get(&state.db, &id).await?.is_none() {
+        return Err(not_found(&id));
+    }
+    Ok(Json(db::runs::metrics(&state.db, &id).await?))
+}
+
+/// A validation image the model got wrong, with a link to it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MisclassifiedImage {
+    /// Id of the image in the run's dataset (`None` once the dataset is deleted).
+    pub file_id: Option<i64>,
+    /// Where to fetch the image.
+    pub image_url: Option<String>,
+    pub original_name: Option<String>,
+    pub true_label: String,
+    pub predicted: String,
+    /// Calibrated probabilities per class, in class order.
+    pub probabilities: Vec<f32>,
+}
+
+/// The evaluation of a run's model on its validation split.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunEvaluation {
+    pub run_id: String,
+    pub classes: Vec<String>,
+    pub accuracy: f64,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<usize>>,
+    pub per_class: Vec<ClassReport>,
+    pub calibration: Calibration,
+    pub misclassified: Vec<MisclassifiedImage>,
+}
+
+/// Confusion matrix, per-class precision/recall/F1, calibration and the misclassified images.
+#[utoipa::path(get, path = "/api/runs/{id}/evaluation", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, body = RunEvaluation), (status = 404, body = ErrorBody),
+        (status = 409, description = "The run has not succeeded (yet)", body = ErrorBody)))]
+pub async fn evaluation(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunEvaluation>, ApiError> {
+    let run = db::runs::get(&state.db, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    let Some(report) = db::runs::evaluation(&state.db, &id).await? else {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is {}; its evaluation exists once it has succeeded",
+            run.status
+        )));
+    };
+    let eval: Evaluation = db::json(&report)?;
+    let files = match run.dataset_id.as_deref() {
+        Some(d) => db::datasets::files(&state.db, d).await?,
+        None => Vec::new(),
+    };
+    let misclassified = eval
+        .misclassified
+        .into_iter()
+        .map(|m| {
+            // Images are stored as <sha256>.<format>; the file name finds the row.
+            let name = std::path::Path::new(&m.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            let file = files.iter().find(|f| Some(f.file_name()) == name);
+            MisclassifiedImage {
+                file_id: file.map(|f| f.id),
+                image_url: file.map(|f| format!("/api/datasets/{}/files/{}", f.dataset_id, f.id)),
+                original_name: file.map(|f| f.original_name.clone()),
+                true_label: m.true_label,
+                predicted: m.predicted,
+                probabilities: m.probabilities,
+            }
+        })
+        .collect();
+    Ok(Json(RunEvaluation {
+        run_id: id,
+        classes: eval.classes,
+        accuracy: eval.accuracy,
+        confusion: eval.confusion,
+        per_class: eval.per_class,
+        calibration: eval.calibration,
+        misclassified,
+    }))
+}
+
+/// Cancel a run: a queued one at once, a running one at its next step (its metrics so far
+/// stay).
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", tag = "runs",
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 202, description = "Cancelled or stopping", body = Run),
+        (status = 404, body = ErrorBody), (status = 409, description = "Already ended", body = ErrorBody)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    match db::runs::cancel(&state.db, &id).await? {
+        CancelOutcome::NotFound => return Err(not_found(&id)),
+        CancelOutcome::AlreadyEnded(status) => {
+            return Err(ApiError::Conflict(format!(
+                "run {id} has already ended: {status}"
+            )));
+        }
+        CancelOutcome::Cancelled => {
+            state.jobs.publish_status(&id, "cancelled");
+        }
+        CancelOutcome::Requested => {
+            state.jobs.stop(&id);
+        }
+    }
+    let run = db::runs::get(&state.db, &id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok((StatusCode::ACCEPTED, Json(run)))
+}

@@ -1,0 +1,113 @@
+//! Settings of `transferd serve`: every one a flag with a `TRANSFERD_*` environment variable
+//! and a default that works on a laptop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::ingest::Limits;
+use crate::ml::device::DeviceChoice;
+
+/// How `transferd serve` runs.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TRANSFERD_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// SQLite database URL; defaults to `sqlite://<data-dir>/transferd.db`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Largest accepted upload (the zip as sent), in bytes.
+    #[arg(long, env = "TRANSFERD_MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
+    pub max_upload_bytes: u64,
+    /// Most entries (files and folders) a dataset zip may hold.
+    #[arg(long, env = "TRANSFERD_MAX_ZIP_ENTRIES", default_value_t = 50_000)]
+    pub max_zip_entries: usize,
+    /// Most bytes a dataset zip may inflate to in total, counted as really inflated.
+    #[arg(long, env = "TRANSFERD_MAX_UNCOMPRESSED_BYTES", default_value_t = 4 << 30)]
+    pub max_uncompressed_bytes: u64,
+    /// Most bytes one zip entry (or one predicted image) may inflate to.
+    #[arg(long, env = "TRANSFERD_MAX_ENTRY_BYTES", default_value_t = 64 << 20)]
+    pub max_entry_bytes: u64,
+    /// Images whose header declares a larger width or height are skipped or refused.
+    #[arg(long, env = "TRANSFERD_MAX_IMAGE_DIMENSION", default_value_t = crate::ml::preprocess::DEFAULT_MAX_DIMENSION)]
+    pub max_image_dimension: u32,
+    /// Fewest usable images a class needs for a dataset to be accepted.
+    #[arg(long, env = "TRANSFERD_MIN_IMAGES_PER_CLASS", default_value_t = 5)]
+    pub min_images_per_class: usize,
+    /// Runs that train at the same time.
+    #[arg(long, env = "TRANSFERD_CONCURRENT_RUNS", default_value_t = 1)]
+    pub concurrent_runs: usize,
+    /// Trained models kept loaded for prediction.
+    #[arg(long, env = "TRANSFERD_MODEL_CACHE", default_value_t = 4)]
+    pub model_cache: usize,
+    /// Most images predicted in one forward pass when requests are micro-batched.
+    #[arg(long, env = "TRANSFERD_PREDICT_BATCH", default_value_t = 32)]
+    pub predict_batch: usize,
+    /// `auto` uses wgpu on a real GPU and the flex CPU backend otherwise.
+    #[arg(long, env = "TRANSFERD_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Pretrained weights file to use instead of `<data-dir>/weights/` (checked by sha256).
+    #[arg(long, env = "TRANSFERD_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Folder of the web page served at `/`.
+    #[arg(long, env = "TRANSFERD_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+}
+
+/// Everything the running service needs to know, resolved from [`ServeArgs`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub limits: Limits,
+    pub max_upload_bytes: u64,
+    pub concurrent_runs: usize,
+    pub model_cache: usize,
+    pub predict_batch: usize,
+    pub device: DeviceChoice,
+    /// Folder served at `/`.
+    pub static_dir: PathBuf,
+    /// Explicit pretrained weights file.
+    pub weights: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn new(data_dir: &Path, args: &ServeArgs) -> Self {
+        let database_url = args
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("transferd.db").display()));
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            database_url,
+            limits: Limits {
+                max_entries: args.max_zip_entries,
+                max_total_bytes: args.max_uncompressed_bytes,
+                max_entry_bytes: args.max_entry_bytes,
+                max_image_dimension: args.max_image_dimension,
+                min_images_per_class: args.min_images_per_class,
+            },
+            max_upload_bytes: args.max_upload_bytes,
+            concurrent_runs: args.concurrent_runs.max(1),
+            model_cache: args.model_cache.max(1),
+            predict_batch: args.predict_batch.max(1),
+            device: args.device,
+            static_dir: args.static_dir.clone(),
+            weights: args.weights.clone(),
+        }
+    }
+
+    /// Default settings rooted at `data_dir`, as `serve` would use them without flags.
+    pub fn defaults(data_dir: &Path) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let w = Wrapper::parse_from(["transferd"]);
+        Self::new(data_dir, &w.args)
+    }
+}

@@ -1,0 +1,217 @@
+//! `datasets` and `dataset_files`.
+
+use serde::{Deserialize, Serialize};
+use sqlx::{FromRow, SqlitePool};
+use utoipa::ToSchema;
+
+use super::json;
+use crate::ingest::{Ingested, SkippedFile};
+
+/// Images of one class.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ClassCount {
+    pub name: String,
+    pub count: usize,
+}
+
+/// A dataset and what its upload reported.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Dataset {
+    pub id: String,
+    pub name: String,
+    pub classes: Vec<ClassCount>,
+    pub total_images: usize,
+    /// Files of the upload that were left out, with the reason.
+    pub skipped: Vec<SkippedFile>,
+    pub warnings: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The `report` column.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    counts: Vec<usize>,
+    skipped: Vec<SkippedFile>,
+    warnings: Vec<String>,
+}
+
+#[derive(FromRow)]
+struct DatasetRow {
+    id: String,
+    name: String,
+    classes: String,
+    image_count: i64,
+    report: String,
+    created_at: String,
+    updated_at: String,
+}
+
+impl DatasetRow {
+    fn into_dataset(self) -> Result<Dataset, sqlx::Error> {
+        let classes: Vec<String> = json(&self.classes)?;
+        let report: Report = json(&self.report)?;
+        Ok(Dataset {
+            id: self.id,
+            name: self.name,
+            classes: classes
+                .into_iter()
+                .zip(report.counts)
+                .map(|(name, count)| ClassCount { name, count })
+                .collect(),
+            total_images: self.image_count as usize,
+            skipped: report.skipped,
+            warnings: report.warnings,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// One stored image.
+#[derive(Debug, Clone, FromRow, Serialize, ToSchema)]
+pub struct DatasetFile {
+    pub id: i64,
+    pub dataset_id: String,
+    pub class: String,
+    pub original_name: String,
+    pub sha256: String,
+    pub format: String,
+    pub width: i64,
+    pub height: i64,
+    pub bytes: i64,
+}
+
+impl DatasetFile {
+    /// Name of the file in the dataset's folder.
+    pub fn file_name(&self) -> String {
+        format!("{}.{}", self.sha256, self.format)
+    }
+}
+
+/// Inserts a dataset and all its files in one transaction.
+pub async fn insert(
+    pool: &SqlitePool,
+    id: &str,
+    name: &str,
+    ingested: &Ingested,
+) -> Result<Dataset, sqlx::Error> {
+    let report = Report {
+        counts: ingested.counts(),
+        skipped: ingested.skipped.clone(),
+        warnings: ingested.warnings.clone(),
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO datasets (id, name, classes, image_count, report) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(serde_json::to_string(&ingested.classes).expect("serialisable"))
+    .bind(ingested.images.len() as i64)
+    .bind(serde_json::to_string(&report).expect("serialisable"))
+    .execute(&mut *tx)
+    .await?;
+    for image in &ingested.images {
+        sqlx::query(
+            "INSERT INTO dataset_files (dataset_id, class, original_name, sha256, format, width, \
+             height, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(&image.class)
+        .bind(&image.original_name)
+        .bind(&image.sha256)
+        .bind(image.format)
+        .bind(image.width as i64)
+        .bind(image.height as i64)
+        .bind(image.bytes as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
+}
+
+pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
+    sqlx::query_as::<_, DatasetRow>("SELECT * FROM datasets ORDER BY created_at DESC, id")
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(DatasetRow::into_dataset)
+        .collect()
+}
+
+pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
+    sqlx::query_as::<_, DatasetRow>("SELECT * FROM datasets WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .map(DatasetRow::into_dataset)
+        .transpose()
+}
+
+/// Whether any dataset has this id (for start-up clean-up of orphaned folders).
+pub async fn ids(pool: &SqlitePool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM datasets")
+        .fetch_all(pool)
+        .await
+}
+
+/// Why a dataset could not be deleted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delete {
+    Deleted,
+    NotFound,
+    /// Queued or running runs use it.
+    InUse(i64),
+}
+
+/// Deletes a dataset unless a queued or running run uses it; checked in the same transaction.
+pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Delete, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let active: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM runs WHERE dataset_id = ? AND status IN ('queued', 'running')",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if active > 0 {
+        return Ok(Delete::InUse(active));
+    }
+    let done = sqlx::query("DELETE FROM datasets WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(if done.rows_affected() == 0 {
+        Delete::NotFound
+    } else {
+        Delete::Deleted
+    })
+}
+
+/// Every file of a dataset, in a stable order.
+pub async fn files(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<DatasetFile>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, dataset_id, class, original_name, sha256, format, width, height, bytes \
+         FROM dataset_files WHERE dataset_id = ? ORDER BY class, original_name, id",
+    )
+    .bind(dataset_id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn file(
+    pool: &SqlitePool,
+    dataset_id: &str,
+    file_id: i64,
+) -> Result<Option<DatasetFile>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, dataset_id, class, original_name, sha256, format, width, height, bytes \
+         FROM dataset_files WHERE dataset_id = ? AND id = ?",
+    )
+    .bind(dataset_id)
+    .bind(file_id)
+    .fetch_optional(pool)
+    .await
+}

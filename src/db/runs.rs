@@ -1,0 +1,506 @@
+//! `runs` (the queue), `run_phases`, `epoch_metrics` and `evaluations`.
+
+use serde::Serialize;
+use sqlx::{FromRow, SqliteConnection, SqlitePool};
+use utoipa::ToSchema;
+
+use super::json;
+use crate::ml::config::TrainConfig;
+use crate::ml::train::{EpochMetrics, PhaseSummary};
+
+/// Phases in the order they run.
+pub const PHASES: [&str; 3] = ["warmup", "finetune", "baseline"];
+
+/// One phase of a run.
+#[derive(Debug, Clone, FromRow, Serialize, ToSchema)]
+pub struct Phase {
+    #[serde(skip)]
+    pub run_id: String,
+    /// `warmup`, `finetune` or `baseline`.
+    pub phase: String,
+    /// `pending`, `running`, `succeeded`, `skipped`, `failed` or `cancelled`.
+    pub status: String,
+    pub epochs_planned: i64,
+    pub epochs_run: i64,
+    pub best_epoch: Option<i64>,
+    pub best_val_loss: Option<f64>,
+    pub best_val_accuracy: Option<f64>,
+    pub seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+struct RunRow {
+    id: String,
+    dataset_id: Option<String>,
+    status: String,
+    config: String,
+    phase: Option<String>,
+    stage: Option<String>,
+    step: Option<i64>,
+    steps_total: Option<i64>,
+    epoch: Option<i64>,
+    epochs_total: Option<i64>,
+    percent: f64,
+    eta_seconds: Option<f64>,
+    error: Option<String>,
+    cancel_requested: bool,
+    attempts: i64,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    created_at: String,
+    updated_at: String,
+}
+
+/// A training run as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Run {
+    pub id: String,
+    /// `None` once the dataset has been deleted.
+    pub dataset_id: Option<String>,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    pub config: TrainConfig,
+    /// The phase running now (`warmup`, `finetune`, `baseline`), or the stage before them
+    /// (`frozen_pass`).
+    pub phase: Option<String>,
+    /// Steps done and planned in the current stage.
+    pub step: Option<i64>,
+    pub steps_total: Option<i64>,
+    /// Epoch of the current phase (1-based) and the most it may run.
+    pub epoch: Option<i64>,
+    pub epochs_total: Option<i64>,
+    /// Estimated share of the whole run that is done, 0–100.
+    pub percent: f64,
+    /// Estimated seconds left.
+    pub eta_seconds: Option<f64>,
+    /// Best validation accuracy of the model so far (warm-up or fine-tune).
+    pub best_val_accuracy: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    /// How many times a worker has started it (more than 1 after a resumed restart).
+    pub attempts: i64,
+    pub phases: Vec<Phase>,
+    /// The model this run produced, once it succeeded.
+    pub model_id: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl RunRow {
+    fn into_run(self, phases: Vec<Phase>) -> Result<Run, sqlx::Error> {
+        let best = phases
+            .iter()
+            .filter(|p| p.phase != "baseline" && p.best_val_accuracy.is_some())
+            .max_by(|a, b| {
+                a.best_val_accuracy
+                    .partial_cmp(&b.best_val_accuracy)
+                    .unwrap()
+            });
+        Ok(Run {
+            model_id: (self.status == "succeeded").then(|| self.id.clone()),
+            best_val_accuracy: best.and_then(|p| p.best_val_accuracy),
+            best_val_loss: best.and_then(|p| p.best_val_loss),
+            config: json(&self.config)?,
+            id: self.id,
+            dataset_id: self.dataset_id,
+            status: self.status,
+            phase: self.phase.or(self.stage),
+            step: self.step,
+            steps_total: self.steps_total,
+            epoch: self.epoch,
+            epochs_total: self.epochs_total,
+            percent: self.percent,
+            eta_seconds: self.eta_seconds,
+            error: self.error,
+            cancel_requested: self.cancel_requested,
+            attempts: self.attempts,
+            phases,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// The phases a config plans, with their epoch budgets.
+pub fn planned_phases(config: &TrainConfig) -> Vec<(&'static str, bool, usize)> {
+    vec![
+        ("warmup", config.warmup.enabled, config.warmup.epochs),
+        ("finetune", config.finetune.enabled, config.finetune.epochs),
+        ("baseline", config.baseline.enabled, config.baseline.epochs),
+    ]
+}
+
+/// Queues a new run.
+pub async fn create(
+    pool: &SqlitePool,
+    id: &str,
+    dataset_id: &str,
+    config: &TrainConfig,
+) -> Result<Run, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, 'queued', ?)")
+        .bind(id)
+        .bind(dataset_id)
+        .bind(serde_json::to_string(config).expect("serialisable"))
+        .execute(&mut *tx)
+        .await?;
+    for (position, (phase, enabled, epochs)) in planned_phases(config).into_iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO run_phases (run_id, phase, position, status, epochs_planned) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(phase)
+        .bind(position as i64)
+        .bind(if enabled { "pending" } else { "skipped" })
+        .bind(epochs as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
+}
+
+async fn phases_of(pool: &SqlitePool, id: Option<&str>) -> Result<Vec<Phase>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, phase, status, epochs_planned, epochs_run, best_epoch, best_val_loss, \
+         best_val_accuracy, seconds FROM run_phases WHERE (?1 IS NULL OR run_id = ?1) \
+         ORDER BY run_id, position",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error> {
+    let Some(row) = sqlx::query_as::<_, RunRow>("SELECT * FROM runs WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let phases = phases_of(pool, Some(id)).await?;
+    row.into_run(phases).map(Some)
+}
+
+/// Runs, newest first, optionally only those of one status.
+pub async fn list(pool: &SqlitePool, status: Option<&str>) -> Result<Vec<Run>, sqlx::Error> {
+    let rows = sqlx::query_as::<_, RunRow>(
+        "SELECT * FROM runs WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at DESC, id",
+    )
+    .bind(status)
+    .fetch_all(pool)
+    .await?;
+    let mut phases = phases_of(pool, None).await?;
+    rows.into_iter()
+        .map(|row| {
+            let mine = phases
+                .extract_if(.., |p| p.run_id == row.id)
+                .collect::<Vec<_>>();
+            row.into_run(mine)
+        })
+        .collect()
+}
+
+/// A run the worker has claimed.
+#[derive(Debug, Clone, FromRow)]
+pub struct Claimed {
+    pub id: String,
+    pub dataset_id: Option<String>,
+    pub config: String,
+    pub attempts: i64,
+}
+
+/// Atomically moves the oldest queued run to `running` and returns it.
+pub async fn claim_next(pool: &SqlitePool) -> Result<Option<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE runs SET status = 'running', attempts = attempts + 1, error = NULL, \
+         started_at = COALESCE(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE id = (SELECT id FROM runs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1) \
+         RETURNING id, dataset_id, config, attempts",
+    )
+    .fetch_optional(pool)
+    .await
+}
+
+/// Live progress of a running run.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub phase: Option<String>,
+    pub stage: Option<String>,
+    pub step: Option<i64>,
+    pub steps_total: Option<i64>,
+    pub epoch: Option<i64>,
+    pub epochs_total: Option<i64>,
+    pub percent: f64,
+    pub eta_seconds: Option<f64>,
+}
+
+pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE runs SET phase = ?, stage = ?, step = ?, steps_total = ?, epoch = ?, \
+         epochs_total = ?, percent = ?, eta_seconds = ?, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = 'running'",
+    )
+    .bind(&p.phase)
+    .bind(&p.stage)
+    .bind(p.step)
+    .bind(p.steps_total)
+    .bind(p.epoch)
+    .bind(p.epochs_total)
+    .bind(p.percent)
+    .bind(p.eta_seconds)
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a finished epoch and marks its phase running.
+pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
+         val_loss, val_accuracy, learning_rate, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(&m.phase)
+    .bind(m.epoch as i64)
+    .bind(m.train_loss)
+    .bind(m.train_accuracy)
+    .bind(m.val_loss)
+    .bind(m.val_accuracy)
+    .bind(m.learning_rate)
+    .bind(m.seconds)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE run_phases SET status = 'running', epochs_run = ?, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
+    )
+    .bind(m.epoch as i64)
+    .bind(id)
+    .bind(&m.phase)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Records a finished phase with its best epoch.
+pub async fn phase_done(pool: &SqlitePool, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE run_phases SET status = 'succeeded', epochs_run = ?, best_epoch = ?, \
+         best_val_loss = ?, best_val_accuracy = ?, seconds = ?, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
+    )
+    .bind(s.epochs_run as i64)
+    .bind(s.best_epoch as i64)
+    .bind(s.best_val_loss)
+    .bind(s.best_val_accuracy)
+    .bind(s.seconds)
+    .bind(id)
+    .bind(&s.phase)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Ends a run with `status` (`succeeded`, `failed` or `cancelled`). Phases that never
+/// finished end with it too: a running one takes the run's status, a pending one is
+/// `cancelled` or `skipped`.
+pub async fn finish(
+    pool: &SqlitePool,
+    id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    finish_in(&mut tx, id, status, error).await?;
+    tx.commit().await
+}
+
+/// [`finish`] inside a caller's transaction.
+pub async fn finish_in(
+    conn: &mut SqliteConnection,
+    id: &str,
+    status: &str,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        // sqlx numbers plain `?` apart from `?N`, so a statement uses one style only.
+        "UPDATE runs SET status = ?1, error = ?2, eta_seconds = NULL, \
+         percent = CASE WHEN ?1 = 'succeeded' THEN 100 ELSE percent END, \
+         finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?3",
+    )
+    .bind(status)
+    .bind(error)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    let (running_to, pending_to) = match status {
+        "cancelled" => ("cancelled", "cancelled"),
+        "succeeded" => ("succeeded", "skipped"),
+        _ => ("failed", "skipped"),
+    };
+    sqlx::query(
+        "UPDATE run_phases SET status = CASE status WHEN 'running' THEN ? ELSE ? END, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE run_id = ? AND status IN ('running', 'pending')",
+    )
+    .bind(running_to)
+    .bind(pending_to)
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Puts a run back in the queue, keeping the phases before `from_phase` (their metrics and
+/// status) and forgetting everything from it on.
+pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: &str) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE runs SET status = 'queued', phase = NULL, stage = NULL, step = NULL, \
+         steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    reset_phases_in(&mut tx, id, from_phase).await?;
+    tx.commit().await
+}
+
+/// Forgets the phases from `from_phase` on (status back to pending, their epochs deleted),
+/// before a run starts them again.
+pub async fn reset_phases_from(
+    pool: &SqlitePool,
+    id: &str,
+    from_phase: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    reset_phases_in(&mut tx, id, from_phase).await?;
+    tx.commit().await
+}
+
+async fn reset_phases_in(
+    conn: &mut SqliteConnection,
+    id: &str,
+    from_phase: &str,
+) -> Result<(), sqlx::Error> {
+    let position = PHASES.iter().position(|p| *p == from_phase).unwrap_or(0) as i64;
+    sqlx::query(
+        "DELETE FROM epoch_metrics WHERE run_id = ?1 AND phase IN \
+         (SELECT phase FROM run_phases WHERE run_id = ?1 AND position >= ?2)",
+    )
+    .bind(id)
+    .bind(position)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE run_phases SET status = 'pending', epochs_run = 0, best_epoch = NULL, \
+         best_val_loss = NULL, best_val_accuracy = NULL, seconds = NULL, \
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE run_id = ? AND position >= ? AND status != 'skipped'",
+    )
+    .bind(id)
+    .bind(position)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// What a cancel request did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    NotFound,
+    /// It was queued and is now cancelled.
+    Cancelled,
+    /// It is running; the worker stops it at the next step boundary.
+    Requested,
+    /// It had already ended with this status.
+    AlreadyEnded(String),
+}
+
+pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<CancelOutcome, sqlx::Error> {
+    let queued =
+        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'queued'")
+            .bind(id)
+            .execute(pool)
+            .await?;
+    if queued.rows_affected() == 1 {
+        finish(pool, id, "cancelled", None).await?;
+        return Ok(CancelOutcome::Cancelled);
+    }
+    let running = sqlx::query(
+        "UPDATE runs SET cancel_requested = 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+         WHERE id = ? AND status = 'running'",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if running.rows_affected() == 1 {
+        return Ok(CancelOutcome::Requested);
+    }
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::AlreadyEnded))
+}
+
+/// Whether someone asked to cancel the run.
+pub async fn cancel_requested(pool: &SqlitePool, id: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = ?")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+/// Runs left `running` (by a process that died), with their phases.
+pub async fn running(pool: &SqlitePool) -> Result<Vec<Run>, sqlx::Error> {
+    list(pool, Some("running")).await
+}
+
+pub async fn metrics(pool: &SqlitePool, id: &str) -> Result<Vec<EpochMetrics>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, \
+         m.learning_rate, m.seconds FROM epoch_metrics m \
+         JOIN run_phases p ON p.run_id = m.run_id AND p.phase = m.phase \
+         WHERE m.run_id = ? ORDER BY p.position, m.epoch",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn save_evaluation(
+    pool: &SqlitePool,
+    id: &str,
+    accuracy: f64,
+    report: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT OR REPLACE INTO evaluations (run_id, accuracy, report) VALUES (?, ?, ?)")
+        .bind(id)
+        .bind(accuracy)
+        .bind(report)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The stored evaluation JSON of a run.
+pub async fn evaluation(pool: &SqlitePool, id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT report FROM evaluations WHERE run_id = ?")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}

@@ -1,0 +1,57 @@
+//! Live run events, broadcast to SSE subscribers.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::ml::train::{EpochMetrics, PhaseSummary};
+
+/// Something that happened to a run.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunEvent {
+    pub run_id: String,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// The event itself; `type` is also the SSE event name.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// Steps done in the current stage, and the estimate for the whole run.
+    Progress {
+        phase: String,
+        step: usize,
+        steps_total: usize,
+        epoch: Option<usize>,
+        epochs_total: Option<usize>,
+        percent: f64,
+        eta_seconds: Option<f64>,
+    },
+    /// An epoch finished.
+    Epoch { metrics: EpochMetrics },
+    /// A phase finished; its best epoch is what the run keeps.
+    PhaseFinished { summary: PhaseSummary },
+    /// The run's status changed (`running`, `queued` again after a shutdown, or an end).
+    Status {
+        status: String,
+        error: Option<String>,
+    },
+}
+
+impl EventKind {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Progress { .. } => "progress",
+            Self::Epoch { .. } => "epoch",
+            Self::PhaseFinished { .. } => "phase_finished",
+            Self::Status { .. } => "status",
+        }
+    }
+
+    /// Whether this event ends the run's stream.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Status { status, .. }
+            if matches!(status.as_str(), "succeeded" | "failed" | "cancelled"))
+    }
+}

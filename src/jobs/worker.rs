@@ -1,0 +1,411 @@
+//! The training workers: each claims the oldest queued run, trains it on a blocking thread,
+//! and turns the trainer's events into database rows and live events.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::SqlitePool;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Jobs;
+use super::events::{EventKind, RunEvent};
+use super::progress::Tracker;
+use crate::db::{self, models::Success, runs::Claimed};
+use crate::ml::config::TrainConfig;
+use crate::ml::data::{FolderDataset, Sample};
+use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
+use crate::ml::{artifact, weights};
+use crate::storage::Storage;
+
+/// Least time between two progress writes of one run.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often an idle worker looks at the queue even without a wake-up.
+const POLL: Duration = Duration::from_secs(2);
+
+/// What a worker needs.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub db: SqlitePool,
+    pub jobs: Jobs,
+    pub storage: Storage,
+    pub device: burn::prelude::Device,
+    pub weights: PathBuf,
+}
+
+/// Starts `count` workers; they stop taking runs once `shutdown` fires and stop the run they
+/// are training at its next step boundary, leaving it queued to resume.
+pub fn spawn_workers(
+    ctx: WorkerContext,
+    count: usize,
+    shutdown: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    (0..count)
+        .map(|n| {
+            let ctx = ctx.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                work(&ctx, &shutdown).await;
+                tracing::info!(worker = n, "worker stopped");
+            })
+        })
+        .collect()
+}
+
+async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let claimed = match db::runs::claim_next(&ctx.db).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "could not claim a queued run; retrying");
+                None
+            }
+        };
+        let Some(run) = claimed else {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = ctx.jobs.inner.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            continue;
+        };
+        let id = run.id.clone();
+        let span = tracing::info_span!("run", run_id = %id, attempt = run.attempts);
+        if let Err(e) = execute(ctx, run, shutdown).instrument(span).await {
+            // A database failure mid-run: the run cannot be trusted to resume.
+            tracing::error!(run_id = %id, error = format!("{e:#}"), "run aborted by an internal error");
+            ctx.jobs.unregister(&id);
+            let message = "internal error while training; see the server log";
+            if db::runs::finish(&ctx.db, &id, "failed", Some(message))
+                .await
+                .is_ok()
+            {
+                status(ctx, &id, "failed", Some(message.into()));
+            }
+        }
+    }
+}
+
+fn status(ctx: &WorkerContext, run_id: &str, status: &str, error: Option<String>) {
+    ctx.jobs.publish(RunEvent {
+        run_id: run_id.to_string(),
+        kind: EventKind::Status {
+            status: status.to_string(),
+            error,
+        },
+    });
+}
+
+/// Builds the trainer's dataset from the database rows and the files on disk.
+async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDataset, String> {
+    let dataset = db::datasets::get(&ctx.db, dataset_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("its dataset was deleted")?;
+    let classes: Vec<String> = dataset.classes.iter().map(|c| c.name.clone()).collect();
+    let dir = ctx.storage.dataset(dataset_id);
+    let samples = db::datasets::files(&ctx.db, dataset_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|f| Sample {
+            path: dir.join(f.file_name()),
+            label: classes.iter().position(|c| *c == f.class).unwrap_or(0),
+        })
+        .collect();
+    Ok(FolderDataset {
+        classes,
+        samples,
+        skipped: Vec::new(),
+    })
+}
+
+/// Why the compute thread stopped without a model.
+enum Stopped {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<TrainError> for Stopped {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Cancelled => Stopped::Cancelled,
+            other => Stopped::Failed(other.to_string()),
+        }
+    }
+}
+
+/// What the compute thread hands back.
+struct Finished {
+    classes: Vec<String>,
+    accuracy: f64,
+    evaluation: String,
+}
+
+async fn execute(
+    ctx: &WorkerContext,
+    run: Claimed,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let id = run.id.clone();
+    tracing::info!("run started");
+    status(ctx, &id, "running", None);
+    let config: TrainConfig = serde_json::from_str(&run.config).context("stored run config")?;
+    let dataset = match run.dataset_id.as_deref() {
+        Some(d) => load_dataset(ctx, d).await,
+        None => Err("its dataset was deleted".into()),
+    };
+    let dataset = match dataset {
+        Ok(d) => d,
+        Err(e) => return fail(ctx, &id, &e).await,
+    };
+
+    // Resume after the warm-up when an earlier attempt finished it and left its checkpoint.
+    let checkpoint = ctx.storage.warmup_checkpoint(&id);
+    let before = db::runs::get(&ctx.db, &id)
+        .await?
+        .context("claimed run vanished")?;
+    let warm_done = before
+        .phases
+        .iter()
+        .any(|p| p.phase == "warmup" && p.status == "succeeded");
+    let resume = warm_done && checkpoint.is_file();
+    let (prior_metrics, prior_phases) = if resume {
+        tracing::info!("resuming after the warm-up from its checkpoint");
+        let metrics = db::runs::metrics(&ctx.db, &id).await?;
+        let phases = before
+            .phases
+            .iter()
+            .filter(|p| p.phase == "warmup")
+            .map(|p| PhaseSummary {
+                phase: p.phase.clone(),
+                epochs_run: p.epochs_run as usize,
+                best_epoch: p.best_epoch.unwrap_or(0) as usize,
+                best_val_loss: p.best_val_loss.unwrap_or(f64::NAN),
+                best_val_accuracy: p.best_val_accuracy.unwrap_or(f64::NAN),
+                seconds: p.seconds.unwrap_or(0.0),
+            })
+            .collect();
+        (metrics, phases)
+    } else {
+        db::runs::reset_phases_from(&ctx.db, &id, "warmup").await?;
+        (Vec::new(), Vec::new())
+    };
+
+    let cancel = Cancel::default();
+    ctx.jobs.register(&id, cancel.clone());
+    // A cancel that came between the claim and the registration.
+    if db::runs::cancel_requested(&ctx.db, &id).await? {
+        cancel.cancel();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
+    let compute = {
+        let ctx = ctx.clone();
+        let id = id.clone();
+        let cancel = cancel.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            compute(
+                &ctx,
+                &id,
+                &dataset,
+                &config,
+                resume.then_some(checkpoint),
+                (prior_metrics, prior_phases),
+                tx,
+                &cancel,
+            )
+        })
+    };
+
+    let mut tracker = Tracker::new(&config, resume.then_some("finetune"));
+    let mut last_write = Instant::now() - PROGRESS_EVERY;
+    let mut stopping_for_shutdown = false;
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                if let Err(e) = on_event(ctx, &id, event, &mut tracker, &mut last_write).await {
+                    // Stop the compute too: its results could no longer be recorded.
+                    cancel.cancel();
+                    let _ = compute.await;
+                    ctx.jobs.unregister(&id);
+                    return Err(e);
+                }
+            }
+            _ = shutdown.cancelled(), if !stopping_for_shutdown => {
+                tracing::info!("shutting down: stopping the run at the next step");
+                stopping_for_shutdown = true;
+                cancel.cancel();
+            }
+        }
+    }
+    let result = compute.await;
+    ctx.jobs.unregister(&id);
+    match result {
+        Ok(Ok(done)) => {
+            db::models::record_success(
+                &ctx.db,
+                &Success {
+                    run_id: &id,
+                    dataset_id: run.dataset_id.as_deref(),
+                    classes: &done.classes,
+                    input_size: config.input_size,
+                    val_accuracy: done.accuracy,
+                    evaluation: &done.evaluation,
+                },
+            )
+            .await?;
+            let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
+            tracing::info!(val_accuracy = done.accuracy, "run succeeded");
+            status(ctx, &id, "succeeded", None);
+        }
+        Ok(Err(Stopped::Cancelled)) => {
+            let user = db::runs::cancel_requested(&ctx.db, &id).await?;
+            if stopping_for_shutdown && !user {
+                let warm_saved = ctx.storage.warmup_checkpoint(&id).is_file();
+                let from = if warm_saved { "finetune" } else { "warmup" };
+                db::runs::requeue(&ctx.db, &id, from).await?;
+                tracing::info!(
+                    resume_from = from,
+                    "run left queued to resume at the next start"
+                );
+                status(ctx, &id, "queued", None);
+            } else {
+                db::runs::finish(&ctx.db, &id, "cancelled", None).await?;
+                let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
+                tracing::info!("run cancelled");
+                status(ctx, &id, "cancelled", None);
+            }
+        }
+        Ok(Err(Stopped::Failed(e))) => fail(ctx, &id, &e).await?,
+        Err(join) => {
+            tracing::error!(error = %join, "training thread panicked");
+            fail(ctx, &id, "internal error: the training thread crashed").await?
+        }
+    }
+    Ok(())
+}
+
+async fn fail(ctx: &WorkerContext, id: &str, message: &str) -> anyhow::Result<()> {
+    tracing::warn!(error = message, "run failed");
+    db::runs::finish(&ctx.db, id, "failed", Some(message)).await?;
+    let _ = std::fs::remove_dir_all(ctx.storage.run_dir(id));
+    status(ctx, id, "failed", Some(message.to_string()));
+    Ok(())
+}
+
+async fn on_event(
+    ctx: &WorkerContext,
+    id: &str,
+    event: TrainEvent,
+    tracker: &mut Tracker,
+    last_write: &mut Instant,
+) -> anyhow::Result<()> {
+    let mut force = false;
+    match event {
+        TrainEvent::Progress { stage, done, total } => tracker.step(stage, done, total),
+        TrainEvent::Epoch(m) => {
+            tracker.epoch(&m.phase, m.epoch);
+            db::runs::add_epoch(&ctx.db, id, &m).await?;
+            ctx.jobs.publish(RunEvent {
+                run_id: id.to_string(),
+                kind: EventKind::Epoch { metrics: m },
+            });
+            force = true;
+        }
+        TrainEvent::PhaseDone(summary) => {
+            tracker.phase_done(&summary.phase);
+            db::runs::phase_done(&ctx.db, id, &summary).await?;
+            tracing::info!(phase = %summary.phase, best_epoch = summary.best_epoch,
+                val_accuracy = summary.best_val_accuracy, "phase finished");
+            ctx.jobs.publish(RunEvent {
+                run_id: id.to_string(),
+                kind: EventKind::PhaseFinished { summary },
+            });
+            force = true;
+        }
+    }
+    if force || last_write.elapsed() >= PROGRESS_EVERY {
+        *last_write = Instant::now();
+        let p = &tracker.last;
+        db::runs::set_progress(&ctx.db, id, p).await?;
+        ctx.jobs.publish(RunEvent {
+            run_id: id.to_string(),
+            kind: EventKind::Progress {
+                phase: p.phase.clone().unwrap_or_default(),
+                step: p.step.unwrap_or(0) as usize,
+                steps_total: p.steps_total.unwrap_or(0) as usize,
+                epoch: p.epoch.map(|e| e as usize),
+                epochs_total: p.epochs_total.map(|e| e as usize),
+                percent: p.percent,
+                eta_seconds: p.eta_seconds,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The blocking part: backbone, frozen pass, phases, model directory.
+#[allow(clippy::too_many_arguments)]
+fn compute(
+    ctx: &WorkerContext,
+    id: &str,
+    dataset: &FolderDataset,
+    config: &TrainConfig,
+    warm_checkpoint: Option<PathBuf>,
+    (prior_metrics, prior_phases): (Vec<EpochMetrics>, Vec<PhaseSummary>),
+    tx: mpsc::UnboundedSender<TrainEvent>,
+    cancel: &Cancel,
+) -> Result<Finished, Stopped> {
+    let device = &ctx.device;
+    let backbone = ctx.jobs.backbone(|| {
+        weights::load_backbone(&ctx.weights, device)
+            .map(|(b, _)| b)
+            .map_err(|e| TrainError::Device(format!("loading the pretrained weights: {e}")))
+    })?;
+    let mut events = |e: TrainEvent| {
+        // The receiver only goes away when the worker itself is gone.
+        let _ = tx.send(e);
+    };
+    let prepared = train::prepare(dataset, config, &backbone, device, &mut events, cancel)?;
+    let warm_head = match warm_checkpoint {
+        Some(path) => Some(
+            artifact::load_head(&path, dataset.classes.len(), device)
+                .map_err(|e| Stopped::Failed(format!("reading the warm-up checkpoint: {e}")))?,
+        ),
+        None => None,
+    };
+    let checkpoint_path = ctx.storage.warmup_checkpoint(id);
+    let mut save = |head: &burn::nn::Linear| {
+        artifact::save_head(&checkpoint_path, head)
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))
+    };
+    let resume = Resume {
+        warm_head,
+        on_warmup: Some(&mut save),
+    };
+    let mut outcome = train::fit_resumable(
+        &prepared,
+        dataset,
+        config,
+        &backbone,
+        device,
+        &mut events,
+        cancel,
+        resume,
+    )?;
+    outcome.metrics.splice(0..0, prior_metrics);
+    outcome.phases.splice(0..0, prior_phases);
+    cancel.check()?;
+    artifact::save(&ctx.storage.model(id), &outcome, config)
+        .map_err(|e| Stopped::Failed(format!("saving the model: {e}")))?;
+    Ok(Finished {
+        classes: outcome.classes.clone(),
+        accuracy: outcome.evaluation.accuracy,
+        evaluation: serde_json::to_string(&outcome.evaluation).expect("serialisable"),
+    })
+}

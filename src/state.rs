@@ -1,0 +1,143 @@
+//! The shared state every handler gets, and the start-up that builds it: data folders,
+//! weights, device, database and migrations, recovery of interrupted runs, workers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Serialize;
+use sqlx::SqlitePool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use crate::config::Settings;
+use crate::db;
+use crate::jobs::inference::Inference;
+use crate::jobs::{Jobs, WorkerContext, recover, spawn_workers};
+use crate::ml::{device, weights};
+use crate::storage::Storage;
+
+/// The compute device in use, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeviceInfo {
+    /// `wgpu` or `flex`.
+    pub backend: String,
+    pub adapter: Option<String>,
+}
+
+/// Cloned into every handler with `.with_state`.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: SqlitePool,
+    pub settings: Arc<Settings>,
+    pub storage: Storage,
+    pub jobs: Jobs,
+    pub inference: Inference,
+    pub device: Arc<DeviceInfo>,
+    /// Verified pretrained weights, when present.
+    pub weights: Option<PathBuf>,
+    /// Fires when the server shuts down; long-lived responses (SSE) end with it.
+    pub shutdown: CancellationToken,
+}
+
+/// A started service: its state and its background tasks.
+pub struct Service {
+    pub state: AppState,
+    pub workers: Vec<JoinHandle<()>>,
+}
+
+impl Service {
+    /// Everything `serve` does before it listens.
+    pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let storage = Storage::new(&settings.data_dir);
+        storage.prepare().with_context(|| {
+            format!(
+                "preparing the data directory {}",
+                settings.data_dir.display()
+            )
+        })?;
+        let data_dir = settings.data_dir.clone();
+        let explicit = settings.weights.clone();
+        let weights = tokio::task::spawn_blocking(move || match explicit {
+            Some(path) => weights::verify(&path).map(|()| path),
+            None => weights::locate(&data_dir, true),
+        })
+        .await?
+        .context("the pretrained weights")?;
+        let selected = device::select(settings.device).context("choosing the compute device")?;
+        tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
+        let pool = db::connect(&settings.database_url).await?;
+        let known = db::datasets::ids(&pool).await?;
+        let orphans = storage
+            .remove_orphan_datasets(&known)
+            .context("removing orphaned dataset folders")?;
+        if orphans > 0 {
+            tracing::warn!(orphans, "removed dataset folders no database row points at");
+        }
+        let (requeued, failed) = recover(&pool, &storage).await?;
+        if requeued + failed > 0 {
+            tracing::warn!(
+                requeued,
+                failed,
+                "recovered runs interrupted by the last shutdown"
+            );
+        }
+        let jobs = Jobs::new();
+        let inference = Inference::start(
+            selected.device.clone(),
+            settings.model_cache,
+            settings.predict_batch,
+        );
+        let workers = spawn_workers(
+            WorkerContext {
+                db: pool.clone(),
+                jobs: jobs.clone(),
+                storage: storage.clone(),
+                device: selected.device.clone(),
+                weights: weights.clone(),
+            },
+            settings.concurrent_runs,
+            shutdown.clone(),
+        );
+        let state = AppState {
+            db: pool,
+            storage,
+            jobs,
+            inference,
+            device: Arc::new(DeviceInfo {
+                backend: selected.backend.to_string(),
+                adapter: selected.adapter,
+            }),
+            weights: Some(weights),
+            settings: Arc::new(settings),
+            shutdown,
+        };
+        Ok(Self { state, workers })
+    }
+}
+
+impl AppState {
+    /// State without workers or weights, for handler tests: runs stay queued.
+    pub fn for_tests(db: SqlitePool, settings: Settings) -> Self {
+        let storage = Storage::new(&settings.data_dir);
+        storage.prepare().expect("test data directory");
+        Self {
+            db,
+            storage,
+            jobs: Jobs::new(),
+            inference: Inference::start(
+                burn::prelude::Device::flex(),
+                settings.model_cache,
+                settings.predict_batch,
+            ),
+            device: Arc::new(DeviceInfo {
+                backend: "flex".into(),
+                adapter: None,
+            }),
+            weights: None,
+            settings: Arc::new(settings),
+            shutdown: CancellationToken::new(),
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Handler tests: the router driven with `oneshot` over a fresh `#[sqlx::test]` database and a
+//! temporary data directory. No worker runs here, so runs stay queued.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::SqlitePool;
+use tower::ServiceExt;
+use transferd::{AppState, Settings, app};
+
+struct Harness {
+    state: AppState,
+    dir: tempfile::TempDir,
+}
+
+fn harness(pool: SqlitePool, tweak: impl FnOnce(&mut Settings)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::defaults(dir.path());
+    settings.limits.min_images_per_class = 2;
+    tweak(&mut settings);
+    Harness {
+        state: AppState::for_tests(pool, settings),
+        dir,
+    }
+}
+
+impl Harness {
+    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let res = app(self.state.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    async fn upload(&self, zip: Vec<u8>) -> (StatusCode, Value) {
+        self.send(zip_request(zip)).await
+    }
+
+    async fn json(&self, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
+        self.send(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.send(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+    }
+
+    /// Dataset folders on disk.
+    fn dataset_dirs(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("datasets"))
+            .unwrap()
+            .count()
+    }
+}
+
+fn zip_request(zip: Vec<u8>) -> Request<Body> {
+    Request::post("/api/datasets?name=pets")
+        .header(header::CONTENT_TYPE, "application/zip")
+        .body(Body::from(zip))
+        .unwrap()
+}
+
+fn error_message(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn pets_with(extra: Vec<(&str, Vec<u8>)>, prefix: &str) -> Vec<u8> {
+    let entries = common::pet_entries(prefix);
+    let mut refs: Vec<(&str, Vec<u8>)> = entries
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    refs.extend(extra);
+    common::zip_of(&refs)
+}
+
+#[sqlx::test]
+async fn upload_reports_classes_counts_and_skipped_files(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let good = std::fs::read(common::fixtures().join("pets/dog/dog.0.jpg")).unwrap();
+    let zip = pets_with(
+        vec![
+            ("my data/cat/notes.jpg", b"not a photo at all".to_vec()),
+            ("my data/dog/truncated.jpg", good[..good.len() / 3].to_vec()),
+            ("my data/dog/copy-of-dog0.jpg", good.clone()),
+            ("my data/README.txt", b"hello".to_vec()),
+            ("__MACOSX/my data/._x.jpg", b"junk".to_vec()),
+        ],
+        "my data/",
+    );
+    let (status, body) = h.upload(zip).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["name"], "pets");
+    assert_eq!(
+        body["classes"],
+        json!([{"name": "cat", "count": 12}, {"name": "dog", "count": 12}])
+    );
+    assert_eq!(body["total_images"], 24);
+    let skipped = body["skipped"].as_array().unwrap();
+    let reason = |name: &str| {
+        skipped
+            .iter()
+            .find(|s| s["name"].as_str().unwrap().ends_with(name))
+            .map(|s| s["reason"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{name} not skipped: {skipped:?}"))
+    };
+    assert!(reason("notes.jpg").contains("not an image"));
+    assert!(reason("truncated.jpg").contains("truncated"));
+    assert!(reason("copy-of-dog0.jpg").contains("duplicate"));
+    assert!(reason("README.txt").contains("not inside a class folder"));
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+
+    let id = body["id"].as_str().unwrap();
+    let (status, one) = h.get(&format!("/api/datasets/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["total_images"], 24);
+    let (_, list) = h.get("/api/datasets").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+
+    // The stored image comes back byte for byte.
+    let file_id: i64 = sqlx::query_scalar(
+        "SELECT id FROM dataset_files WHERE dataset_id = ? AND original_name = 'my data/dog/dog.0.jpg'",
+    )
+    .bind(id)
+    .fetch_one(&h.state.db)
+    .await
+    .unwrap();
+    let res = app(h.state.clone())
+        .oneshot(
+            Request::get(format!("/api/datasets/{id}/files/{file_id}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "image/jpeg");
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), good);
+    let (status, _) = h.get(&format!("/api/datasets/{id}/files/999999")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[sqlx::test]
+async fn multipart_upload_with_train_and_val_folders(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let entries = common::pet_entries("");
+    let refs: Vec<(String, Vec<u8>)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, (n, b))| {
+            let split = if i % 4 == 0 { "val" } else { "train" };
+            (format!("root/{split}/{n}"), b.clone())
+        })
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = refs.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let zip = common::zip_of(&refs);
+    let boundary = "XBOUNDARYX";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nmy pets\r\n")
+            .as_bytes(),
+    );
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"pets.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&zip);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let (status, v) = h
+        .send(
+            Request::post("/api/datasets")
+                .header(
+                    header::CONTENT_TYPE,
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "my pets");
+    assert_eq!(v["total_images"], 24);
+    assert!(v["warnings"][0].as_str().unwrap().contains("merged"), "{v}");
+}
+
+#[sqlx::test]
+async fn hostile_and_malformed_uploads_are_refused_and_lose_nothing(pool: SqlitePool) {
+    let h = harness(pool, |s| {
+        s.max_upload_bytes = 4 << 20;
+        s.limits.max_entry_bytes = 1 << 20;
+        s.limits.max_total_bytes = 3 << 20;
+    });
+    let (status, first) = h.upload(common::pets_zip()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
+
+    let mut symlink = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    symlink
+        .add_symlink("dog", "/etc", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let symlink = {
+        use std::io::Write;
+        symlink
+            .start_file("dog/passwd.jpg", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        symlink.write_all(&jpg).unwrap();
+        symlink.finish().unwrap().into_inner()
+    };
+    let cases: Vec<(&str, Request<Body>, StatusCode, &str)> = vec![
+        (
+            "traversal",
+            zip_request(pets_with(vec![("../evil.jpg", jpg.clone())], "")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "'..'",
+        ),
+        (
+            "dot traversal",
+            zip_request(pets_with(vec![("./../evil.jpg", jpg.clone())], "")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "'..'",
+        ),
+        (
+            "absolute",
+            zip_request(pets_with(vec![("/tmp/evil.jpg", jpg.clone())], "")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "absolute",
+        ),
+        (
+            "backslash",
+            zip_request(pets_with(vec![("dog\\..\\evil.jpg", jpg.clone())], "")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "backslash",
+        ),
+        (
+            "drive",
+            zip_request(pets_with(vec![("C:/evil.jpg", jpg.clone())], "")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "drive",
+        ),
+        (
+            "symlink",
+            zip_request(symlink),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "symbolic link",
+        ),
+        (
+            "one class",
+            zip_request(common::zip_of(&[("dog/a.jpg", jpg.clone())])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "at least 2 classes",
+        ),
+        (
+            "flat",
+            zip_request(common::zip_of(&[("a.jpg", jpg.clone())])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no class folders",
+        ),
+        (
+            "empty zip",
+            zip_request(common::zip_of(&[])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no files",
+        ),
+        (
+            "not a zip",
+            zip_request(b"PK but not really a zip".to_vec()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not a readable zip",
+        ),
+        (
+            "ambiguous",
+            zip_request(common::zip_of(&[
+                ("train/dog/a.jpg", jpg.clone()),
+                ("cat/b.jpg", jpg.clone()),
+            ])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ambiguous",
+        ),
+        (
+            "entry bomb",
+            zip_request(pets_with(vec![("dog/zeros.jpg", vec![0u8; 8 << 20])], "")),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "per-file limit",
+        ),
+        (
+            "total bomb",
+            zip_request(pets_with(
+                (0..4)
+                    .map(|i| {
+                        (
+                            ["dog/z0", "dog/z1", "dog/z2", "dog/z3"][i],
+                            vec![0u8; 900 << 10],
+                        )
+                    })
+                    .collect(),
+                "",
+            )),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "inflates to more than",
+        ),
+        (
+            "too big",
+            zip_request(vec![b'P'; 5 << 20]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
+            "empty body",
+            zip_request(Vec::new()),
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            "wrong type",
+            Request::post("/api/datasets")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("hi"))
+                .unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "multipart",
+        ),
+        (
+            "no file field",
+            Request::post("/api/datasets")
+                .header(header::CONTENT_TYPE, "multipart/form-data; boundary=B")
+                .body(Body::from(
+                    "--B\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--B--\r\n",
+                ))
+                .unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "`file`",
+        ),
+    ];
+    for (what, req, expected, needle) in cases {
+        let (status, body) = h.send(req).await;
+        assert_eq!(status, expected, "{what}: {body}");
+        assert!(error_message(&body).contains(needle), "{what}: {body}");
+        assert!(body["error"]["code"].is_string(), "{what}: {body}");
+    }
+    // Nothing half-written, the first dataset intact.
+    assert_eq!(h.dataset_dirs(), 1);
+    let (_, list) = h.get("/api/datasets").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], first["id"]);
+    let files: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dataset_files")
+        .fetch_one(&h.state.db)
+        .await
+        .unwrap();
+    assert_eq!(files, 24);
+    assert_eq!(
+        std::fs::read_dir(h.dir.path().join("tmp")).unwrap().count(),
+        0,
+        "tmp cleaned"
+    );
+}
+
+#[sqlx::test]
+async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let ds_id = ds["id"].as_str().unwrap();
+
+    let (status, v) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds_id, "config": {"warmup": {"epochs": "many"}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["field"], "config.warmup.epochs");
+    let (status, v) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds_id, "config": {"input_size": 9999}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["field"], "config.input_size");
+    let (status, v) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds_id, "config": {"bogus": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(error_message(&v).contains("bogus"));
+    let (status, _) = h
+        .json("POST", "/api/runs", json!({"dataset_id": "nope"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, v) = h
+        .send(
+            Request::post("/api/runs")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{not json"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+
+    let (status, run) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds_id, "config": {"baseline": {"enabled": true}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    assert_eq!(run["status"], "queued");
+    assert_eq!(run["config"]["warmup"]["epochs"], 80, "defaults filled in");
+    let phases: Vec<(&str, &str)> = run["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["phase"].as_str().unwrap(), p["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        phases,
+        vec![
+            ("warmup", "pending"),
+            ("finetune", "pending"),
+            ("baseline", "pending")
+        ]
+    );
+    let run_id = run["id"].as_str().unwrap();
+
+    // A dataset in use cannot be deleted.
+    let del = Request::delete(format!("/api/datasets/{ds_id}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(h.send(del).await.0, StatusCode::CONFLICT);
+
+    let (_, list) = h.get("/api/runs?status=queued").await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(
+        h.get("/api/runs?status=bogus").await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let (status, metrics) = h.get(&format!("/api/runs/{run_id}/metrics")).await;
+    assert_eq!((status, metrics), (StatusCode::OK, json!([])));
+    assert_eq!(
+        h.get(&format!("/api/runs/{run_id}/evaluation")).await.0,
+        StatusCode::CONFLICT
+    );
+
+    let (status, cancelled) = h
+        .json("POST", &format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(
+        cancelled["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "cancelled")
+    );
+    let (status, _) = h
+        .json("POST", &format!("/api/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(h.get("/api/runs/nope").await.0, StatusCode::NOT_FOUND);
+
+    // Now the dataset can go, with its folder.
+    let del = Request::delete(format!("/api/datasets/{ds_id}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(h.send(del).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(h.dataset_dirs(), 0);
+    let (_, run) = h.get(&format!("/api/runs/{run_id}")).await;
+    assert_eq!(
+        run["dataset_id"],
+        Value::Null,
+        "the run outlives its dataset"
+    );
+}
+
+#[sqlx::test]
+async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
+    let (status, v) = h
+        .send(Request::post("/api/predict").body(Body::from(jpg)).unwrap())
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+    assert!(error_message(&v).contains("no trained model"));
+    let (status, _) = h
+        .send(
+            Request::post("/api/predict?model=nope")
+                .body(Body::from("x"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(h.get("/api/models").await, (StatusCode::OK, json!([])));
+    assert_eq!(
+        h.json("POST", "/api/models/nope/promote", json!({}))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+
+    assert_eq!(h.get("/healthz").await.1["status"], "ok");
+    let (status, ready) = h.get("/readyz").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no weights in this harness"
+    );
+    assert_eq!(ready["database"], true);
+    assert_eq!(ready["device"]["backend"], "flex");
+    let (status, v) = h.get("/api/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "not_found");
+
+    let (status, doc) = h.get("/api/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    for path in [
+        "/api/datasets",
+        "/api/runs/{id}/events",
+        "/api/predict",
+        "/readyz",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["schemas"]["TrainConfig"].is_object());
+}

@@ -1,0 +1,422 @@
+//! End-to-end tests against a real server on port 0 with its own data directory: upload a
+//! fixture zip, train a tiny run, follow it over SSE and by polling, predict; cancel a run;
+//! shut down mid-run and resume; kill -9 a server process mid-run and recover.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use transferd::Settings;
+use transferd::ml::device::DeviceChoice;
+
+struct Server {
+    base: String,
+    token: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+fn settings(dir: &Path) -> Settings {
+    let mut s = Settings::defaults(dir);
+    s.weights = Some(common::weights_path());
+    s.device = DeviceChoice::Cpu;
+    s.limits.min_images_per_class = 2;
+    s
+}
+
+async fn start(dir: &Path) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(transferd::run(listener, settings(dir), token.clone()));
+    wait_healthy(&base).await;
+    Server {
+        base,
+        token,
+        handle,
+    }
+}
+
+impl Server {
+    async fn stop(self) {
+        self.token.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+async fn wait_healthy(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server at {base} never became ready");
+}
+
+/// A run small enough for CI; `finetune_epochs` sets how long the fine-tune lasts.
+fn tiny(finetune_epochs: usize) -> Value {
+    json!({
+        "input_size": 128, "batch_size": 8, "views": 2,
+        "warmup": {"epochs": 20},
+        "finetune": {"epochs": finetune_epochs, "unfreeze": 1, "patience": finetune_epochs},
+    })
+}
+
+async fn upload(base: &str) -> Value {
+    let form = reqwest::multipart::Form::new().text("name", "pets").part(
+        "file",
+        reqwest::multipart::Part::bytes(common::pets_zip()).file_name("pets.zip"),
+    );
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/datasets"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    res.json().await.unwrap()
+}
+
+async fn start_run(base: &str, dataset: &Value, config: Value) -> String {
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/runs"))
+        .json(&json!({"dataset_id": dataset["id"], "config": config}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let run: Value = res.json().await.unwrap();
+    run["id"].as_str().unwrap().to_string()
+}
+
+async fn get(base: &str, path: &str) -> Value {
+    let res = reqwest::get(format!("{base}{path}")).await.unwrap();
+    assert!(res.status().is_success(), "{path}: {}", res.status());
+    res.json().await.unwrap()
+}
+
+/// Reads SSE events of a run until `stop` says so or the stream ends.
+async fn follow(
+    base: &str,
+    run: &str,
+    mut stop: impl FnMut(&str, &Value) -> bool,
+) -> Vec<(String, Value)> {
+    let mut res = reqwest::get(format!("{base}/api/runs/{run}/events"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), res.chunk())
+        .await
+        .expect("SSE stream stalled")
+    {
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if data.is_empty() {
+                continue; // keep-alive comment
+            }
+            let value: Value = serde_json::from_str(&data).unwrap();
+            let done = stop(&name, &value);
+            events.push((name, value));
+            if done {
+                return events;
+            }
+        }
+    }
+    events
+}
+
+async fn wait_status(base: &str, run: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = get(base, &format!("/api/runs/{run}")).await;
+        if r["status"] == want {
+            return r;
+        }
+        assert!(
+            !["succeeded", "failed", "cancelled"].contains(&r["status"].as_str().unwrap()),
+            "run ended {} while waiting for {want}: {r}",
+            r["status"]
+        );
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {want}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn first_finetune_epoch(name: &str, v: &Value) -> bool {
+    name == "epoch" && v["metrics"]["phase"] == "finetune"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_train_follow_and_predict() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let ready = get(&base, "/readyz").await;
+    assert_eq!(ready["device"]["backend"], "flex");
+
+    let dataset = upload(&base).await;
+    assert_eq!(dataset["total_images"], 24);
+    let run = start_run(&base, &dataset, tiny(2)).await;
+
+    let events = follow(&base, &run, |_, _| false).await;
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[0], "snapshot");
+    assert!(
+        names.contains(&"progress") && names.contains(&"epoch"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().filter(|n| **n == "phase_finished").count() >= 2,
+        "{names:?}"
+    );
+    let (last, value) = events.last().unwrap();
+    assert_eq!(
+        (last.as_str(), &value["status"]),
+        ("status", &json!("succeeded")),
+        "{value}"
+    );
+
+    let r = get(&base, &format!("/api/runs/{run}")).await;
+    assert_eq!(r["status"], "succeeded");
+    assert_eq!(r["percent"], 100.0);
+    assert_eq!(r["model_id"], run.as_str());
+    for p in r["phases"].as_array().unwrap() {
+        let want = if p["phase"] == "baseline" {
+            "skipped"
+        } else {
+            "succeeded"
+        };
+        assert_eq!(p["status"], want, "{p}");
+    }
+    let metrics = get(&base, &format!("/api/runs/{run}/metrics")).await;
+    let rows = metrics.as_array().unwrap();
+    assert!(rows.iter().any(|m| m["phase"] == "warmup"));
+    assert!(rows.iter().any(|m| m["phase"] == "finetune"));
+
+    let eval = get(&base, &format!("/api/runs/{run}/evaluation")).await;
+    assert_eq!(eval["classes"], json!(["cat", "dog"]));
+    let confusion: u64 = eval["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .sum();
+    assert_eq!(
+        confusion, 4,
+        "20% of 12 per class, rounded down, is held out"
+    );
+    for m in eval["misclassified"].as_array().unwrap() {
+        let url = m["image_url"].as_str().unwrap();
+        assert_eq!(
+            reqwest::get(format!("{base}{url}")).await.unwrap().status(),
+            200
+        );
+    }
+
+    let models = get(&base, "/api/models").await;
+    assert_eq!(models[0]["id"], run.as_str());
+    assert_eq!(models[0]["is_default"], true);
+
+    // One image as the raw body.
+    let cat = std::fs::read(common::fixtures().join("samples/test_cat.jpg"))
+        .or_else(|_| std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")))
+        .unwrap();
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/predict?top_k=1"))
+        .header("content-type", "image/jpeg")
+        .body(cat.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["model_id"], run.as_str());
+    let pred = &p["predictions"][0];
+    let sum: f64 = pred["probabilities"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((sum - 1.0).abs() < 1e-4, "{pred}");
+    assert!(["cat", "dog"].contains(&pred["label"].as_str().unwrap()));
+    assert_eq!(pred["top_k"].as_array().unwrap().len(), 1);
+
+    // A batch of several multipart images, and one that is not an image.
+    let dog = std::fs::read(common::fixtures().join("pets/dog/dog.1.jpg")).unwrap();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(cat.clone()).file_name("cat.jpg"),
+        )
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(dog).file_name("dog.jpg"),
+        );
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/predict?model={run}"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["predictions"].as_array().unwrap().len(), 2);
+    assert_eq!(p["predictions"][1]["filename"], "dog.jpg");
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/predict"))
+        .body("definitely not an image")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_run_keeps_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let dataset = upload(&base).await;
+    let run = start_run(&base, &dataset, tiny(200)).await;
+    follow(&base, &run, first_finetune_epoch).await;
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/runs/{run}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let events = follow(&base, &run, |_, _| false).await;
+    assert_eq!(events.last().unwrap().1["status"], "cancelled");
+    let r = get(&base, &format!("/api/runs/{run}")).await;
+    assert_eq!(r["status"], "cancelled");
+    let phase = |name: &str| {
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["phase"] == name)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(phase("warmup"), "succeeded");
+    assert_eq!(phase("finetune"), "cancelled");
+    let metrics = get(&base, &format!("/api/runs/{run}/metrics")).await;
+    assert!(
+        metrics
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["phase"] == "finetune")
+    );
+    assert_eq!(get(&base, "/api/models").await, json!([]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_run_leaves_it_queued_and_a_restart_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let dataset = upload(&base).await;
+    let run = start_run(&base, &dataset, tiny(6)).await;
+    follow(&base, &run, first_finetune_epoch).await;
+    server.stop().await;
+
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let r = wait_status(&base, &run, "succeeded").await;
+    assert_eq!(r["attempts"], 2, "{r}");
+    let metrics = get(&base, &format!("/api/runs/{run}/metrics")).await;
+    let warmup = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["phase"] == "warmup")
+        .count();
+    assert!(warmup > 0, "the warm-up's metrics survive the restart");
+    let model =
+        std::fs::read_to_string(dir.path().join(format!("models/{run}/metrics.json"))).unwrap();
+    assert!(
+        model.contains("\"warmup\""),
+        "the model's metrics include the warm-up"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_recovers_its_run_after_restart() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .args(["--data-dir"])
+        .arg(dir.path())
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--min-images-per-class",
+            "2",
+        ])
+        .arg("--weights")
+        .arg(common::weights_path())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if let Some(i) = line.find("addr=") {
+                let _ = tx.send(line[i + 5..].split_whitespace().next().unwrap().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server logs its address");
+    let base = format!("http://{addr}");
+    wait_healthy(&base).await;
+    let dataset = upload(&base).await;
+    let run = start_run(&base, &dataset, tiny(6)).await;
+    follow(&base, &run, first_finetune_epoch).await;
+    child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    child.wait().unwrap();
+
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let r = wait_status(&base, &run, "succeeded").await;
+    assert_eq!(r["attempts"], 2, "{r}");
+    let datasets = get(&base, "/api/datasets").await;
+    assert_eq!(datasets[0]["total_images"], 24, "the dataset is intact");
+    server.stop().await;
+}
