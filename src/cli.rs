@@ -18,7 +18,7 @@ use crate::ml::{artifact, config::TrainConfig, data, imagenet, infer::Predictor,
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Cli {
-    /// Directory for the cached pretrained weights (and, later, the service's data).
+    /// Directory for the pretrained weights and the service's database, datasets and models.
     #[arg(
         long,
         env = "TRANSFERD_DATA_DIR",

@@ -286,6 +286,21 @@ async fn upload_train_follow_and_predict() {
     let p: Value = res.json().await.unwrap();
     assert_eq!(p["predictions"].as_array().unwrap().len(), 2);
     assert_eq!(p["predictions"][1]["filename"], "dog.jpg");
+    // Concurrent requests (micro-batched together) get the same answer as a lone one.
+    let single = pred["probabilities"]["cat"].as_f64().unwrap();
+    let client = reqwest::Client::new();
+    let answers = futures_util::future::join_all((0..12).map(|_| {
+        let request = client
+            .post(format!("{base}/api/predict"))
+            .body(cat.clone())
+            .send();
+        async move { request.await.unwrap().json::<Value>().await.unwrap() }
+    }))
+    .await;
+    for a in answers {
+        let p = a["predictions"][0]["probabilities"]["cat"].as_f64().unwrap();
+        assert!((p - single).abs() < 1e-4, "{p} vs {single}");
+    }
     let res = reqwest::Client::new()
         .post(format!("{base}/api/predict"))
         .body("definitely not an image")

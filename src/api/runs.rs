@@ -140,7 +140,7 @@ pub async fn metrics(
     if db::runs::get(&state.db, &id).await?.is_none() {
         return Err(not_found(&id));
     }
-    Ok(Json(db::runs::metrics(&state.db, &id).await?))
+    Ok(Json(db::epochs::metrics(&state.db, &id).await?))
 }
 
 /// A validation image the model got wrong, with a link to it.
@@ -182,7 +182,7 @@ pub async fn evaluation(
     let run = db::runs::get(&state.db, &id)
         .await?
         .ok_or_else(|| not_found(&id))?;
-    let Some(report) = db::runs::evaluation(&state.db, &id).await? else {
+    let Some(report) = db::epochs::evaluation(&state.db, &id).await? else {
         return Err(ApiError::Conflict(format!(
             "run {id} is {}; its evaluation exists once it has succeeded",
             run.status

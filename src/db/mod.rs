@@ -2,6 +2,7 @@
 //! embedded migrations are applied when it opens.
 
 pub mod datasets;
+pub mod epochs;
 pub mod models;
 pub mod runs;
 

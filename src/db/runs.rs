@@ -6,7 +6,6 @@ use utoipa::ToSchema;
 
 use super::json;
 use crate::ml::config::TrainConfig;
-use crate::ml::train::{EpochMetrics, PhaseSummary};
 
 /// Phases in the order they run.
 pub const PHASES: [&str; 3] = ["warmup", "finetune", "baseline"];
@@ -230,88 +229,6 @@ pub async fn claim_next(pool: &SqlitePool) -> Result<Option<Claimed>, sqlx::Erro
     .await
 }
 
-/// Live progress of a running run.
-#[derive(Debug, Clone, Default)]
-pub struct Progress {
-    pub phase: Option<String>,
-    pub stage: Option<String>,
-    pub step: Option<i64>,
-    pub steps_total: Option<i64>,
-    pub epoch: Option<i64>,
-    pub epochs_total: Option<i64>,
-    pub percent: f64,
-    pub eta_seconds: Option<f64>,
-}
-
-pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE runs SET phase = ?, stage = ?, step = ?, steps_total = ?, epoch = ?, \
-         epochs_total = ?, percent = ?, eta_seconds = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = 'running'",
-    )
-    .bind(&p.phase)
-    .bind(&p.stage)
-    .bind(p.step)
-    .bind(p.steps_total)
-    .bind(p.epoch)
-    .bind(p.epochs_total)
-    .bind(p.percent)
-    .bind(p.eta_seconds)
-    .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Records a finished epoch and marks its phase running.
-pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT OR REPLACE INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
-         val_loss, val_accuracy, learning_rate, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(&m.phase)
-    .bind(m.epoch as i64)
-    .bind(m.train_loss)
-    .bind(m.train_accuracy)
-    .bind(m.val_loss)
-    .bind(m.val_accuracy)
-    .bind(m.learning_rate)
-    .bind(m.seconds)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE run_phases SET status = 'running', epochs_run = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
-    )
-    .bind(m.epoch as i64)
-    .bind(id)
-    .bind(&m.phase)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await
-}
-
-/// Records a finished phase with its best epoch.
-pub async fn phase_done(pool: &SqlitePool, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE run_phases SET status = 'succeeded', epochs_run = ?, best_epoch = ?, \
-         best_val_loss = ?, best_val_accuracy = ?, seconds = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
-    )
-    .bind(s.epochs_run as i64)
-    .bind(s.best_epoch as i64)
-    .bind(s.best_val_loss)
-    .bind(s.best_val_accuracy)
-    .bind(s.seconds)
-    .bind(id)
-    .bind(&s.phase)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
 /// Ends a run with `status` (`succeeded`, `failed` or `cancelled`). Phases that never
 /// finished end with it too: a running one takes the run's status, a pending one is
 /// `cancelled` or `skipped`.
@@ -468,39 +385,4 @@ pub async fn cancel_requested(pool: &SqlitePool, id: &str) -> Result<bool, sqlx:
 /// Runs left `running` (by a process that died), with their phases.
 pub async fn running(pool: &SqlitePool) -> Result<Vec<Run>, sqlx::Error> {
     list(pool, Some("running")).await
-}
-
-pub async fn metrics(pool: &SqlitePool, id: &str) -> Result<Vec<EpochMetrics>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, \
-         m.learning_rate, m.seconds FROM epoch_metrics m \
-         JOIN run_phases p ON p.run_id = m.run_id AND p.phase = m.phase \
-         WHERE m.run_id = ? ORDER BY p.position, m.epoch",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await
-}
-
-pub async fn save_evaluation(
-    pool: &SqlitePool,
-    id: &str,
-    accuracy: f64,
-    report: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT OR REPLACE INTO evaluations (run_id, accuracy, report) VALUES (?, ?, ?)")
-        .bind(id)
-        .bind(accuracy)
-        .bind(report)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
-/// The stored evaluation JSON of a run.
-pub async fn evaluation(pool: &SqlitePool, id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT report FROM evaluations WHERE run_id = ?")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
 }

@@ -2,6 +2,7 @@
 //! the inference thread. The HTTP layer talks to these through the typed handles here and
 //! never calls burn itself.
 
+mod compute;
 pub mod events;
 pub mod inference;
 mod progress;

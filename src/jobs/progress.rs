@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::db::runs::Progress;
+use crate::db::epochs::Progress;
 use crate::ml::config::TrainConfig;
 
 pub(crate) struct Tracker {

@@ -75,7 +75,9 @@ mod tests {
             best_val_accuracy: 0.9,
             seconds: 1.0,
         };
-        db::runs::phase_done(&pool, "late", &summary).await.unwrap();
+        db::epochs::phase_done(&pool, "late", &summary)
+            .await
+            .unwrap();
         let checkpoint = storage.warmup_checkpoint("late");
         std::fs::create_dir_all(checkpoint.parent().unwrap()).unwrap();
         std::fs::write(&checkpoint, b"head").unwrap();

@@ -12,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Jobs;
+use super::compute::{Stopped, compute};
 use super::events::{EventKind, RunEvent};
 use super::progress::Tracker;
 use crate::db::{self, models::Success, runs::Claimed};
 use crate::ml::config::TrainConfig;
 use crate::ml::data::{FolderDataset, Sample};
-use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
-use crate::ml::{artifact, weights};
+use crate::ml::train::{Cancel, PhaseSummary, TrainEvent};
 use crate::storage::Storage;
 
 /// Least time between two progress writes of one run.
@@ -123,28 +123,6 @@ async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDat
     })
 }
 
-/// Why the compute thread stopped without a model.
-enum Stopped {
-    Cancelled,
-    Failed(String),
-}
-
-impl From<TrainError> for Stopped {
-    fn from(e: TrainError) -> Self {
-        match e {
-            TrainError::Cancelled => Stopped::Cancelled,
-            other => Stopped::Failed(other.to_string()),
-        }
-    }
-}
-
-/// What the compute thread hands back.
-struct Finished {
-    classes: Vec<String>,
-    accuracy: f64,
-    evaluation: String,
-}
-
 async fn execute(
     ctx: &WorkerContext,
     run: Claimed,
@@ -175,7 +153,7 @@ async fn execute(
     let resume = warm_done && checkpoint.is_file();
     let (prior_metrics, prior_phases) = if resume {
         tracing::info!("resuming after the warm-up from its checkpoint");
-        let metrics = db::runs::metrics(&ctx.db, &id).await?;
+        let metrics = db::epochs::metrics(&ctx.db, &id).await?;
         let phases = before
             .phases
             .iter()
@@ -310,7 +288,7 @@ async fn on_event(
         TrainEvent::Progress { stage, done, total } => tracker.step(stage, done, total),
         TrainEvent::Epoch(m) => {
             tracker.epoch(&m.phase, m.epoch);
-            db::runs::add_epoch(&ctx.db, id, &m).await?;
+            db::epochs::add_epoch(&ctx.db, id, &m).await?;
             ctx.jobs.publish(RunEvent {
                 run_id: id.to_string(),
                 kind: EventKind::Epoch { metrics: m },
@@ -319,7 +297,7 @@ async fn on_event(
         }
         TrainEvent::PhaseDone(summary) => {
             tracker.phase_done(&summary.phase);
-            db::runs::phase_done(&ctx.db, id, &summary).await?;
+            db::epochs::phase_done(&ctx.db, id, &summary).await?;
             tracing::info!(phase = %summary.phase, best_epoch = summary.best_epoch,
                 val_accuracy = summary.best_val_accuracy, "phase finished");
             ctx.jobs.publish(RunEvent {
@@ -332,7 +310,7 @@ async fn on_event(
     if force || last_write.elapsed() >= PROGRESS_EVERY {
         *last_write = Instant::now();
         let p = &tracker.last;
-        db::runs::set_progress(&ctx.db, id, p).await?;
+        db::epochs::set_progress(&ctx.db, id, p).await?;
         ctx.jobs.publish(RunEvent {
             run_id: id.to_string(),
             kind: EventKind::Progress {
@@ -347,65 +325,4 @@ async fn on_event(
         });
     }
     Ok(())
-}
-
-/// The blocking part: backbone, frozen pass, phases, model directory.
-#[allow(clippy::too_many_arguments)]
-fn compute(
-    ctx: &WorkerContext,
-    id: &str,
-    dataset: &FolderDataset,
-    config: &TrainConfig,
-    warm_checkpoint: Option<PathBuf>,
-    (prior_metrics, prior_phases): (Vec<EpochMetrics>, Vec<PhaseSummary>),
-    tx: mpsc::UnboundedSender<TrainEvent>,
-    cancel: &Cancel,
-) -> Result<Finished, Stopped> {
-    let device = &ctx.device;
-    let backbone = ctx.jobs.backbone(|| {
-        weights::load_backbone(&ctx.weights, device)
-            .map(|(b, _)| b)
-            .map_err(|e| TrainError::Device(format!("loading the pretrained weights: {e}")))
-    })?;
-    let mut events = |e: TrainEvent| {
-        // The receiver only goes away when the worker itself is gone.
-        let _ = tx.send(e);
-    };
-    let prepared = train::prepare(dataset, config, &backbone, device, &mut events, cancel)?;
-    let warm_head = match warm_checkpoint {
-        Some(path) => Some(
-            artifact::load_head(&path, dataset.classes.len(), device)
-                .map_err(|e| Stopped::Failed(format!("reading the warm-up checkpoint: {e}")))?,
-        ),
-        None => None,
-    };
-    let checkpoint_path = ctx.storage.warmup_checkpoint(id);
-    let mut save = |head: &burn::nn::Linear| {
-        artifact::save_head(&checkpoint_path, head)
-            .map_err(|e| TrainError::Checkpoint(e.to_string()))
-    };
-    let resume = Resume {
-        warm_head,
-        on_warmup: Some(&mut save),
-    };
-    let mut outcome = train::fit_resumable(
-        &prepared,
-        dataset,
-        config,
-        &backbone,
-        device,
-        &mut events,
-        cancel,
-        resume,
-    )?;
-    outcome.metrics.splice(0..0, prior_metrics);
-    outcome.phases.splice(0..0, prior_phases);
-    cancel.check()?;
-    artifact::save(&ctx.storage.model(id), &outcome, config)
-        .map_err(|e| Stopped::Failed(format!("saving the model: {e}")))?;
-    Ok(Finished {
-        classes: outcome.classes.clone(),
-        accuracy: outcome.evaluation.accuracy,
-        evaluation: serde_json::to_string(&outcome.evaluation).expect("serialisable"),
-    })
 }

@@ -1,0 +1,95 @@
+//! The blocking half of a run, on its own thread: the shared backbone, the frozen pass, the
+//! phases (resuming after a checkpointed warm-up), and the model directory.
+
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+
+use super::worker::WorkerContext;
+use crate::ml::config::TrainConfig;
+use crate::ml::data::FolderDataset;
+use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
+use crate::ml::{artifact, weights};
+
+/// Why the compute thread stopped without a model.
+pub(super) enum Stopped {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<TrainError> for Stopped {
+    fn from(e: TrainError) -> Self {
+        match e {
+            TrainError::Cancelled => Stopped::Cancelled,
+            other => Stopped::Failed(other.to_string()),
+        }
+    }
+}
+
+/// What the compute thread hands back.
+pub(super) struct Finished {
+    pub(super) classes: Vec<String>,
+    pub(super) accuracy: f64,
+    pub(super) evaluation: String,
+}
+
+/// The blocking part: backbone, frozen pass, phases, model directory.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compute(
+    ctx: &WorkerContext,
+    id: &str,
+    dataset: &FolderDataset,
+    config: &TrainConfig,
+    warm_checkpoint: Option<PathBuf>,
+    (prior_metrics, prior_phases): (Vec<EpochMetrics>, Vec<PhaseSummary>),
+    tx: mpsc::UnboundedSender<TrainEvent>,
+    cancel: &Cancel,
+) -> Result<Finished, Stopped> {
+    let device = &ctx.device;
+    let backbone = ctx.jobs.backbone(|| {
+        weights::load_backbone(&ctx.weights, device)
+            .map(|(b, _)| b)
+            .map_err(|e| TrainError::Device(format!("loading the pretrained weights: {e}")))
+    })?;
+    let mut events = |e: TrainEvent| {
+        // The receiver only goes away when the worker itself is gone.
+        let _ = tx.send(e);
+    };
+    let prepared = train::prepare(dataset, config, &backbone, device, &mut events, cancel)?;
+    let warm_head = match warm_checkpoint {
+        Some(path) => Some(
+            artifact::load_head(&path, dataset.classes.len(), device)
+                .map_err(|e| Stopped::Failed(format!("reading the warm-up checkpoint: {e}")))?,
+        ),
+        None => None,
+    };
+    let checkpoint_path = ctx.storage.warmup_checkpoint(id);
+    let mut save = |head: &burn::nn::Linear| {
+        artifact::save_head(&checkpoint_path, head)
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))
+    };
+    let resume = Resume {
+        warm_head,
+        on_warmup: Some(&mut save),
+    };
+    let mut outcome = train::fit_resumable(
+        &prepared,
+        dataset,
+        config,
+        &backbone,
+        device,
+        &mut events,
+        cancel,
+        resume,
+    )?;
+    outcome.metrics.splice(0..0, prior_metrics);
+    outcome.phases.splice(0..0, prior_phases);
+    cancel.check()?;
+    artifact::save(&ctx.storage.model(id), &outcome, config)
+        .map_err(|e| Stopped::Failed(format!("saving the model: {e}")))?;
+    Ok(Finished {
+        classes: outcome.classes.clone(),
+        accuracy: outcome.evaluation.accuracy,
+        evaluation: serde_json::to_string(&outcome.evaluation).expect("serialisable"),
+    })
+}
