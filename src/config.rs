@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::api::access::{Access, ApiKey};
 use crate::ingest::Limits;
 use crate::ml::device::DeviceChoice;
 
@@ -54,6 +55,29 @@ pub struct ServeArgs {
     /// Folder of the web page served at `/`.
     #[arg(long, env = "TRANSFERD_STATIC_DIR", default_value = "static")]
     pub static_dir: PathBuf,
+    /// API keys (16+ characters; repeat the flag or separate with commas). When set, every
+    /// write route needs `Authorization: Bearer <key>`.
+    #[arg(
+        long = "api-key",
+        env = "TRANSFERD_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<ApiKey>,
+    /// With API keys: predictions need a key too.
+    #[arg(long, env = "TRANSFERD_PROTECT_PREDICT")]
+    pub protect_predict: bool,
+    /// With API keys: reads (GET) under `/api` need a key too.
+    #[arg(long, env = "TRANSFERD_PROTECT_READS")]
+    pub protect_reads: bool,
+    /// Origins allowed to call the API from a browser (CORS), comma-separated; `*` for any.
+    /// Off by default.
+    #[arg(
+        long = "cors-origin",
+        env = "TRANSFERD_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 }
 
 /// Everything the running service needs to know, resolved from [`ServeArgs`].
@@ -71,6 +95,8 @@ pub struct Settings {
     pub static_dir: PathBuf,
     /// Explicit pretrained weights file.
     pub weights: Option<PathBuf>,
+    pub access: Access,
+    pub cors_origins: Vec<String>,
 }
 
 impl Settings {
@@ -96,6 +122,12 @@ impl Settings {
             device: args.device,
             static_dir: args.static_dir.clone(),
             weights: args.weights.clone(),
+            access: Access {
+                keys: args.api_keys.clone(),
+                protect_predict: args.protect_predict,
+                protect_reads: args.protect_reads,
+            },
+            cors_origins: args.cors_origins.clone(),
         }
     }
 

@@ -5,72 +5,12 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use common::harness::{harness, zip_request};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::SqlitePool;
 use tower::ServiceExt;
-use transferd::{AppState, Settings, app};
-
-struct Harness {
-    state: AppState,
-    dir: tempfile::TempDir,
-}
-
-fn harness(pool: SqlitePool, tweak: impl FnOnce(&mut Settings)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::defaults(dir.path());
-    settings.limits.min_images_per_class = 2;
-    tweak(&mut settings);
-    Harness {
-        state: AppState::for_tests(pool, settings),
-        dir,
-    }
-}
-
-impl Harness {
-    async fn send(&self, req: Request<Body>) -> (StatusCode, Value) {
-        let res = app(self.state.clone()).oneshot(req).await.unwrap();
-        let status = res.status();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, value)
-    }
-
-    async fn upload(&self, zip: Vec<u8>) -> (StatusCode, Value) {
-        self.send(zip_request(zip)).await
-    }
-
-    async fn json(&self, method: &str, uri: &str, body: Value) -> (StatusCode, Value) {
-        self.send(
-            Request::builder()
-                .method(method)
-                .uri(uri)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        self.send(Request::get(uri).body(Body::empty()).unwrap())
-            .await
-    }
-
-    /// Dataset folders on disk.
-    fn dataset_dirs(&self) -> usize {
-        std::fs::read_dir(self.dir.path().join("datasets"))
-            .unwrap()
-            .count()
-    }
-}
-
-fn zip_request(zip: Vec<u8>) -> Request<Body> {
-    Request::post("/api/datasets?name=pets")
-        .header(header::CONTENT_TYPE, "application/zip")
-        .body(Body::from(zip))
-        .unwrap()
-}
+use transferd::app;
 
 fn error_message(v: &Value) -> String {
     v["error"]["message"]
@@ -547,4 +487,105 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
         );
     }
     assert!(doc["components"]["schemas"]["TrainConfig"].is_object());
+}
+
+#[sqlx::test]
+async fn api_keys_guard_writes_and_optionally_reads_and_predict(pool: SqlitePool) {
+    let key = "s3cret-key-for-tests-0001";
+    let h = harness(pool, |s| s.access.keys = vec![key.parse().unwrap()]);
+    let (status, v) = h.upload(common::pets_zip()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let mut req = zip_request(common::pets_zip());
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        "Bearer wrong-key-0000000000".parse().unwrap(),
+    );
+    assert_eq!(h.send(req).await.0, StatusCode::UNAUTHORIZED);
+    let mut req = zip_request(common::pets_zip());
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    assert_eq!(h.send(req).await.0, StatusCode::CREATED);
+    assert_eq!(h.dataset_dirs(), 1, "refused uploads stored nothing");
+    // Reads, predictions (409: no model yet, but not 401) and health stay open.
+    assert_eq!(h.get("/api/datasets").await.0, StatusCode::OK);
+    let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
+    let predict = || {
+        Request::post("/api/predict")
+            .body(Body::from(jpg.clone()))
+            .unwrap()
+    };
+    assert_eq!(h.send(predict()).await.0, StatusCode::CONFLICT);
+    assert_eq!(h.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(
+        h.json("POST", "/api/runs/x/cancel", json!({})).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let strict = harness(h.state.db.clone(), |s| {
+        s.access.keys = vec![key.parse().unwrap()];
+        s.access.protect_reads = true;
+        s.access.protect_predict = true;
+    });
+    assert_eq!(
+        strict.get("/api/datasets").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(strict.send(predict()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(strict.get("/readyz").await.1["database"], true);
+}
+
+#[sqlx::test]
+async fn cors_is_off_unless_origins_are_configured(pool: SqlitePool) {
+    let preflight = || {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/api/datasets")
+            .header(header::ORIGIN, "https://app.example")
+            .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let h = harness(pool.clone(), |_| {});
+    let res = app(h.state.clone()).oneshot(preflight()).await.unwrap();
+    assert!(
+        res.headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .is_none()
+    );
+    let h = harness(pool, |s| {
+        s.cors_origins = vec!["https://app.example".into()]
+    });
+    let res = app(h.state.clone()).oneshot(preflight()).await.unwrap();
+    assert_eq!(
+        res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://app.example"
+    );
+}
+
+#[sqlx::test]
+async fn a_failed_write_leaves_no_half_dataset(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    // Where the dataset folder should go, a file: the final rename fails.
+    let datasets = h.dir.path().join("datasets");
+    std::fs::remove_dir_all(&datasets).unwrap();
+    std::fs::write(&datasets, b"in the way").unwrap();
+    let (status, v) = h.upload(common::pets_zip()).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["error"]["code"], "internal");
+    assert!(
+        !error_message(&v).contains("datasets"),
+        "no internals leak: {v}"
+    );
+    assert_eq!(
+        std::fs::read_dir(h.dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM datasets")
+        .fetch_one(&h.state.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
 }

@@ -298,7 +298,9 @@ async fn upload_train_follow_and_predict() {
     }))
     .await;
     for a in answers {
-        let p = a["predictions"][0]["probabilities"]["cat"].as_f64().unwrap();
+        let p = a["predictions"][0]["probabilities"]["cat"]
+            .as_f64()
+            .unwrap();
         assert!((p - single).abs() < 1e-4, "{p} vs {single}");
     }
     let res = reqwest::Client::new()
@@ -433,5 +435,32 @@ async fn a_killed_server_recovers_its_run_after_restart() {
     assert_eq!(r["attempts"], 2, "{r}");
     let datasets = get(&base, "/api/datasets").await;
     assert_eq!(datasets[0]["total_images"], 24, "the dataset is intact");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_images_vanished_fails_and_the_next_one_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let base = server.base.clone();
+    let broken = upload(&base).await;
+    let fine = upload(&base).await;
+    // Every image of the first dataset disappears from disk behind the server's back.
+    let folder = dir
+        .path()
+        .join("datasets")
+        .join(broken["id"].as_str().unwrap());
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let doomed = start_run(&base, &broken, tiny(1)).await;
+    let next = start_run(&base, &fine, tiny(1)).await;
+    let events = follow(&base, &doomed, |_, _| false).await;
+    let last = &events.last().unwrap().1;
+    assert_eq!(last["status"], "failed", "{last}");
+    let r = get(&base, &format!("/api/runs/{doomed}")).await;
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("image"), "a useful message: {error}");
+    wait_status(&base, &next, "succeeded").await;
     server.stop().await;
 }

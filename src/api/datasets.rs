@@ -175,9 +175,10 @@ pub async fn upload(
     // The folder gets its final name before the rows commit; a crash in between leaves an
     // orphan folder that start-up removes, never a row without its files.
     let dir = state.storage.dataset(&id);
-    tokio::fs::rename(&staging, &dir)
-        .await
-        .map_err(|e| ApiError::internal("moving an upload into place", e))?;
+    if let Err(e) = tokio::fs::rename(&staging, &dir).await {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        return Err(ApiError::internal("moving an upload into place", e));
+    }
     match db::datasets::insert(&state.db, &id, &name, &ingested).await {
         Ok(dataset) => {
             tracing::info!(dataset_id = %id, images = dataset.total_images,

@@ -1,6 +1,7 @@
 //! The HTTP API, one router module per resource, and the page in `static/` at `/`.
 //! Every handler answers JSON; errors are [`crate::error::ApiError`].
 
+pub mod access;
 mod body;
 pub mod datasets;
 pub mod events;
@@ -49,13 +50,21 @@ pub fn app(state: AppState) -> Router {
         .merge(models::router())
         .merge(predict::router())
         .route("/openapi.json", axum::routing::get(health::openapi))
+        .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::require_key,
+        ))
         // Handlers enforce their own, configurable limits while streaming.
-        .layer(DefaultBodyLimit::disable())
-        .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) });
-    Router::new()
+        .layer(DefaultBodyLimit::disable());
+    let router = Router::new()
         .nest("/api", api)
         .merge(health::router())
         .fallback_service(ServeDir::new(&state.settings.static_dir))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(TraceLayer::new_for_http());
+    let router = match access::cors(&state.settings.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
 }
