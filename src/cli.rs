@@ -26,6 +26,9 @@ pub struct Cli {
         global = true
     )]
     pub data_dir: PathBuf,
+    /// Log format on stderr: `text` or `json`.
+    #[arg(long, env = "TRANSFERD_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text, global = true)]
+    pub log_format: crate::telemetry::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -42,6 +45,16 @@ pub struct DeviceArgs {
 pub enum Command {
     /// Run the HTTP service: dataset uploads, the training queue, predictions, the web page.
     Serve(crate::config::ServeArgs),
+    /// Exit 0 when a local server answers `GET /healthz` with 200 (for container health checks).
+    Healthcheck {
+        /// Address of the server.
+        #[arg(
+            long,
+            env = "TRANSFERD_HEALTHCHECK_ADDR",
+            default_value = "127.0.0.1:8080"
+        )]
+        addr: std::net::SocketAddr,
+    },
     /// Manage the pretrained EfficientNet-Lite0 weights.
     Weights {
         #[command(subcommand)]
@@ -106,6 +119,7 @@ fn println_json(value: serde_json::Value) -> anyhow::Result<()> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(&cli.data_dir, &args),
+        Command::Healthcheck { addr } => healthcheck(addr),
         Command::Weights {
             action: WeightsAction::Fetch,
         } => {
@@ -144,6 +158,23 @@ fn serve(data_dir: &Path, args: &crate::config::ServeArgs) -> anyhow::Result<()>
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         crate::run(listener, settings, shutdown).await
     })
+}
+
+/// A plain HTTP/1.0 `GET /healthz`, so container images need no curl.
+fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use std::io::Read;
+    use std::time::Duration;
+    let timeout = Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.take(4096).read_to_string(&mut response)?;
+    let status = response.lines().next().unwrap_or_default();
+    anyhow::ensure!(status.contains(" 200 "), "unhealthy: {status:?}");
+    Ok(())
 }
 
 /// Fires `shutdown` on ctrl-c or SIGTERM.

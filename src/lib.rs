@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod ml;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 
 use anyhow::Context;
 use axum::Router;

@@ -473,6 +473,25 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["code"], "not_found");
 
+    let res = app(h.state.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for needle in [
+        "transferd_http_requests_total{",
+        "route=\"/api/models/{id}/promote\"",
+        "transferd_http_request_duration_seconds_bucket{",
+        "transferd_runs{status=\"queued\"} 0",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle} missing from /metrics:\n{text}"
+        );
+    }
+
     let (status, doc) = h.get("/api/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     for path in [

@@ -404,8 +404,8 @@ async fn a_killed_server_recovers_its_run_after_restart() {
         ])
         .arg("--weights")
         .arg(common::weights_path())
+        .args(["--log-format", "json"])
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -413,8 +413,10 @@ async fn a_killed_server_recovers_its_run_after_restart() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in stderr.lines().map_while(Result::ok) {
-            if let Some(i) = line.find("addr=") {
-                let _ = tx.send(line[i + 5..].split_whitespace().next().unwrap().to_string());
+            // JSON logs: one object per line.
+            let event: Value = serde_json::from_str(&line).expect("a JSON log line");
+            if event["fields"]["message"] == "listening" {
+                let _ = tx.send(event["fields"]["addr"].as_str().unwrap().to_string());
             }
         }
     });
@@ -423,6 +425,11 @@ async fn a_killed_server_recovers_its_run_after_restart() {
         .expect("the server logs its address");
     let base = format!("http://{addr}");
     wait_healthy(&base).await;
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .args(["healthcheck", "--addr", &addr])
+        .status()
+        .unwrap();
+    assert!(health.success(), "the container health check passes");
     let dataset = upload(&base).await;
     let run = start_run(&base, &dataset, tiny(6)).await;
     follow(&base, &run, first_finetune_epoch).await;

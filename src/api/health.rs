@@ -1,20 +1,23 @@
-//! `/healthz` (the process answers), `/readyz` (database reachable, weights present, device)
-//! and the OpenAPI document.
+//! `/healthz` (the process answers), `/readyz` (database reachable, weights present, device),
+//! `/metrics` (Prometheus) and the OpenAPI document.
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::error::ApiError;
 use crate::state::{AppState, DeviceInfo};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
 }
 
 /// Liveness.
@@ -70,4 +73,20 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 /// `GET /api/openapi.json`.
 pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(super::ApiDoc::openapi())
+}
+
+/// Prometheus text format; run counts by status are read from the database now.
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            .fetch_all(&state.db)
+            .await?;
+    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
+        let n = counts.iter().find(|(s, _)| s == status).map_or(0, |c| c.1);
+        metrics::gauge!("transferd_runs", "status" => status).set(n as f64);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::prometheus().render(),
+    ))
 }

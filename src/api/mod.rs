@@ -43,6 +43,7 @@ pub struct ApiDoc;
 
 /// The whole application: API routes, OpenAPI document and the static page.
 pub fn app(state: AppState) -> Router {
+    crate::telemetry::prometheus(); // installed before the first metric is recorded
     let api = Router::new()
         .merge(datasets::router())
         .merge(runs::router())
@@ -61,7 +62,28 @@ pub fn app(state: AppState) -> Router {
         .nest("/api", api)
         .merge(health::router())
         .fallback_service(ServeDir::new(&state.settings.static_dir))
-        .layer(TraceLayer::new_for_http());
+        .layer(axum::middleware::from_fn(crate::telemetry::http_metrics))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::extract::Request| {
+                    let route = req
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map_or("unmatched", |p| p.as_str());
+                    tracing::info_span!("request", method = %req.method(), route,
+                        status = tracing::field::Empty, latency_ms = tracing::field::Empty)
+                })
+                .on_request(())
+                .on_response(
+                    |res: &axum::response::Response,
+                     latency: std::time::Duration,
+                     span: &tracing::Span| {
+                        span.record("status", res.status().as_u16());
+                        span.record("latency_ms", latency.as_secs_f64() * 1e3);
+                        tracing::info!("request done");
+                    },
+                ),
+        );
     let router = match access::cors(&state.settings.cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,

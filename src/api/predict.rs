@@ -147,10 +147,12 @@ pub async fn predict(
     if q.top_k == Some(0) {
         return Err(ApiError::invalid("top_k", "must be at least 1"));
     }
+    let started = std::time::Instant::now();
     let images = receive(&state, &headers, request).await?;
     let max_dim = state.settings.limits.max_image_dimension;
     let pre = Preprocessing::for_size(model.input_size as usize);
     let names: Vec<Option<String>> = images.iter().map(|(n, _)| n.clone()).collect();
+    let names_len = names.len();
     let views = tokio::task::spawn_blocking(move || {
         images
             .iter()
@@ -200,6 +202,9 @@ pub async fn predict(
             }
         })
         .collect();
+    metrics::histogram!("transferd_predict_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("transferd_predict_images_total").increment(names_len as u64);
     Ok(Json(Prediction {
         model_id: model.id.clone(),
         classes: model.classes.clone(),

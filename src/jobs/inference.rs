@@ -78,9 +78,11 @@ struct Cache {
 impl Cache {
     fn get(&mut self, id: &str, dir: &Path, device: &Device) -> Result<&Predictor, String> {
         if let Some(pos) = self.models.iter().position(|(m, _)| m == id) {
+            metrics::counter!("transferd_model_cache_total", "result" => "hit").increment(1);
             let entry = self.models.remove(pos).expect("present");
             self.models.push_front(entry);
         } else {
+            metrics::counter!("transferd_model_cache_total", "result" => "miss").increment(1);
             let predictor = Predictor::load(dir, device).map_err(|e| e.to_string())?;
             tracing::info!(model_id = id, "model loaded for prediction");
             self.models.push_front((id.to_string(), predictor));
@@ -109,6 +111,7 @@ fn serve(rx: mpsc::Receiver<Job>, device: Device, capacity: usize, max_batch: us
             run_batch(&mut cache, &device, mine, max_batch);
         }
     }
+    tracing::info!("inference thread stopped");
 }
 
 /// Runs the jobs of one model together, at most `max_batch` images per forward pass.
@@ -125,6 +128,7 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
     let mut pending: Vec<(Job, usize)> = Vec::new();
     let mut views = Vec::new();
     let flush = |pending: &mut Vec<(Job, usize)>, views: &mut Vec<Vec<f32>>| {
+        metrics::histogram!("transferd_predict_batch_size").record(views.len() as f64);
         let mut probs = predictor
             .probabilities_of_views(std::mem::take(views))
             .into_iter();

@@ -20,6 +20,7 @@ pub(crate) struct Tracker {
     pub(crate) last: Progress,
     /// Share done when this attempt started (a resumed run starts past 0).
     base: f64,
+    stage_started: Instant,
 }
 
 fn stage_name(stage: &str) -> &'static str {
@@ -72,6 +73,7 @@ impl Tracker {
             ],
             last: Progress::default(),
             base,
+            stage_started: Instant::now(),
         }
     }
 
@@ -90,6 +92,7 @@ impl Tracker {
             self.done_before += self.share(prev);
         }
         self.current = Some(stage);
+        self.stage_started = Instant::now();
         self.last.epoch = None;
         self.last.epochs_total = self.epochs_total(stage).map(|n| n as i64);
     }
@@ -106,6 +109,15 @@ impl Tracker {
         self.last.eta_seconds = (progressed > 0.01).then(|| elapsed * (1.0 - percent) / progressed);
         self.last.phase = Some(stage.to_string());
         self.last.stage = Some(stage.to_string());
+    }
+
+    /// Steps per second of the current stage, given `done` steps of its current epoch (or
+    /// of the stage when it has no epochs).
+    pub(crate) fn rate(&self, done: usize) -> Option<f64> {
+        let elapsed = self.stage_started.elapsed().as_secs_f64();
+        let per_epoch = self.last.steps_total.unwrap_or(0).max(0) as f64;
+        let steps = self.last.epoch.unwrap_or(0) as f64 * per_epoch + done as f64;
+        (elapsed > 0.5).then(|| steps / elapsed)
     }
 
     /// A step of `stage` finished.

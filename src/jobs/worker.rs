@@ -206,7 +206,7 @@ async fn execute(
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
-                if let Err(e) = on_event(ctx, &id, event, &mut tracker, &mut last_write).await {
+                if let Err(e) = on_event(ctx, &id, event, &mut tracker, &mut last_write, config.batch_size).await {
                     // Stop the compute too: its results could no longer be recorded.
                     cancel.cancel();
                     let _ = compute.await;
@@ -282,11 +282,26 @@ async fn on_event(
     event: TrainEvent,
     tracker: &mut Tracker,
     last_write: &mut Instant,
+    batch_size: usize,
 ) -> anyhow::Result<()> {
     let mut force = false;
     match event {
-        TrainEvent::Progress { stage, done, total } => tracker.step(stage, done, total),
+        TrainEvent::Progress { stage, done, total } => {
+            tracker.step(stage, done, total);
+            if let Some(per_second) = tracker.rate(done) {
+                // Frozen-pass steps are views; training steps are batches.
+                let images = if stage == "frozen_pass" {
+                    1
+                } else {
+                    batch_size
+                };
+                metrics::gauge!("transferd_training_images_per_second", "stage" => stage)
+                    .set(per_second * images as f64);
+            }
+        }
         TrainEvent::Epoch(m) => {
+            metrics::counter!("transferd_training_epochs_total", "phase" => m.phase.clone())
+                .increment(1);
             tracker.epoch(&m.phase, m.epoch);
             db::epochs::add_epoch(&ctx.db, id, &m).await?;
             ctx.jobs.publish(RunEvent {
