@@ -460,6 +460,10 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
         StatusCode::NOT_FOUND
     );
 
+    let (status, defaults) = h.get("/api/config").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(defaults["warmup"]["epochs"], 80);
+    assert_eq!(defaults["finetune"]["unfreeze"], 1);
     assert_eq!(h.get("/healthz").await.1["status"], "ok");
     let (status, ready) = h.get("/readyz").await;
     assert_eq!(

@@ -24,7 +24,7 @@ use crate::state::AppState;
     info(title = "transferd", description = "Transfer learning as a service: upload a zip of labelled photos, train, predict."),
     paths(
         datasets::upload, datasets::list, datasets::show, datasets::delete, datasets::file,
-        runs::create, runs::list, runs::show, runs::metrics, runs::evaluation, runs::cancel,
+        runs::create, runs::default_config, runs::list, runs::show, runs::metrics, runs::evaluation, runs::cancel,
         events::events,
         models::list, models::promote,
         predict::predict,

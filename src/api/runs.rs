@@ -19,6 +19,7 @@ use crate::state::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/runs", get(list).post(create))
+        .route("/config", get(default_config))
         .route("/runs/{id}", get(show))
         .route("/runs/{id}/metrics", get(metrics))
         .route("/runs/{id}/evaluation", get(evaluation))
@@ -89,6 +90,13 @@ pub async fn create(
     state.jobs.wake();
     tracing::info!(run_id = %id, dataset_id = %dataset.id, "run queued");
     Ok((StatusCode::ACCEPTED, Json(run)))
+}
+
+/// The default training config: what every field of a run's `config` is when left out.
+#[utoipa::path(get, path = "/api/config", tag = "runs",
+    responses((status = 200, body = TrainConfig)))]
+pub async fn default_config() -> Json<TrainConfig> {
+    Json(TrainConfig::default())
 }
 
 /// Filter of the run list.

@@ -1,0 +1,117 @@
+// One run, live from its SSE stream: phase, epoch, progress and ETA, cancel; learning curves;
+// then the evaluation: confusion matrix, per-class scores, calibration, mistakes.
+import { api, follow, imageUrl } from '../api.js';
+import { learningCurves } from '../charts.js';
+import { el, badge, pct, duration, notice, short, when } from '../ui.js';
+
+const ENDED = ['succeeded', 'failed', 'cancelled'];
+
+function phasesTable(run) {
+  return el('table.list', {},
+    el('thead', {}, el('tr', {}, ['phase', 'status', 'epochs', 'best epoch', 'best val. accuracy', 'best val. loss', 'time'].map((h) => el('th', { text: h })))),
+    el('tbody', {}, run.phases.map((p) => el('tr', {},
+      el('td', { text: p.phase }), el('td', {}, badge(p.status)),
+      el('td', { text: `${p.epochs_run} / ${p.epochs_planned}` }),
+      el('td', { text: p.best_epoch ?? '–' }),
+      el('td', { text: pct(p.best_val_accuracy, 2) }),
+      el('td', { text: p.best_val_loss?.toFixed(4) ?? '–' }),
+      el('td', { text: duration(p.seconds) })))));
+}
+
+function heatMap(classes, confusion) {
+  const max = Math.max(1, ...confusion.flat());
+  return el('table.heat', { 'data-testid': 'confusion' },
+    el('thead', {}, el('tr', {}, el('th', { text: 'true ↓ / predicted →' }), classes.map((c) => el('th', { text: c })))),
+    el('tbody', {}, confusion.map((row, i) => el('tr', {}, el('th', { text: classes[i] }),
+      row.map((n, j) => el('td', {
+        text: n,
+        title: `${n} ${classes[i]} predicted as ${classes[j]}`,
+        style: { background: `rgba(${i === j ? '42,157,92' : '200,60,60'}, ${(0.1 + 0.9 * n / max).toFixed(2)})` },
+      }))))));
+}
+
+async function evaluation(id) {
+  const e = await api(`/api/runs/${id}/evaluation`);
+  const c = e.calibration;
+  const gallery = el('div.gallery', { 'data-testid': 'mistakes' });
+  for (const m of e.misclassified) {
+    const img = el('img', { alt: `${m.true_label} predicted as ${m.predicted}`, loading: 'lazy' });
+    if (m.image_url) imageUrl(m.image_url).then((u) => { img.src = u; }).catch(() => { img.alt = 'image unavailable'; });
+    const p = Math.max(...m.probabilities);
+    gallery.append(el('figure', {}, img, el('figcaption', {}, el('b', { text: m.true_label }), ` seen as ${m.predicted} (${pct(p)})`, el('br'), el('small', { text: m.original_name ?? '' }))));
+  }
+  return el('section.card', { 'data-testid': 'evaluation' },
+    el('h3', { text: `Validation accuracy ${pct(e.accuracy, 2)}` }),
+    el('div.two', {},
+      el('div', {}, el('h4', { text: 'Confusion matrix' }), heatMap(e.classes, e.confusion)),
+      el('div', {}, el('h4', { text: 'Per class' }), el('table.list', {},
+        el('thead', {}, el('tr', {}, ['class', 'precision', 'recall', 'F1', 'images'].map((h) => el('th', { text: h })))),
+        el('tbody', {}, e.per_class.map((r) => el('tr', {}, el('td', { text: r.class }), el('td', { text: pct(r.precision) }),
+          el('td', { text: pct(r.recall) }), el('td', { text: pct(r.f1) }), el('td', { text: r.support })))))),
+    ),
+    el('h4', { text: 'Calibration' }),
+    el('p', { text: `Temperature ${c.temperature.toFixed(3)}; expected calibration error ${pct(c.ece_before, 2)} before, ${pct(c.ece_after, 2)} after; log-loss ${c.nll_before.toFixed(4)} → ${c.nll_after.toFixed(4)}.` }),
+    el('h4', { text: e.misclassified.length ? `Misclassified validation images (${e.misclassified.length})` : 'No validation image was misclassified.' }),
+    gallery);
+}
+
+export async function runView(view, id) {
+  const abort = new AbortController();
+  let run = await api(`/api/runs/${id}`);
+  let metrics = await api(`/api/runs/${id}/metrics`);
+  const head = el('div.run-head');
+  const live = el('div.live', { 'data-testid': 'live' });
+  const phases = el('div');
+  const curves = el('div');
+  const result = el('div');
+  view.append(head, live, phases, el('h3', { text: 'Learning curves' }), curves, result);
+
+  const drawHead = () => {
+    const cancel = !ENDED.includes(run.status) && el('button.danger', { onclick: async () => {
+      try { run = await api(`/api/runs/${id}/cancel`, { method: 'POST' }); drawHead(); notice('Cancelling: the run stops at its next step', 'ok'); } catch (e) { notice(e.message); }
+    } }, run.cancel_requested ? 'Cancelling…' : 'Cancel');
+    head.replaceChildren(...[el('h2', {}, `Run ${short(id)} `, badge(run.status), ' ', cancel || ''),
+      el('p.muted', { text: `dataset ${short(run.dataset_id)} · created ${when(run.created_at)}${run.attempts > 1 ? ` · attempt ${run.attempts}` : ''}` }),
+      run.error ? el('p.error-text', { text: run.error }) : null].filter(Boolean));
+    phases.replaceChildren(phasesTable(run));
+  };
+  const drawLive = (p) => {
+    if (ENDED.includes(run.status)) { live.replaceChildren(); return; }
+    const epoch = p.epoch ? ` · epoch ${p.epoch}${p.epochs_total ? ` of at most ${p.epochs_total}` : ''}` : '';
+    const step = p.steps_total ? ` · step ${p.step} / ${p.steps_total}` : '';
+    live.replaceChildren(el('p', { text: run.status === 'queued' ? 'Queued: waiting for the worker.' : `${p.phase ?? 'starting'}${epoch}${step}` }),
+      el('progress', { max: 100, value: p.percent ?? 0 }),
+      el('span', { text: ` ${(p.percent ?? 0).toFixed(0)}% · ${duration(p.eta_seconds)} left` }));
+  };
+  let pending = null;
+  const drawCurves = () => {
+    pending = null;
+    curves.replaceChildren(metrics.length ? learningCurves(metrics) : el('p.muted', { text: 'Curves appear after the first epoch.' }));
+  };
+  const finish = async () => {
+    drawHead();
+    live.replaceChildren();
+    metrics = await api(`/api/runs/${id}/metrics`);
+    drawCurves();
+    if (run.status === 'succeeded') result.replaceChildren(await evaluation(id));
+  };
+
+  drawHead();
+  drawLive(run);
+  drawCurves();
+  if (ENDED.includes(run.status)) {
+    await finish();
+    return () => abort.abort();
+  }
+  follow(id, async (name, data) => {
+    if (name === 'snapshot') { run = data; drawHead(); drawLive(run); }
+    else if (name === 'progress') drawLive(data);
+    else if (name === 'epoch') { metrics.push(data.metrics); pending ??= setTimeout(drawCurves, 500); }
+    else if (name === 'phase_finished') { run = await api(`/api/runs/${id}`); drawHead(); }
+    else if (name === 'status') {
+      run = await api(`/api/runs/${id}`);
+      if (ENDED.includes(run.status)) await finish(); else drawHead();
+    }
+  }, abort.signal).catch((e) => { if (e.name !== 'AbortError') notice(e.message); });
+  return () => { abort.abort(); clearTimeout(pending); };
+}

@@ -1,0 +1,113 @@
+// Train: the run form, pre-filled with the server's defaults (GET /api/config). API
+// validation errors appear next to the field they name.
+import { api } from '../api.js';
+import { el, notice } from '../ui.js';
+
+const MAIN = {
+  'warmup.enabled': 'Warm-up (backbone frozen, new head trains)',
+  'warmup.epochs': 'Warm-up epochs (at most)',
+  'warmup.learning_rate': 'Warm-up learning rate',
+  'finetune.enabled': 'Fine-tune (top of the backbone unfrozen)',
+  'finetune.epochs': 'Fine-tune epochs (at most)',
+  'finetune.learning_rate': 'Fine-tune learning rate',
+  'finetune.unfreeze': 'Unfrozen blocks (0–16, or "all")',
+  'baseline.enabled': 'Also train a from-scratch baseline for comparison',
+};
+
+const HELP = {
+  'augment.zoom_min': 'smallest random crop, as a share of the shorter side',
+  'augment.brightness.0': 'brightness factor, low end',
+  'augment.brightness.1': 'brightness factor, high end',
+  'val_fraction': 'share of each class held out for validation',
+  'views': 'views per training image in the cache (a clean one plus augmented ones)',
+  'finetune.schedule': 'cosine or constant_then_exponential',
+  'class_weighting': 'auto, on or off',
+};
+
+/** Every leaf of `config` as [path, value]. */
+function leaves(obj, prefix = '') {
+  return Object.entries(obj).flatMap(([k, v]) => {
+    const path = prefix ? `${prefix}.${k}` : k;
+    if (Array.isArray(v)) return v.map((x, i) => [`${path}.${i}`, x]);
+    if (v !== null && typeof v === 'object') return leaves(v, path);
+    return [[path, v]];
+  });
+}
+
+function field(path, value) {
+  const label = MAIN[path] || path;
+  const id = `f-${path.replace(/\./g, '-')}`;
+  let input;
+  if (typeof value === 'boolean') {
+    input = el('input', { type: 'checkbox', id, name: path, checked: value });
+    return el('div.field.check', { 'data-field': path }, input, el('label', { for: id, text: label }), el('span.field-error'));
+  }
+  if (typeof value === 'number') input = el('input', { type: 'number', step: 'any', id, name: path, value });
+  else input = el('input', { type: 'text', id, name: path, value: value ?? '' });
+  input.dataset.kind = value === null ? 'nullable-number' : typeof value;
+  return el('div.field', { 'data-field': path }, el('label', { for: id, text: label }), input,
+    HELP[path] ? el('small.muted', { text: HELP[path] }) : null, el('span.field-error'));
+}
+
+/** Reads the form back into a config object shaped like `defaults`. */
+function collect(form, defaults) {
+  const config = structuredClone(defaults);
+  for (const input of form.querySelectorAll('input[name]')) {
+    const path = input.name.split('.');
+    let target = config;
+    for (const key of path.slice(0, -1)) target = target[key];
+    const last = path[path.length - 1];
+    let v;
+    if (input.type === 'checkbox') v = input.checked;
+    else if (input.dataset.kind === 'number') v = input.value === '' ? NaN : Number(input.value);
+    else if (input.dataset.kind === 'nullable-number') v = input.value === '' ? null : Number(input.value);
+    else v = input.value;
+    if (input.name === 'finetune.unfreeze') v = input.value.trim() === 'all' ? 'all' : Number(input.value);
+    target[last] = v;
+  }
+  return config;
+}
+
+export async function trainView(view, datasetId) {
+  const [datasets, defaults] = await Promise.all([api('/api/datasets'), api('/api/config')]);
+  if (!datasets.length) {
+    view.append(el('h2', { text: 'Train' }), el('p', {}, 'Upload a dataset first: ', el('a', { href: '#/datasets', text: 'Datasets' })));
+    return;
+  }
+  const select = el('select', { name: 'dataset', id: 'f-dataset' }, datasets.map((d) =>
+    el('option', { value: d.id, selected: d.id === datasetId, text: `${d.name} (${d.total_images} images, ${d.classes.map((c) => c.name).join(', ')})` })));
+  const all = leaves(defaults);
+  const main = all.filter(([p]) => p in MAIN).sort((a, b) => Object.keys(MAIN).indexOf(a[0]) - Object.keys(MAIN).indexOf(b[0]));
+  const advanced = all.filter(([p]) => !(p in MAIN));
+  // The unfreeze value may be a number or "all": a text field.
+  const mainFields = main.map(([p, v]) => field(p, p === 'finetune.unfreeze' ? String(v) : v));
+  for (const f of mainFields) if (f.dataset.field === 'finetune.unfreeze') f.querySelector('input').dataset.kind = 'string';
+  const form = el('form.train', { novalidate: true },
+    el('div.field', {}, el('label', { for: 'f-dataset', text: 'Dataset' }), select),
+    el('fieldset', {}, el('legend', { text: 'Two phases' }), mainFields),
+    el('details', {}, el('summary', { text: 'Advanced: augmentation, split, seed, schedule, early stopping' }),
+      el('fieldset.grid', {}, advanced.map(([p, v]) => field(p, v)))),
+    el('button.primary', { type: 'submit' }, 'Start training'));
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    for (const span of form.querySelectorAll('.field-error')) span.textContent = '';
+    for (const f of form.querySelectorAll('.field.invalid')) f.classList.remove('invalid');
+    try {
+      const run = await api('/api/runs', { method: 'POST', json: { dataset_id: select.value, config: collect(form, defaults) } });
+      location.hash = `#/runs/${run.id}`;
+    } catch (err) {
+      const name = (err.field || '').replace(/^config\./, '');
+      const box = name && (form.querySelector(`[data-field="${CSS.escape(name)}"]`)
+        || form.querySelector(`[data-field^="${CSS.escape(name)}."]`));
+      if (box) {
+        box.classList.add('invalid');
+        box.querySelector('.field-error').textContent = err.message;
+        box.closest('details')?.setAttribute('open', '');
+        box.querySelector('input')?.focus();
+      } else {
+        notice(err.message);
+      }
+    }
+  });
+  view.append(el('h2', { text: 'Train a classifier' }), form);
+}

@@ -1,0 +1,62 @@
+//! The web page in a real headless Chromium (`tests/browser/e2e.mjs`, playwright-core): upload,
+//! train, follow, evaluation, predict, phone width, no console errors. Screenshots of each
+//! step go to `target/browser-screenshots/`.
+//!
+//! It needs Node.js, Debian's `chromium` and `npm ci --prefix tests/browser`; `.ci/run`
+//! installs them and sets `TRANSFERD_REQUIRE_BROWSER=1`, so CI never skips it. Elsewhere,
+//! without them, the test says so and passes.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn web_page_end_to_end_in_headless_chromium() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let missing: Vec<&str> = [
+        (!Path::new(&chromium).exists()).then_some("chromium"),
+        (!root
+            .join("tests/browser/node_modules/playwright-core")
+            .is_dir())
+        .then_some("tests/browser/node_modules (npm ci --prefix tests/browser)"),
+        Command::new("node")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then_some("node"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !missing.is_empty() {
+        let message = format!("browser test needs {}", missing.join(", "));
+        if std::env::var_os("TRANSFERD_REQUIRE_BROWSER").is_some() {
+            panic!("{message}");
+        }
+        eprintln!("SKIPPED: {message}");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let zip = work.path().join("pets.zip");
+    std::fs::write(&zip, common::pets_zip()).unwrap();
+    let out = Command::new("node")
+        .arg(root.join("tests/browser/e2e.mjs"))
+        .env("TRANSFERD_BIN", env!("CARGO_BIN_EXE_transferd"))
+        .env("TRANSFERD_WEIGHTS", common::weights_path())
+        .env("PETS_ZIP", &zip)
+        .env("SAMPLES", common::fixtures().join("samples"))
+        .env("STATIC_DIR", root.join("static"))
+        .env("SCREENSHOTS", root.join("target/browser-screenshots"))
+        .env("CHROMIUM", &chromium)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}"
+    );
+}
