@@ -5,29 +5,12 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use common::harness::{harness, zip_request};
+use common::harness::{error_message, harness, pets_with, zip_request};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::SqlitePool;
 use tower::ServiceExt;
 use transferd::app;
-
-fn error_message(v: &Value) -> String {
-    v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn pets_with(extra: Vec<(&str, Vec<u8>)>, prefix: &str) -> Vec<u8> {
-    let entries = common::pet_entries(prefix);
-    let mut refs: Vec<(&str, Vec<u8>)> = entries
-        .iter()
-        .map(|(n, b)| (n.as_str(), b.clone()))
-        .collect();
-    refs.extend(extra);
-    common::zip_of(&refs)
-}
 
 #[sqlx::test]
 async fn upload_reports_classes_counts_and_skipped_files(pool: SqlitePool) {

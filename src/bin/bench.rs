@@ -28,7 +28,7 @@ use transferd::ml::evaluate::argmax;
 use transferd::ml::head::{TransferModel, TransferModelConfig};
 use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::{self, Preprocessing};
-use transferd::ml::train::{self, Cancel, TrainEvent, TrainOutcome};
+use transferd::ml::train::{self, Cancel, Resume, TrainEvent, TrainOutcome};
 use transferd::ml::weights;
 
 fn peak_rss_mib() -> f64 {
@@ -322,7 +322,16 @@ fn main() -> anyhow::Result<()> {
     let mut transfer_seconds = None;
     for (i, (name, cfg)) in candidates.iter().enumerate() {
         let t = Instant::now();
-        let outcome = train::fit(&prepared, &ds, cfg, &backbone, &device, &mut log, &cancel)?;
+        let outcome = train::fit(
+            &prepared,
+            &ds,
+            cfg,
+            &backbone,
+            &device,
+            &mut log,
+            &cancel,
+            Resume::default(),
+        )?;
         let fit_seconds = t.elapsed().as_secs_f64();
         let robust: Vec<f64> = perturbed
             .iter()
@@ -370,7 +379,16 @@ fn main() -> anyhow::Result<()> {
             learning_rate: 1e-3,
             max_seconds: Some(budget),
         };
-        let outcome = train::fit(&prepared, &ds, &cfg, &backbone, &device, &mut log, &cancel)?;
+        let outcome = train::fit(
+            &prepared,
+            &ds,
+            &cfg,
+            &backbone,
+            &device,
+            &mut log,
+            &cancel,
+            Resume::default(),
+        )?;
         if let Some(p) = outcome.phases.iter().find(|p| p.phase == "baseline") {
             println!(
                 "\n| from scratch, same budget ({budget:.0} s) | val acc {:.2}% after {} epoch(s) (best {}), {:.0} s |",

@@ -72,7 +72,7 @@ pub(super) fn compute(
         warm_head,
         on_warmup: Some(&mut save),
     };
-    let mut outcome = train::fit_resumable(
+    let mut outcome = train::fit(
         &prepared,
         dataset,
         config,

@@ -285,27 +285,13 @@ pub fn prepare(
     })
 }
 
-/// Warm-up, fine-tune, evaluation (and the baseline when asked) on a prepared frozen pass.
-/// `config` may differ from the one `prepared` was made with in its warm-up, fine-tune
-/// (other than where the network is cut), dropout, weight decay and baseline settings.
-pub fn fit(
-    prepared: &Prepared,
-    dataset: &FolderDataset,
-    config: &TrainConfig,
-    backbone: &EfficientNetLite0,
-    device: &Device,
-    events: &mut dyn FnMut(TrainEvent),
-    cancel: &Cancel,
-) -> Result<TrainOutcome, TrainError> {
-    let resume = Resume::default();
-    fit_resumable(
-        prepared, dataset, config, backbone, device, events, cancel, resume,
-    )
-}
-
-/// [`fit`], resuming from (and checkpointing) the warm-up as `resume` says.
+/// Warm-up, fine-tune, evaluation (and the baseline when asked) on a prepared frozen pass,
+/// resuming from (and checkpointing) the warm-up as `resume` says (`Resume::default()` for
+/// neither). `config` may differ from the one `prepared` was made with in its warm-up,
+/// fine-tune (other than where the network is cut), dropout, weight decay and baseline
+/// settings.
 #[allow(clippy::too_many_arguments)]
-pub fn fit_resumable(
+pub fn fit(
     prepared: &Prepared,
     dataset: &FolderDataset,
     config: &TrainConfig,
@@ -472,7 +458,16 @@ pub fn train(
     cancel: &Cancel,
 ) -> Result<TrainOutcome, TrainError> {
     let prepared = prepare(dataset, config, backbone, device, events, cancel)?;
-    fit(&prepared, dataset, config, backbone, device, events, cancel)
+    fit(
+        &prepared,
+        dataset,
+        config,
+        backbone,
+        device,
+        events,
+        cancel,
+        Resume::default(),
+    )
 }
 
 #[cfg(test)]
