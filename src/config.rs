@@ -131,15 +131,19 @@ impl Settings {
         }
     }
 
-    /// Default settings rooted at `data_dir`, as `serve` would use them without flags.
+    /// Default settings rooted at `data_dir`, as `serve` would use them without flags or
+    /// environment variables (so tests do not pick up the caller's `TRANSFERD_*`).
     pub fn defaults(data_dir: &Path) -> Self {
-        use clap::Parser;
+        use clap::{CommandFactory, FromArgMatches, Parser};
         #[derive(Parser)]
         struct Wrapper {
             #[command(flatten)]
             args: ServeArgs,
         }
-        let w = Wrapper::parse_from(["transferd"]);
+        let matches = Wrapper::command()
+            .mut_args(|a| a.env(None::<&str>))
+            .get_matches_from(["transferd"]);
+        let w = Wrapper::from_arg_matches(&matches).expect("defaults parse");
         Self::new(data_dir, &w.args)
     }
 }
