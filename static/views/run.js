@@ -6,6 +6,14 @@ import { el, badge, pct, duration, notice, short, when } from '../ui.js';
 
 const ENDED = ['succeeded', 'failed', 'cancelled'];
 
+// What each stage is, in words for people who do not train networks.
+const STAGES = {
+  frozen_pass: 'Preparing: the pretrained network looks at every photo once',
+  warmup: 'Warm-up: training the new classification head',
+  finetune: 'Fine-tune: adjusting the top of the pretrained network',
+  baseline: 'Baseline: the same network trained from scratch, for comparison',
+};
+
 function phasesTable(run) {
   return el('table.list', {},
     el('thead', {}, el('tr', {}, ['phase', 'status', 'epochs', 'best epoch', 'best val. accuracy', 'best val. loss', 'time'].map((h) => el('th', { text: h })))),
@@ -79,7 +87,8 @@ export async function runView(view, id) {
     if (ENDED.includes(run.status)) { live.replaceChildren(); return; }
     const epoch = p.epoch ? ` · epoch ${p.epoch}${p.epochs_total ? ` of at most ${p.epochs_total}` : ''}` : '';
     const step = p.steps_total ? ` · step ${p.step} / ${p.steps_total}` : '';
-    live.replaceChildren(el('p', { text: run.status === 'queued' ? 'Queued: waiting for the worker.' : `${p.phase ?? 'starting'}${epoch}${step}` }),
+    const stage = STAGES[p.phase] ?? 'Starting';
+    live.replaceChildren(el('p', { text: run.status === 'queued' ? 'Queued: waiting for the worker.' : `${stage}${epoch}${step}` }),
       el('progress', { max: 100, value: p.percent ?? 0 }),
       el('span', { text: ` ${(p.percent ?? 0).toFixed(0)}% · ${duration(p.eta_seconds)} left` }));
   };

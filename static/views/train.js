@@ -14,10 +14,37 @@ const MAIN = {
   'baseline.enabled': 'Also train a from-scratch baseline for comparison',
 };
 
+// Labels of the advanced settings; anything not listed shows its API name.
+const LABELS = {
+  input_size: 'Image size (pixels)',
+  val_fraction: 'Validation share',
+  seed: 'Random seed',
+  batch_size: 'Batch size',
+  views: 'Views per photo',
+  dropout: 'Dropout',
+  weight_decay: 'Weight decay (L2)',
+  class_weighting: 'Class weighting',
+  max_image_dimension: 'Largest image side accepted (pixels)',
+  min_images_per_class: 'Fewest images per class',
+  'augment.enabled': 'Augmentation',
+  'augment.zoom_min': 'Random zoom: smallest crop',
+  'augment.rotation_degrees': 'Random rotation (degrees, either way)',
+  'augment.brightness.0': 'Brightness: darkest factor',
+  'augment.brightness.1': 'Brightness: brightest factor',
+  'augment.flip': 'Random left-right flip',
+  'augment.low_res_probability': 'Share of views shown at low resolution',
+  'warmup.patience': 'Warm-up early stopping: epochs without improvement',
+  'finetune.schedule': 'Fine-tune learning-rate schedule',
+  'finetune.constant_epochs': 'Schedule: epochs at the full rate (constant_then_exponential)',
+  'finetune.decay_rate': 'Schedule: decay per epoch after that',
+  'finetune.patience': 'Fine-tune early stopping: epochs without improvement',
+  'baseline.epochs': 'Baseline epochs (at most)',
+  'baseline.learning_rate': 'Baseline learning rate',
+  'baseline.max_seconds': 'Baseline time budget (seconds, empty for none)',
+};
+
 const HELP = {
   'augment.zoom_min': 'smallest random crop, as a share of the shorter side',
-  'augment.brightness.0': 'brightness factor, low end',
-  'augment.brightness.1': 'brightness factor, high end',
   'val_fraction': 'share of each class held out for validation',
   'views': 'views per training image in the cache (a clean one plus augmented ones)',
   'finetune.schedule': 'cosine or constant_then_exponential',
@@ -35,7 +62,7 @@ function leaves(obj, prefix = '') {
 }
 
 function field(path, value) {
-  const label = MAIN[path] || path;
+  const label = MAIN[path] || LABELS[path] || path;
   const id = `f-${path.replace(/\./g, '-')}`;
   let input;
   if (typeof value === 'boolean') {
