@@ -302,6 +302,8 @@ async fn on_event(
         TrainEvent::Epoch(m) => {
             metrics::counter!("transferd_training_epochs_total", "phase" => m.phase.clone())
                 .increment(1);
+            tracing::info!(phase = %m.phase, epoch = m.epoch, train_loss = m.train_loss,
+                val_loss = m.val_loss, val_accuracy = m.val_accuracy, seconds = m.seconds, "epoch");
             tracker.epoch(&m.phase, m.epoch);
             db::epochs::add_epoch(&ctx.db, id, &m).await?;
             ctx.jobs.publish(RunEvent {
