@@ -34,6 +34,14 @@ const browser = await chromium.launch({
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
+/** Chromium logs a provoked 422 as a console error: exactly that one, and nothing else. */
+function expectOnly422(what) {
+  if (problems.length !== 1 || !problems[0].includes('422')) {
+    throw new Error(`after ${what}, expected one logged 422, got:\n${problems.join('\n')}`);
+  }
+  problems.length = 0;
+}
+
 let step = 0;
 async function shot(page, name) {
   step += 1;
@@ -66,6 +74,7 @@ try {
   const bad = page.locator('.field.invalid[data-field="warmup.epochs"] .field-error');
   await bad.waitFor();
   await shot(page, 'field-error');
+  expectOnly422('the refused run');
   await page.locator('input[name="warmup.epochs"]').fill('20');
   await page.locator('details summary').click();
   for (const [name, value] of [['input_size', '128'], ['batch_size', '8'], ['finetune.epochs', '2']]) {
@@ -94,15 +103,13 @@ try {
   if (!/cat|dog/.test(text)) throw new Error(`no prediction shown: ${text}`);
   await shot(page, 'predictions');
 
-  // 5. An API error is shown as a readable message, not a silent failure. Chromium logs the
-  //    provoked 422 as a console error: exactly that one is expected here, and nothing else.
+  // 5. An API error is shown as a readable message, not a silent failure.
   if (problems.length) throw new Error(problems.join('\n'));
   await page.locator('.drop input[type=file]').setInputFiles({ name: 'notes.jpg', mimeType: 'image/jpeg', buffer: Buffer.from('not a photo') });
   await page.locator('#notice.error').waitFor();
   if (!(await page.locator('#notice').textContent()).includes('not an image')) throw new Error('the API error is not shown');
   await shot(page, 'api-error');
-  if (problems.length !== 1 || !problems[0].includes('422')) throw new Error(`unexpected console output: ${problems.join('\n')}`);
-  problems.length = 0;
+  expectOnly422('the refused prediction');
 
   // 6. Phone width.
   await page.setViewportSize({ width: 390, height: 844 });
