@@ -1,7 +1,7 @@
 //! Accuracy and speed benchmark of the default training run (not a test).
 //!
 //! `cargo run --release --bin bench -- [DATA_DIR] [--config FILE.json] [--sweep FILE.jsonl] [--baseline]
-//!     [--device auto|wgpu|cpu] [--batches 1,32]`
+//!     [--device auto|wgpu|cpu] [--batches 1,32] [--inference-only]`
 //!
 //! Trains on the tutorial's photos (default `../shared/datasets/dogcat-sub`) and prints a
 //! markdown table: validation accuracy and wall time per phase, backbone and fine-tune
@@ -9,6 +9,7 @@
 //! photos from elsewhere (mirrored, grayscale, dark, low resolution, tight crop, rotated).
 //! With `--sweep`, the frozen pass runs once and each line of the file (a partial training
 //! config with the same cut, views and input size) is fitted on it, one table row each.
+//! `--inference-only` prints the device and throughput rows and stops before training.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -280,6 +281,13 @@ fn main() -> anyhow::Result<()> {
         ),
     )];
     rows.extend(throughput(&backbone, &config, &device, &batches));
+    if args.iter().any(|a| a == "--inference-only") {
+        println!("| measure | value |\n|---|---|");
+        for (key, v) in &rows {
+            println!("| {key} | {v} |");
+        }
+        return Ok(());
+    }
 
     let started = Instant::now();
     let ds = data::scan(
