@@ -254,17 +254,7 @@ fn train_cmd(
     let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
     let mut last_pct = 0;
     let mut on_event = |e: TrainEvent| match e {
-        TrainEvent::Epoch(m) => println!(
-            "{:<8} epoch {:>3}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  lr {:.2e}  {:.1}s",
-            m.phase,
-            m.epoch,
-            m.train_loss,
-            m.train_accuracy,
-            m.val_loss,
-            m.val_accuracy,
-            m.learning_rate,
-            m.seconds
-        ),
+        TrainEvent::Epoch(m) => println!("{m}"),
         TrainEvent::Progress {
             stage: "frozen_pass",
             done,

@@ -28,10 +28,6 @@ impl Storage {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn datasets(&self) -> PathBuf {
         self.root.join("datasets")
     }

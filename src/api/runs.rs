@@ -249,7 +249,7 @@ pub async fn cancel(
             )));
         }
         CancelOutcome::Cancelled => {
-            state.jobs.publish_status(&id, "cancelled");
+            state.jobs.publish_status(&id, "cancelled", None);
         }
         CancelOutcome::Requested => {
             state.jobs.stop(&id);

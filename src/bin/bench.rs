@@ -297,17 +297,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     let mut log = |e: TrainEvent| {
         if let TrainEvent::Epoch(m) = e {
-            eprintln!(
-                "{:<8} epoch {:>3}  train {:.4}/{:.4}  val {:.4}/{:.4}  lr {:.1e}  {:.1}s",
-                m.phase,
-                m.epoch,
-                m.train_loss,
-                m.train_accuracy,
-                m.val_loss,
-                m.val_accuracy,
-                m.learning_rate,
-                m.seconds
-            );
+            eprintln!("{m}");
         }
     };
     let cancel = Cancel::default();

@@ -348,15 +348,19 @@ pub enum CancelOutcome {
 }
 
 pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<CancelOutcome, sqlx::Error> {
+    // One transaction: a worker cannot claim the run between the check and the end.
+    let mut tx = pool.begin().await?;
     let queued =
         sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'queued'")
             .bind(id)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
     if queued.rows_affected() == 1 {
-        finish(pool, id, "cancelled", None).await?;
+        finish_in(&mut tx, id, "cancelled", None).await?;
+        tx.commit().await?;
         return Ok(CancelOutcome::Cancelled);
     }
+    tx.commit().await?;
     let running = sqlx::query(
         "UPDATE runs SET cancel_requested = 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
          WHERE id = ? AND status = 'running'",

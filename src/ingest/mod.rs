@@ -12,8 +12,6 @@ use std::path::PathBuf;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use self::layout::Layout;
-pub use self::names::check_entry_name;
 pub use self::zip::ingest_zip;
 
 /// Caps that protect the server from huge or hostile archives.

@@ -57,7 +57,7 @@ impl Jobs {
 
     /// Tells an idle worker that a run was queued.
     pub fn wake(&self) {
-        self.inner.wake.notify_waiters();
+        // Wakes one idle worker, or leaves a permit for the next one to wait.
         self.inner.wake.notify_one();
     }
 
@@ -72,12 +72,12 @@ impl Jobs {
     }
 
     /// Announces a run's new status.
-    pub fn publish_status(&self, run_id: &str, status: &str) {
+    pub fn publish_status(&self, run_id: &str, status: &str, error: Option<String>) {
         self.publish(RunEvent {
             run_id: run_id.to_string(),
             kind: events::EventKind::Status {
                 status: status.to_string(),
-                error: None,
+                error,
             },
         });
     }

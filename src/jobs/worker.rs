@@ -83,20 +83,10 @@ async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
                 .await
                 .is_ok()
             {
-                status(ctx, &id, "failed", Some(message.into()));
+                ctx.jobs.publish_status(&id, "failed", Some(message.into()));
             }
         }
     }
-}
-
-fn status(ctx: &WorkerContext, run_id: &str, status: &str, error: Option<String>) {
-    ctx.jobs.publish(RunEvent {
-        run_id: run_id.to_string(),
-        kind: EventKind::Status {
-            status: status.to_string(),
-            error,
-        },
-    });
 }
 
 /// Builds the trainer's dataset from the database rows and the files on disk.
@@ -130,7 +120,7 @@ async fn execute(
 ) -> anyhow::Result<()> {
     let id = run.id.clone();
     tracing::info!("run started");
-    status(ctx, &id, "running", None);
+    ctx.jobs.publish_status(&id, "running", None);
     let config: TrainConfig = serde_json::from_str(&run.config).context("stored run config")?;
     let dataset = match run.dataset_id.as_deref() {
         Some(d) => load_dataset(ctx, d).await,
@@ -239,7 +229,7 @@ async fn execute(
             .await?;
             let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
             tracing::info!(val_accuracy = done.accuracy, "run succeeded");
-            status(ctx, &id, "succeeded", None);
+            ctx.jobs.publish_status(&id, "succeeded", None);
         }
         Ok(Err(Stopped::Cancelled)) => {
             let user = db::runs::cancel_requested(&ctx.db, &id).await?;
@@ -251,12 +241,12 @@ async fn execute(
                     resume_from = from,
                     "run left queued to resume at the next start"
                 );
-                status(ctx, &id, "queued", None);
+                ctx.jobs.publish_status(&id, "queued", None);
             } else {
                 db::runs::finish(&ctx.db, &id, "cancelled", None).await?;
                 let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
                 tracing::info!("run cancelled");
-                status(ctx, &id, "cancelled", None);
+                ctx.jobs.publish_status(&id, "cancelled", None);
             }
         }
         Ok(Err(Stopped::Failed(e))) => fail(ctx, &id, &e).await?,
@@ -272,7 +262,8 @@ async fn fail(ctx: &WorkerContext, id: &str, message: &str) -> anyhow::Result<()
     tracing::warn!(error = message, "run failed");
     db::runs::finish(&ctx.db, id, "failed", Some(message)).await?;
     let _ = std::fs::remove_dir_all(ctx.storage.run_dir(id));
-    status(ctx, id, "failed", Some(message.to_string()));
+    ctx.jobs
+        .publish_status(id, "failed", Some(message.to_string()));
     Ok(())
 }
 
