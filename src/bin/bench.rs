@@ -1,7 +1,7 @@
 //! Accuracy and speed benchmark of the default training run (not a test).
 //!
 //! `cargo run --release --bin bench -- [DATA_DIR] [--config FILE.json] [--sweep FILE.jsonl] [--baseline]
-//!     [--device auto|wgpu|cpu] [--batches 1,32] [--inference-only]`
+//!     [--device auto|wgpu|cpu] [--batches 1,32] [--inference-only] [--split-out FILE.json]`
 //!
 //! Trains on the tutorial's photos (default `../shared/datasets/dogcat-sub`) and prints a
 //! markdown table: validation accuracy and wall time per phase, backbone and fine-tune
@@ -10,6 +10,8 @@
 //! With `--sweep`, the frozen pass runs once and each line of the file (a partial training
 //! config with the same cut, views and input size) is fitted on it, one table row each.
 //! `--inference-only` prints the device and throughput rows and stops before training.
+//! `--split-out` writes the run's stratified split (classes, train and validation photos with
+//! their labels) as JSON and stops, so that a peer pipeline trains on the same photos.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -240,6 +242,45 @@ fn print_run(outcome: &TrainOutcome, config: &TrainConfig, data_dir: &Path, tota
     println!("| **whole run** | **{total:.1} s** |");
 }
 
+/// Writes the split a run with `config` makes of `data_dir`: the same scan (sorted paths,
+/// duplicates dropped) and the same seeded stratified split as `train::prepare`.
+fn write_split(data_dir: &Path, config: &TrainConfig, out: &Path) -> anyhow::Result<()> {
+    let ds = data::scan(
+        data_dir,
+        config.max_image_dimension,
+        config.min_images_per_class,
+    )?;
+    let labels: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
+    let (train, val) = data::stratified_split(&labels, config.val_fraction, config.seed);
+    let rows = |idx: &[usize]| -> anyhow::Result<Vec<serde_json::Value>> {
+        idx.iter()
+            .map(|&i| {
+                let s = &ds.samples[i];
+                Ok(serde_json::json!({
+                    "path": std::fs::canonicalize(&s.path)?,
+                    "label": s.label,
+                }))
+            })
+            .collect()
+    };
+    let split = serde_json::json!({
+        "classes": ds.classes,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "train": rows(&train)?,
+        "val": rows(&val)?,
+    });
+    std::fs::write(out, serde_json::to_vec_pretty(&split)?)?;
+    eprintln!(
+        "split of {}: {} train, {} validation photos -> {}",
+        data_dir.display(),
+        train.len(),
+        val.len(),
+        out.display()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let value_of = |flag: &str| {
@@ -248,10 +289,16 @@ fn main() -> anyhow::Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    let flag_values: Vec<String> = ["--config", "--sweep", "--device", "--batches"]
-        .iter()
-        .filter_map(|f| value_of(f))
-        .collect();
+    let flag_values: Vec<String> = [
+        "--config",
+        "--sweep",
+        "--device",
+        "--batches",
+        "--split-out",
+    ]
+    .iter()
+    .filter_map(|f| value_of(f))
+    .collect();
     let data_dir = args
         .iter()
         .find(|a| !a.starts_with("--") && !flag_values.contains(a))
@@ -260,6 +307,9 @@ fn main() -> anyhow::Result<()> {
             PathBuf::from,
         );
     let config = transferd::cli::read_config(value_of("--config").as_deref().map(Path::new))?;
+    if let Some(out) = value_of("--split-out") {
+        return write_split(&data_dir, &config, Path::new(&out));
+    }
     let choice = match value_of("--device").as_deref() {
         None | Some("cpu") => DeviceChoice::Cpu,
         Some("wgpu") => DeviceChoice::Wgpu,
