@@ -168,7 +168,7 @@ def transferd_inference(args):
                          text=True, check=True, cwd=args.root)
     rates = {}
     for line in out.stdout.splitlines():
-        m = re.match(r"\| backbone forward, batch (\d+) \| ([\d.]+) img/s", line)
+        m = re.match(r"\| backbone forward, batch (\d+)[^|]*\| ([\d.]+) img/s", line)
         if m:
             rates[int(m.group(1))] = float(m.group(2))
     return rates

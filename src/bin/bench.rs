@@ -29,10 +29,15 @@ use transferd::ml::data::{self, FolderDataset};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
 use transferd::ml::head::{TransferModel, TransferModelConfig};
+use transferd::ml::lanes;
 use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::{self, Preprocessing};
 use transferd::ml::train::{self, Cancel, Resume, TrainEvent, TrainOutcome};
 use transferd::ml::weights;
+
+// The same allocator as the service (see main.rs), so that the figures are the service's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -153,18 +158,30 @@ fn throughput(
 ) -> Vec<(String, String)> {
     let s = config.input_size;
     let mut rows = Vec::new();
+    // As the frozen pass and predictions run it: a batch's slices on one thread per core.
+    let lanes = lanes::lanes(device);
+    let forward = |images: &[usize]| {
+        lanes::map_slices(images, lanes, |slice| {
+            let x = Tensor::<4>::zeros([slice.len(), 3, s, s], device);
+            backbone.features(x).into_data()
+        })
+    };
     for &batch in batches {
-        let x = Tensor::<4>::zeros([batch, 3, s, s], device);
-        let _ = backbone.features(x.clone()).into_data();
+        let images: Vec<usize> = (0..batch).collect();
+        let _ = forward(&images);
         let reps = (64 / batch).clamp(2, 10);
         let t = Instant::now();
         for _ in 0..reps {
-            let _ = backbone.features(x.clone()).into_data();
+            let _ = forward(&images);
         }
         let secs = t.elapsed().as_secs_f64();
         let n = (batch * reps) as f64;
         rows.push((
-            format!("backbone forward, batch {batch}"),
+            format!(
+                "backbone forward, batch {batch} ({} thread{})",
+                lanes.min(batch),
+                if lanes.min(batch) == 1 { "" } else { "s" }
+            ),
             format!("{:.1} img/s ({:.1} ms/img)", n / secs, secs * 1e3 / n),
         ));
     }

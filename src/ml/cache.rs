@@ -218,20 +218,29 @@ fn forward_adaptive(
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let (mut acts, mut feats) = (Vec::new(), Vec::new());
+    let lanes = super::lanes::lanes(device);
     let mut start = 0;
     while start < views.len() {
         let end = (start + *limit).min(views.len());
-        let inputs = batcher.stack(&views[start..end], device);
-        let bottom = backbone.forward_bottom(inputs.clone(), k);
-        let pooled = backbone.forward_top(bottom.clone(), k);
-        let kept = if k == 0 { inputs } else { bottom };
-        match (kept.try_into_data(), pooled.try_into_data()) {
-            (Ok(a), Ok(f)) => {
-                acts.extend_from_slice(a.as_slice::<f32>().expect("float32"));
-                feats.extend_from_slice(f.as_slice::<f32>().expect("float32"));
+        let parts = super::lanes::map_slices(&views[start..end], lanes, |slice| {
+            let inputs = batcher.stack(slice, device);
+            let bottom = backbone.forward_bottom(inputs.clone(), k);
+            let pooled = backbone.forward_top(bottom.clone(), k);
+            let kept = if k == 0 { inputs } else { bottom };
+            match (kept.try_into_data(), pooled.try_into_data()) {
+                (Ok(a), Ok(f)) => Ok((a, f)),
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+            }
+        });
+        match parts.into_iter().collect::<Result<Vec<_>, String>>() {
+            Ok(parts) => {
+                for (a, f) in parts {
+                    acts.extend_from_slice(a.as_slice::<f32>().expect("float32"));
+                    feats.extend_from_slice(f.as_slice::<f32>().expect("float32"));
+                }
                 start = end;
             }
-            (Err(e), _) | (_, Err(e)) => {
+            Err(e) => {
                 if *limit == 1 {
                     return Err(TrainError::Device(e.to_string()));
                 }

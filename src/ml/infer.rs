@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use burn::data::dataloader::batcher::Batcher;
 use burn::module::Module;
 use burn::prelude::*;
 
@@ -11,6 +10,7 @@ use super::artifact::{self, ArtifactError, ModelConfig};
 use super::data::TensorBatcher;
 use super::evaluate::softmax;
 use super::head::TransferModel;
+use super::lanes;
 use super::preprocess::{self, ImageRejection};
 
 /// Images decoded larger than this on either side are refused.
@@ -45,18 +45,20 @@ impl Predictor {
     pub fn probabilities_of_views(&self, views: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
         let s = self.config.preprocessing.input_size;
         let batcher = TensorBatcher { shape: [3, s, s] };
+        let lanes = lanes::lanes(&self.device);
         let mut out = Vec::with_capacity(views.len());
-        let mut views = views.into_iter().peekable();
-        while views.peek().is_some() {
-            let chunk: Vec<(Vec<f32>, usize)> =
-                views.by_ref().take(MAX_BATCH).map(|v| (v, 0)).collect();
-            let logits = self
-                .model
-                .forward(batcher.batch(chunk, &self.device).inputs);
-            let [_, c] = logits.dims();
-            let data = logits.into_data();
-            for row in data.as_slice::<f32>().expect("float32").chunks(c) {
-                out.push(softmax(row, self.config.temperature));
+        for batch in views.chunks(MAX_BATCH) {
+            let logits = lanes::map_slices(batch, lanes, |slice| {
+                let slice: Vec<&[f32]> = slice.iter().map(Vec::as_slice).collect();
+                self.model
+                    .forward(batcher.stack(&slice, &self.device))
+                    .into_data()
+            });
+            let c = self.config.classes.len();
+            for data in logits {
+                for row in data.as_slice::<f32>().expect("float32").chunks(c) {
+                    out.push(softmax(row, self.config.temperature));
+                }
             }
         }
         out

@@ -14,6 +14,7 @@ pub mod frozen_bn;
 pub mod head;
 pub mod imagenet;
 pub mod infer;
+pub mod lanes;
 pub mod phases;
 pub mod preprocess;
 pub mod streamed;
