@@ -345,6 +345,7 @@ pub fn fit(
         rng: ChaCha8Rng::seed_from_u64(config.seed ^ 0x7472_616e_7366_6572),
         deadline: None,
         step_parts: 1,
+        lanes: super::lanes::lanes(device),
     };
     let batch = config.batch_size;
     let model_cfg = TransferModelConfig::new(n_classes).with_dropout(config.dropout);
