@@ -7,8 +7,8 @@
 //! development machine, Lite0's forward pass went from about 26 to 42 images/s). A GPU runs
 //! the whole batch as one piece, so there this is a plain call.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use burn::prelude::*;
 
@@ -19,8 +19,11 @@ const SLICE: usize = 8;
 /// How many threads a forward pass on `device` should use: one per core for the CPU backend
 /// (at most 8), one for anything else.
 pub fn lanes(device: &Device) -> usize {
+    // `available_parallelism` reads the cgroup CPU quota from /proc on every call (so a
+    // container's limit is respected); once per process is enough.
+    static CORES: OnceLock<usize> = OnceLock::new();
     if *device == Device::flex() {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
     } else {
         1
     }
