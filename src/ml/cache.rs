@@ -222,6 +222,7 @@ fn forward_adaptive(
     let mut start = 0;
     while start < views.len() {
         let end = (start + *limit).min(views.len());
+        let lanes = super::lanes::background(lanes);
         let parts = super::lanes::map_slices(&views[start..end], lanes, |slice| {
             let inputs = batcher.stack(slice, device);
             let bottom = backbone.forward_bottom(inputs.clone(), k);

@@ -46,6 +46,8 @@ impl Predictor {
         let s = self.config.preprocessing.input_size;
         let batcher = TensorBatcher { shape: [3, s, s] };
         let lanes = lanes::lanes(&self.device);
+        // Training on this process takes one lane until this prediction is done.
+        let _predicting = lanes::Predicting::begin();
         let mut out = Vec::with_capacity(views.len());
         for batch in views.chunks(MAX_BATCH) {
             let logits = lanes::map_slices(batch, lanes, |slice| {

@@ -6,8 +6,12 @@
 //! independent slices of a batch on one thread per core fills those gaps (on the 2-core
 //! development machine, Lite0's forward pass went from about 26 to 42 images/s). A GPU runs
 //! the whole batch as one piece, so there this is a plain call.
+//!
+//! Training is background work: while a prediction runs, its passes take one lane and leave
+//! the other cores to the prediction that a person is waiting for.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::{Mutex, OnceLock};
 
 use burn::prelude::*;
@@ -26,6 +30,34 @@ pub fn lanes(device: &Device) -> usize {
         *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
     } else {
         1
+    }
+}
+
+/// Predictions running now, in this process.
+static PREDICTING: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks a prediction as running until it is dropped.
+pub struct Predicting(());
+
+impl Predicting {
+    pub fn begin() -> Self {
+        PREDICTING.fetch_add(1, Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for Predicting {
+    fn drop(&mut self) {
+        PREDICTING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `lanes` for background work (training): one while any prediction is running.
+pub fn background(lanes: usize) -> usize {
+    if PREDICTING.load(Ordering::Relaxed) > 0 {
+        1
+    } else {
+        lanes
     }
 }
 
@@ -89,6 +121,15 @@ mod tests {
         }
         assert!(map_slices(&[] as &[u8], 2, |s| s.len()).is_empty());
         assert_eq!(map_slices(&[5u8], 4, |s| s.to_vec()), vec![vec![5]]);
+    }
+
+    #[test]
+    fn background_work_steps_aside_while_a_prediction_runs() {
+        // Other tests in this process may predict too; only this guard's effect is checked.
+        let guard = Predicting::begin();
+        assert_eq!(background(4), 1);
+        drop(guard);
+        assert_eq!(background(1), 1);
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Trainer<'_> {
         parts: usize,
     ) -> Result<(GradientsParams, f64, usize), burn::tensor::ExecutionError> {
         let rows = targets.dims()[0];
-        let lanes = self.lanes;
+        let lanes = super::lanes::background(self.lanes);
         let size = rows.div_ceil(parts.max(lanes.min(rows)));
         // Masks are drawn here, in sub-batch order, so a run stays reproducible.
         let slices: Vec<(usize, usize, Tensor<2>)> = (0..rows)
