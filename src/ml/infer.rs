@@ -48,6 +48,7 @@ impl Predictor {
         let lanes = lanes::lanes(&self.device);
         // Training on this process takes one lane until this prediction is done.
         let _predicting = lanes::Predicting::begin();
+        let c = self.config.classes.len();
         let mut out = Vec::with_capacity(views.len());
         for batch in views.chunks(MAX_BATCH) {
             let logits = lanes::map_slices(batch, lanes, |slice| {
@@ -56,7 +57,6 @@ impl Predictor {
                     .forward(batcher.stack(&slice, &self.device))
                     .into_data()
             });
-            let c = self.config.classes.len();
             for data in logits {
                 for row in data.as_slice::<f32>().expect("float32").chunks(c) {
                     out.push(softmax(row, self.config.temperature));

@@ -244,6 +244,7 @@ impl Trainer<'_> {
             })
             .collect();
         let replicas = lanes > 1 && slices.len() > 1;
+        let autodiff = &self.autodiff;
         let sub_batch = |(start, len, mask): &(usize, usize, Tensor<2>)| {
             let replica = if replicas {
                 model.valid().train()
@@ -262,35 +263,24 @@ impl Trainer<'_> {
             let correct = count_correct(logits, y);
             let share = *len as f64 / rows as f64;
             let grads = GradientsParams::from_grads((loss * share).backward(), &replica);
+            // Kernels run lazily: surface an allocation failure of the backward pass here,
+            // before the next sub-batch queues more, while the step can still be retried
+            // smaller.
+            autodiff.sync()?;
             Ok::<_, burn::tensor::ExecutionError>((grads, mean * *len as f64, correct))
         };
+        // One sub-batch per thread with replicas; otherwise all of them, in order, here.
+        let results = super::lanes::map_slices(&slices, if replicas { lanes } else { 1 }, |s| {
+            s.iter().map(&sub_batch).collect::<Result<Vec<_>, _>>()
+        });
         let mut accumulator = GradientsAccumulator::<TransferModel>::new();
         let (mut loss_sum, mut correct) = (0.0, 0);
-        let lanes = if replicas { lanes } else { 1 };
-        for chunk in slices.chunks(lanes) {
-            let results: Vec<_> = if lanes > 1 {
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = chunk
-                        .iter()
-                        .map(|slice| scope.spawn(|| sub_batch(slice)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().expect("a training sub-batch panicked"))
-                        .collect()
-                })
-            } else {
-                chunk.iter().map(sub_batch).collect()
-            };
-            for result in results {
-                let (grads, loss, right) = result?;
+        for result in results {
+            for (grads, loss, right) in result? {
                 accumulator.accumulate(model, grads);
                 loss_sum += loss;
                 correct += right;
             }
-            // Kernels run lazily: surface an allocation failure of the backward pass here,
-            // while the step can still be retried smaller.
-            self.autodiff.sync()?;
         }
         Ok((accumulator.grads(), loss_sum, correct))
     }
