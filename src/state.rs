@@ -15,7 +15,9 @@ use crate::config::Settings;
 use crate::db;
 use crate::jobs::inference::Inference;
 use crate::jobs::{Jobs, WorkerContext, recover, spawn_workers};
-use crate::ml::{device, weights};
+use crate::ml::backbone::Backbone;
+use crate::ml::backbones::Backbones;
+use crate::ml::device;
 use crate::storage::Storage;
 
 /// The compute device in use, as `/readyz` shows it.
@@ -59,12 +61,13 @@ impl Service {
         })?;
         let data_dir = settings.data_dir.clone();
         let explicit = settings.weights.clone();
-        let weights = tokio::task::spawn_blocking(move || match explicit {
-            Some(path) => weights::verify(&path).map(|()| path),
-            None => weights::locate(&data_dir, true),
-        })
-        .await?
-        .context("the pretrained weights")?;
+        let backbones = Backbones::new(data_dir, explicit);
+        // Lite0 is the default backbone: have it before accepting runs. Lite1 and Lite2 are
+        // fetched by the first run that asks for them.
+        let lite0 = backbones.clone();
+        let weights = tokio::task::spawn_blocking(move || lite0.path(Backbone::Lite0, true))
+            .await?
+            .context("the pretrained weights")?;
         let selected = device::select(settings.device).context("choosing the compute device")?;
         tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
         let pool = db::connect(&settings.database_url).await?;
@@ -95,7 +98,7 @@ impl Service {
                 jobs: jobs.clone(),
                 storage: storage.clone(),
                 device: selected.device.clone(),
-                weights: weights.clone(),
+                backbones,
             },
             settings.concurrent_runs,
             shutdown.clone(),

@@ -304,11 +304,22 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
         .json(
             "POST",
             "/api/runs",
-            json!({"dataset_id": ds_id, "config": {"warmup": {"epochs": "many"}}}),
+            json!({"dataset_id": ds_id, "config": {"warmup": {"folds": "many"}}}),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert_eq!(v["error"]["field"], "config.warmup.epochs");
+    assert_eq!(v["error"]["field"], "config.warmup.folds");
+    for (config, field) in [
+        (json!({"refit": "yes"}), "config.refit"),
+        (json!({"finetune": {"enabled": "sometimes"}}), "config.finetune.enabled"),
+        (json!({"warmup": {"l2": -1.0}}), "config.warmup.l2"),
+    ] {
+        let (status, v) = h
+            .json("POST", "/api/runs", json!({"dataset_id": ds_id, "config": config}))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{config}: {v}");
+        assert_eq!(v["error"]["field"], field, "{config}: {v}");
+    }
     let (status, v) = h
         .json(
             "POST",
@@ -350,7 +361,8 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
     assert_eq!(run["status"], "queued");
-    assert_eq!(run["config"]["warmup"]["epochs"], 80, "defaults filled in");
+    assert_eq!(run["config"]["warmup"]["folds"], 5, "defaults filled in");
+    assert_eq!(run["config"]["finetune"]["enabled"], "auto", "defaults filled in");
     let phases: Vec<(&str, &str)> = run["phases"]
         .as_array()
         .unwrap()
@@ -445,7 +457,9 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
 
     let (status, defaults) = h.get("/api/config").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(defaults["warmup"]["epochs"], 80);
+    assert_eq!(defaults["warmup"]["folds"], 5);
+    assert_eq!(defaults["backbone"], "lite0");
+    assert_eq!(defaults["refit"], true);
     assert_eq!(defaults["finetune"]["unfreeze"], 1);
     assert_eq!(h.get("/healthz").await.1["status"], "ok");
     let (status, ready) = h.get("/readyz").await;

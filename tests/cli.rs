@@ -16,7 +16,7 @@ fn train_then_predict_prints_json() {
     let work = tempfile::tempdir().unwrap();
     let config_path = work.path().join("config.json");
     let mut config = common::tiny_config();
-    config.finetune.enabled = false;
+    config.finetune.enabled = transferd::ml::config::When::Off;
     std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
     let model = work.path().join("model");
     let out = transferd()
@@ -43,7 +43,7 @@ fn train_then_predict_prints_json() {
     );
     let summary: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(summary["classes"], serde_json::json!(["cat", "dog"]));
-    assert!(summary["val_accuracy"].as_f64().unwrap() >= 0.5);
+    assert!(summary["val_accuracy"].as_f64().unwrap() >= 0.8, "{summary}");
 
     let bad = work.path().join("bad.jpg");
     std::fs::write(&bad, b"no").unwrap();
@@ -104,6 +104,19 @@ fn missing_or_wrong_weights_say_what_to_do() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("transferd weights fetch"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .env_remove("TRANSFERD_WEIGHTS_LITE1")
+        .arg("--data-dir")
+        .arg(work.path())
+        .args(["weights", "path", "--backbone", "lite1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--backbone lite1") && stderr.contains("TRANSFERD_WEIGHTS_LITE1"),
+        "{stderr}"
+    );
 
     let fake = work.path().join("fake.pth");
     std::fs::write(&fake, b"not the weights").unwrap();

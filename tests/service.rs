@@ -60,12 +60,12 @@ async fn wait_healthy(base: &str) {
     panic!("server at {base} never became ready");
 }
 
-/// A run small enough for CI; `finetune_epochs` sets how long the fine-tune lasts.
+/// A run small enough for CI; `finetune_epochs` sets how long the fine-tune lasts (forced
+/// on: the fixtures are small data, where `auto` would skip it).
 fn tiny(finetune_epochs: usize) -> Value {
     json!({
         "input_size": 128, "batch_size": 8, "views": 2,
-        "warmup": {"epochs": 20},
-        "finetune": {"epochs": finetune_epochs, "unfreeze": 1, "patience": finetune_epochs},
+        "finetune": {"enabled": true, "epochs": finetune_epochs, "unfreeze": 1, "patience": finetune_epochs},
     })
 }
 
@@ -228,7 +228,19 @@ async fn upload_train_follow_and_predict() {
         confusion, 4,
         "20% of 12 per class, rounded down, is held out"
     );
-    for m in eval["misclassified"].as_array().unwrap() {
+    let off_diagonal: u64 = (0..2)
+        .map(|i| eval["confusion"][i][1 - i].as_u64().unwrap())
+        .sum();
+    let mistakes = eval["misclassified"].as_array().unwrap();
+    assert_eq!(mistakes.len() as u64, off_diagonal, "one entry per mistake: {eval}");
+    // The run records how it was measured and what it decided (fine-tune forced on here).
+    let t = &eval["training"];
+    assert_eq!(t["estimate"], "holdout", "{t}");
+    assert_eq!(t["estimate_images"], 4, "{t}");
+    assert_eq!(t["trained_on_images"], 24, "the refit saw every photo: {t}");
+    assert_eq!(t["finetune"]["ran"], true, "{t}");
+    assert_eq!(t["backbone"], "lite0", "{t}");
+    for m in mistakes {
         let url = m["image_url"].as_str().unwrap();
         assert_eq!(
             reqwest::get(format!("{base}{url}")).await.unwrap().status(),
@@ -241,9 +253,7 @@ async fn upload_train_follow_and_predict() {
     assert_eq!(models[0]["is_default"], true);
 
     // One image as the raw body.
-    let cat = std::fs::read(common::fixtures().join("samples/test_cat.jpg"))
-        .or_else(|_| std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")))
-        .unwrap();
+    let cat = std::fs::read(common::fixtures().join("samples/test_cat.jpg")).unwrap();
     let res = reqwest::Client::new()
         .post(format!("{base}/api/predict?top_k=1"))
         .header("content-type", "image/jpeg")

@@ -13,6 +13,7 @@ use crate::db::{self, runs::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
 use crate::ml::config::TrainConfig;
 use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
+use crate::ml::plan::TrainingReport;
 use crate::ml::train::EpochMetrics;
 use crate::state::AppState;
 
@@ -34,9 +35,9 @@ const MAX_BODY: u64 = 64 << 10;
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
     pub dataset_id: String,
-    /// Training settings; every field left out takes its default. Set `warmup.enabled` or
-    /// `finetune.enabled` to `false` to skip a phase, `baseline.enabled` to `true` to also
-    /// train from scratch for comparison.
+    /// Training settings; every field left out takes its default. `finetune.enabled` is
+    /// `"auto"` (fine-tune only on enough data, kept only when it helps), `true` or `false`;
+    /// `baseline.enabled` `true` also trains from scratch for comparison.
     #[serde(default)]
     pub config: TrainConfig,
 }
@@ -61,12 +62,6 @@ pub async fn create(
     req.config
         .validate()
         .map_err(|e| ApiError::invalid(format!("config.{}", e.field), e.message))?;
-    if !req.config.warmup.enabled && !req.config.finetune.enabled {
-        return Err(ApiError::invalid(
-            "config.finetune.enabled",
-            "at least one of warm-up and fine-tune must be enabled",
-        ));
-    }
     let dataset = db::datasets::get(&state.db, &req.dataset_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("dataset {} not found", req.dataset_id)))?;
@@ -176,6 +171,10 @@ pub struct RunEvaluation {
     pub per_class: Vec<ClassReport>,
     pub calibration: Calibration,
     pub misclassified: Vec<MisclassifiedImage>,
+    /// How the figures were measured (k-fold or holdout) and what the run decided (backbone,
+    /// fine-tune kept or not, and why; head penalty; photos the served model saw). Absent
+    /// for runs from before it was recorded.
+    pub training: Option<TrainingReport>,
 }
 
 /// Confusion matrix, per-class precision/recall/F1, calibration and the misclassified images.
@@ -228,6 +227,7 @@ pub async fn evaluation(
         per_class: eval.per_class,
         calibration: eval.calibration,
         misclassified,
+        training: eval.training,
     }))
 }
 

@@ -22,9 +22,9 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use image::RgbImage;
 use imageproc::geometric_transformations::{Interpolation, rotate_about_center};
-use transferd::ml::backbone::{EfficientNetLite0, activation_shape};
+use transferd::ml::backbone::{Backbone, EfficientNetLite, activation_shape};
 use transferd::ml::cache::RowCache;
-use transferd::ml::config::TrainConfig;
+use transferd::ml::config::{BackboneChoice, TrainConfig};
 use transferd::ml::data::{self, FolderDataset};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
@@ -93,11 +93,12 @@ fn perturbed_caches(
     ds: &FolderDataset,
     val: &[usize],
     config: &TrainConfig,
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     k: usize,
     device: &Device,
 ) -> Vec<(&'static str, RowCache)> {
-    let pre = Preprocessing::for_size(config.input_size);
+    let s = config.input_size_for(backbone.kind());
+    let pre = Preprocessing::for_size(s);
     let images: Vec<(RgbImage, usize, usize)> = val
         .iter()
         .filter_map(|&i| {
@@ -109,11 +110,10 @@ fn perturbed_caches(
             ))
         })
         .collect();
-    let s = config.input_size;
     PERTURBATIONS
         .iter()
         .map(|(name, f)| {
-            let mut cache = RowCache::new(&activation_shape(k, s));
+            let mut cache = RowCache::new(&activation_shape(backbone.kind(), k, s));
             if k == 0 {
                 cache = RowCache::new(&[3, s, s]);
             }
@@ -151,12 +151,13 @@ fn accuracy(model: &TransferModel, k: usize, cache: &RowCache, device: &Device) 
 }
 
 fn throughput(
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     config: &TrainConfig,
     device: &Device,
     batches: &[usize],
 ) -> Vec<(String, String)> {
-    let s = config.input_size;
+    let kind = backbone.kind();
+    let s = config.input_size_for(kind);
     let mut rows = Vec::new();
     // As the frozen pass and predictions run it: a batch's slices on one thread per core.
     let lanes = lanes::lanes(device);
@@ -185,14 +186,15 @@ fn throughput(
             format!("{:.1} img/s ({:.1} ms/img)", n / secs, secs * 1e3 / n),
         ));
     }
-    let k = config.finetune.unfreeze.first_block();
+    let k = config.finetune.unfreeze.first_block(kind.num_blocks());
     let ad = device.clone().autodiff();
     let shape = if k == 0 {
         [3, s, s]
     } else {
-        activation_shape(k, s)
+        activation_shape(kind, k, s)
     };
     let mut top = TransferModelConfig::new(2)
+        .with_backbone(kind)
         .from_backbone(backbone, k, device)
         .unfreeze()
         .fork(&ad)
@@ -337,8 +339,15 @@ fn main() -> anyhow::Result<()> {
     let device = selected.device.clone();
     let batches: Vec<usize> = value_of("--batches")
         .map_or(Ok(vec![1, 32]), |b| b.split(',').map(str::parse).collect())?;
-    let (backbone, _) =
-        weights::load_backbone(&weights::locate(Path::new("data"), true)?, &device)?;
+    let load = |b: Backbone| -> anyhow::Result<EfficientNetLite> {
+        Ok(weights::load_backbone(&weights::locate(Path::new("data"), b, true)?, b, &device)?.0)
+    };
+    // Throughput is measured on the configured backbone (Lite0 for `auto`, until the data
+    // says otherwise).
+    let mut backbone = load(match config.backbone {
+        BackboneChoice::Fixed(b) => b,
+        BackboneChoice::Auto => Backbone::Lite0,
+    })?;
     let mut rows = vec![(
         "device".to_string(),
         format!(
@@ -368,6 +377,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let cancel = Cancel::default();
+    let planned = train::plan(&ds, &config).backbone;
+    if planned != backbone.kind() {
+        backbone = load(planned)?;
+    }
     let prepared = train::prepare(&ds, &config, &backbone, &device, &mut log, &cancel)?;
     let k = prepared.k;
     let prepare_seconds = started.elapsed().as_secs_f64();

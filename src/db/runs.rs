@@ -5,7 +5,7 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool};
 use utoipa::ToSchema;
 
 use super::json;
-use crate::ml::config::TrainConfig;
+use crate::ml::config::{TrainConfig, When};
 
 /// Phases in the order they run.
 pub const PHASES: [&str; 3] = ["warmup", "finetune", "baseline"];
@@ -128,8 +128,12 @@ impl RunRow {
 /// The phases a config plans, with their epoch budgets.
 pub fn planned_phases(config: &TrainConfig) -> Vec<(&'static str, bool, usize)> {
     vec![
-        ("warmup", config.warmup.enabled, config.warmup.epochs),
-        ("finetune", config.finetune.enabled, config.finetune.epochs),
+        ("warmup", config.warmup.enabled, 1),
+        (
+            "finetune",
+            config.finetune.enabled != When::Off,
+            config.finetune.epochs,
+        ),
         ("baseline", config.baseline.enabled, config.baseline.epochs),
     ]
 }

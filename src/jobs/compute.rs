@@ -9,7 +9,7 @@ use super::worker::WorkerContext;
 use crate::ml::config::TrainConfig;
 use crate::ml::data::FolderDataset;
 use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
-use crate::ml::{artifact, weights};
+use crate::ml::artifact;
 
 /// Why the compute thread stopped without a model.
 pub(super) enum Stopped {
@@ -31,6 +31,7 @@ pub(super) struct Finished {
     pub(super) classes: Vec<String>,
     pub(super) accuracy: f64,
     pub(super) evaluation: String,
+    pub(super) input_size: usize,
 }
 
 /// The blocking part: backbone, frozen pass, phases, model directory.
@@ -46,11 +47,11 @@ pub(super) fn compute(
     cancel: &Cancel,
 ) -> Result<Finished, Stopped> {
     let device = &ctx.device;
-    let backbone = ctx.jobs.backbone(|| {
-        weights::load_backbone(&ctx.weights, device)
-            .map(|(b, _)| b)
-            .map_err(|e| TrainError::Device(format!("loading the pretrained weights: {e}")))
-    })?;
+    let planned = train::plan(dataset, config).backbone;
+    let backbone = ctx
+        .backbones
+        .get(planned, device)
+        .map_err(|e| Stopped::Failed(format!("loading the pretrained {planned} weights: {e}")))?;
     let mut events = |e: TrainEvent| {
         // The receiver only goes away when the worker itself is gone.
         let _ = tx.send(e);
@@ -90,6 +91,7 @@ pub(super) fn compute(
     Ok(Finished {
         classes: outcome.classes.clone(),
         accuracy: outcome.evaluation.accuracy,
+        input_size: outcome.preprocessing.input_size,
         evaluation: serde_json::to_string(&outcome.evaluation).expect("serialisable"),
     })
 }

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
 
-use crate::ml::backbone::EfficientNetLite0;
 use crate::ml::train::Cancel;
 
 pub use self::events::RunEvent;
@@ -32,8 +31,6 @@ struct Inner {
     events: broadcast::Sender<RunEvent>,
     /// Stop flags of the runs training now.
     running: Mutex<HashMap<String, Cancel>>,
-    /// The pretrained backbone, loaded on first use and shared by every run.
-    backbone: Mutex<Option<EfficientNetLite0>>,
 }
 
 impl Default for Jobs {
@@ -50,7 +47,6 @@ impl Jobs {
                 wake: Notify::new(),
                 events,
                 running: Mutex::new(HashMap::new()),
-                backbone: Mutex::new(None),
             }),
         }
     }
@@ -96,20 +92,5 @@ impl Jobs {
     fn unregister(&self, run_id: &str) {
         let mut running = self.inner.running.lock().expect("not poisoned");
         running.remove(run_id);
-    }
-
-    /// The shared backbone, loading it with `load` the first time (blocking: call from the
-    /// compute thread).
-    fn backbone<E>(
-        &self,
-        load: impl FnOnce() -> Result<EfficientNetLite0, E>,
-    ) -> Result<EfficientNetLite0, E> {
-        let mut slot = self.inner.backbone.lock().expect("not poisoned");
-        if let Some(b) = slot.as_ref() {
-            return Ok(b.clone());
-        }
-        let b = load()?;
-        *slot = Some(b.clone());
-        Ok(b)
     }
 }

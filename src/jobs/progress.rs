@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use crate::db::epochs::Progress;
-use crate::ml::config::TrainConfig;
+use crate::ml::config::{TrainConfig, When};
 
 pub(crate) struct Tracker {
     started: Instant,
@@ -36,13 +36,14 @@ impl Tracker {
     /// `resume_at`: the phase this attempt starts with, when earlier phases are already done.
     pub(crate) fn new(config: &TrainConfig, resume_at: Option<&str>) -> Self {
         let mut shares = Vec::new();
-        if config.warmup.enabled || config.finetune.enabled {
-            shares.push(("frozen_pass", 50.0));
-        }
+        // Whether an automatic fine-tune runs is only known once the data is counted; its
+        // share is planned, and skipped over if it does not run.
+        let finetune = config.finetune.enabled != When::Off;
+        shares.push(("frozen_pass", 50.0));
         if config.warmup.enabled {
             shares.push(("warmup", 5.0));
         }
-        if config.finetune.enabled {
+        if finetune {
             shares.push(("finetune", 45.0));
         }
         if config.baseline.enabled {
@@ -67,7 +68,7 @@ impl Tracker {
             done_before: base,
             current: None,
             epochs: vec![
-                ("warmup", config.warmup.epochs),
+                ("warmup", 1),
                 ("finetune", config.finetune.epochs),
                 ("baseline", config.baseline.epochs),
             ],
@@ -163,7 +164,8 @@ mod tests {
         t.step("frozen_pass", 50, 100);
         assert!((t.last.percent - 25.0).abs() < 1e-9, "{}", t.last.percent);
         t.step("frozen_pass", 100, 100);
-        t.epoch("warmup", 40);
+        // The head's progress is its walk along the penalty grid.
+        t.step("warmup", 3, 11);
         let mid = t.last.percent;
         assert!(mid > 50.0 && mid < 55.0, "{mid}");
         t.phase_done("warmup");

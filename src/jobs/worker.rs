@@ -1,7 +1,6 @@
 //! The training workers: each claims the oldest queued run, trains it on a blocking thread,
 //! and turns the trainer's events into database rows and live events.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,7 +32,7 @@ pub struct WorkerContext {
     pub jobs: Jobs,
     pub storage: Storage,
     pub device: burn::prelude::Device,
-    pub weights: PathBuf,
+    pub backbones: crate::ml::backbones::Backbones,
 }
 
 /// Starts `count` workers; they stop taking runs once `shutdown` fires and stop the run they
@@ -221,7 +220,7 @@ async fn execute(
                     run_id: &id,
                     dataset_id: run.dataset_id.as_deref(),
                     classes: &done.classes,
-                    input_size: config.input_size,
+                    input_size: done.input_size,
                     val_accuracy: done.accuracy,
                     evaluation: &done.evaluation,
                 },

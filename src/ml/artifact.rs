@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::store::ModuleRecord;
 use serde::{Deserialize, Serialize};
 
+use super::backbone::Backbone;
 use super::config::TrainConfig;
 use super::evaluate::Evaluation;
 use super::head::{TransferModel, TransferModelConfig};
@@ -26,7 +27,7 @@ const WEIGHTS_FILE: &str = "model.bpk";
 pub struct ModelConfig {
     pub format_version: u32,
     pub transferd_version: String,
-    pub backbone: String,
+    pub backbone: Backbone,
     pub backbone_weights_sha256: String,
     pub classes: Vec<String>,
     pub preprocessing: Preprocessing,
@@ -86,10 +87,10 @@ pub fn model_config(outcome: &TrainOutcome, training: &TrainConfig) -> ModelConf
     ModelConfig {
         format_version: FORMAT_VERSION,
         transferd_version: env!("CARGO_PKG_VERSION").to_string(),
-        backbone: "efficientnet-lite0".into(),
-        backbone_weights_sha256: weights::SHA256.into(),
+        backbone: outcome.backbone,
+        backbone_weights_sha256: weights::pinned(outcome.backbone).sha256.into(),
         classes: outcome.classes.clone(),
-        preprocessing: Preprocessing::for_size(training.input_size),
+        preprocessing: outcome.preprocessing,
         dropout: training.dropout,
         temperature: outcome.evaluation.calibration.temperature,
         seed: training.seed,
@@ -176,6 +177,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, ArtifactError> {
     let record = ModuleRecord::load(&weights_path).map_err(invalid)?;
     let model = TransferModelConfig::new(config.classes.len())
         .with_dropout(config.dropout)
+        .with_backbone(config.backbone)
         .init(device)
         .try_load_record(record)
         .map_err(invalid)?;

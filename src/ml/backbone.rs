@@ -1,9 +1,10 @@
-//! EfficientNet-Lite0, the pretrained ImageNet backbone, as a burn module.
+//! EfficientNet-Lite0, Lite1 and Lite2, the pretrained ImageNet backbones, as a burn module.
 //!
 //! The field names mirror lukemelas' EfficientNet-PyTorch (minus the leading underscores) so
 //! that the published `.pth` loads with a single key-remapping rule (see `weights.rs`).
-//! Lite0 differs from EfficientNet-B0: no squeeze-excitation, ReLU6 everywhere, and a fixed
-//! stem and head. Every conv uses TensorFlow "SAME" padding because the weights were trained
+//! EfficientNet-Lite differs from EfficientNet-B*: no squeeze-excitation, ReLU6 everywhere,
+//! and a stem and head kept at 32 and 1280 channels whatever the scaling. Lite1 and Lite2
+//! deepen the middle stages (21 blocks against 16) and Lite2 widens them by 1.1. Every conv uses TensorFlow "SAME" padding because the weights were trained
 //! in TensorFlow: with symmetric padding the strided convs would shift the features by a pixel.
 //!
 //! The network is split at a block boundary so that training can run the frozen bottom once,
@@ -13,26 +14,86 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
+use serde::{Deserialize, Serialize};
 
 use super::frozen_bn::{FrozenBatchNorm, FrozenBatchNormConfig};
 
 /// Channels of the pooled feature vector that the transfer head sees.
 pub const FEATURES: usize = 1280;
-/// Number of MBConv blocks in Lite0.
-pub const NUM_BLOCKS: usize = 16;
+/// Channels out of the stem, the same for every Lite variant.
+const STEM: usize = 32;
 /// The TensorFlow EfficientNet BatchNorm epsilon.
 const BN_EPS: f64 = 1e-3;
 
-/// One stage of Lite0: (repeats, kernel, stride, expand ratio, in channels, out channels).
-const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+/// The pretrained backbones on offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Backbone {
+    /// EfficientNet-Lite0 at 224 px: the fastest.
+    #[serde(alias = "efficientnet-lite0")]
+    Lite0,
+    /// EfficientNet-Lite1 at 240 px: deeper.
+    #[serde(alias = "efficientnet-lite1")]
+    Lite1,
+    /// EfficientNet-Lite2 at 260 px: deeper and wider.
+    #[serde(alias = "efficientnet-lite2")]
+    Lite2,
+}
+
+/// Per stage: (kernel, stride, expand ratio); the same for every variant.
+const STAGE_SHAPES: [(usize, usize, usize); 7] = [
+    (3, 1, 1),
+    (3, 2, 6),
+    (5, 2, 6),
+    (3, 2, 6),
+    (5, 1, 6),
+    (5, 2, 6),
+    (3, 1, 6),
 ];
+
+impl Backbone {
+    pub const ALL: [Backbone; 3] = [Backbone::Lite0, Backbone::Lite1, Backbone::Lite2];
+
+    /// `lite0`, `lite1` or `lite2`, as in configs and URLs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backbone::Lite0 => "lite0",
+            Backbone::Lite1 => "lite1",
+            Backbone::Lite2 => "lite2",
+        }
+    }
+
+    /// The input side the ImageNet weights were trained at.
+    pub fn input_size(self) -> usize {
+        match self {
+            Backbone::Lite0 => 224,
+            Backbone::Lite1 => 240,
+            Backbone::Lite2 => 260,
+        }
+    }
+
+    /// Repeats and output channels of each stage (the published depth and width scaling,
+    /// with the first and last stages' repeats fixed as the Lite builder fixes them).
+    fn stages(self) -> ([usize; 7], [usize; 7]) {
+        const LITE0_WIDTHS: [usize; 7] = [16, 24, 40, 80, 112, 192, 320];
+        match self {
+            Backbone::Lite0 => ([1, 2, 2, 3, 3, 4, 1], LITE0_WIDTHS),
+            Backbone::Lite1 => ([1, 3, 3, 4, 4, 5, 1], LITE0_WIDTHS),
+            Backbone::Lite2 => ([1, 3, 3, 4, 4, 5, 1], [16, 24, 48, 88, 120, 208, 352]),
+        }
+    }
+
+    /// Number of MBConv blocks.
+    pub fn num_blocks(self) -> usize {
+        self.stages().0.iter().sum()
+    }
+}
+
+impl std::fmt::Display for Backbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The shape of one MBConv block, expanded from `STAGES`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,12 +105,14 @@ pub struct BlockSpec {
     pub output: usize,
 }
 
-/// All 16 blocks in order: repeats after the first of a stage take stride 1 and the stage's
+/// Every block in order: repeats after the first of a stage take stride 1 and the stage's
 /// output width as input, exactly as the reference implementation builds them.
-pub fn block_specs() -> Vec<BlockSpec> {
-    let mut specs = Vec::with_capacity(NUM_BLOCKS);
-    for (repeats, kernel, stride, expand, input, output) in STAGES {
-        for r in 0..repeats {
+pub fn block_specs(backbone: Backbone) -> Vec<BlockSpec> {
+    let (repeats, widths) = backbone.stages();
+    let mut specs = Vec::with_capacity(backbone.num_blocks());
+    let mut input = STEM;
+    for ((&(kernel, stride, expand), &n), &output) in STAGE_SHAPES.iter().zip(&repeats).zip(&widths) {
+        for r in 0..n {
             specs.push(BlockSpec {
                 kernel,
                 stride: if r == 0 { stride } else { 1 },
@@ -58,16 +121,18 @@ pub fn block_specs() -> Vec<BlockSpec> {
                 output,
             });
         }
+        input = output;
     }
     specs
 }
 
-/// Channels and spatial divisor of the activation entering block `k` (`k == NUM_BLOCKS`
-/// means the input of the head conv).
-pub fn activation_shape(k: usize, input_size: usize) -> [usize; 3] {
-    let specs = block_specs();
-    let (channels, stride) = if k == NUM_BLOCKS {
-        (specs[NUM_BLOCKS - 1].output, 32)
+/// Channels and spatial divisor of the activation entering block `k` (`k` equal to the
+/// block count means the input of the head conv).
+pub fn activation_shape(backbone: Backbone, k: usize, input_size: usize) -> [usize; 3] {
+    let specs = block_specs(backbone);
+    let blocks = specs.len();
+    let (channels, stride) = if k == blocks {
+        (specs[blocks - 1].output, 32)
     } else {
         let s: usize = 2 * specs[..k].iter().map(|b| b.stride).product::<usize>();
         (specs[k].input, s)
@@ -157,9 +222,10 @@ impl MbConv {
     }
 }
 
-/// Configuration of the backbone: only the size of the ImageNet classifier varies.
+/// Configuration of the backbone: the variant and the size of the ImageNet classifier.
 #[derive(Config, Debug)]
-pub struct EfficientNetLite0Config {
+pub struct EfficientNetLiteConfig {
+    pub backbone: Backbone,
     /// Outputs of the original classifier; 1000 for the ImageNet weights.
     #[config(default = 1000)]
     pub num_classes: usize,
@@ -168,9 +234,9 @@ pub struct EfficientNetLite0Config {
     pub dropout: f64,
 }
 
-/// EfficientNet-Lite0 with its ImageNet classifier (`fc`).
+/// An EfficientNet-Lite with its ImageNet classifier (`fc`).
 #[derive(Module, Debug)]
-pub struct EfficientNetLite0 {
+pub struct EfficientNetLite {
     pub conv_stem: Conv2d,
     pub bn0: FrozenBatchNorm,
     pub blocks: Vec<MbConv>,
@@ -180,17 +246,16 @@ pub struct EfficientNetLite0 {
     pub fc: Linear,
 }
 
-impl EfficientNetLite0Config {
+impl EfficientNetLiteConfig {
     /// A randomly initialised network; load the pretrained weights into it with `weights::load`.
-    pub fn init(&self, device: &Device) -> EfficientNetLite0 {
-        EfficientNetLite0 {
-            conv_stem: conv(3, 32, 3, 2, 1, device),
-            bn0: bn(32, device),
-            blocks: block_specs()
-                .into_iter()
-                .map(|s| MbConv::new(s, device))
-                .collect(),
-            conv_head: conv(320, FEATURES, 1, 1, 1, device),
+    pub fn init(&self, device: &Device) -> EfficientNetLite {
+        let specs = block_specs(self.backbone);
+        let top = specs.last().expect("blocks").output;
+        EfficientNetLite {
+            conv_stem: conv(3, STEM, 3, 2, 1, device),
+            bn0: bn(STEM, device),
+            blocks: specs.into_iter().map(|s| MbConv::new(s, device)).collect(),
+            conv_head: conv(top, FEATURES, 1, 1, 1, device),
             bn1: bn(FEATURES, device),
             dropout: DropoutConfig::new(self.dropout).init(),
             fc: LinearConfig::new(FEATURES, self.num_classes).init(device),
@@ -198,8 +263,17 @@ impl EfficientNetLite0Config {
     }
 }
 
-impl EfficientNetLite0 {
-    /// Runs the stem and blocks `0..k`: the frozen part when the top `16 - k` blocks train.
+impl EfficientNetLite {
+    /// Which variant this is, told by its depth and width.
+    pub fn kind(&self) -> Backbone {
+        let top = self.conv_head.weight.dims()[1];
+        *Backbone::ALL
+            .iter()
+            .find(|b| b.num_blocks() == self.blocks.len() && block_specs(**b).last().unwrap().output == top)
+            .expect("one of the offered variants")
+    }
+
+    /// Runs the stem and blocks `0..k`: the frozen part when the blocks from `k` on train.
     ///
     /// # Shapes
     /// - images `[batch, 3, s, s]`, normalised as in `preprocess`
@@ -212,7 +286,7 @@ impl EfficientNetLite0 {
         x
     }
 
-    /// Runs blocks `k..16`, the head conv and global average pooling.
+    /// Runs blocks `k..`, the head conv and global average pooling.
     ///
     /// # Shapes
     /// - activations `[batch, c_k, h, w]` from [`Self::forward_bottom`]
@@ -256,24 +330,29 @@ mod tests {
 
     #[test]
     fn specs_match_lite0() {
-        let specs = block_specs();
-        assert_eq!(specs.len(), NUM_BLOCKS);
+        let specs = block_specs(Backbone::Lite0);
+        assert_eq!(specs.len(), 16);
         assert_eq!(specs[0].expand, 1);
         assert_eq!(specs[15].output, 320);
-        assert_eq!(activation_shape(0, 224), [32, 112, 112]);
-        assert_eq!(activation_shape(15, 224), [192, 7, 7]);
-        assert_eq!(activation_shape(16, 224), [320, 7, 7]);
-        assert_eq!(activation_shape(11, 64), [112, 4, 4]);
+        assert_eq!(activation_shape(Backbone::Lite0, 0, 224), [32, 112, 112]);
+        assert_eq!(activation_shape(Backbone::Lite0, 15, 224), [192, 7, 7]);
+        assert_eq!(activation_shape(Backbone::Lite0, 16, 224), [320, 7, 7]);
+        assert_eq!(activation_shape(Backbone::Lite0, 11, 64), [112, 4, 4]);
+        assert_eq!(Backbone::Lite1.num_blocks(), 21);
+        assert_eq!(Backbone::Lite2.num_blocks(), 21);
+        assert_eq!(block_specs(Backbone::Lite2)[20].output, 352);
+        assert_eq!(activation_shape(Backbone::Lite1, 21, 240), [320, 8, 8]);
     }
 
     #[test]
     fn shapes_flow_through_the_split() {
         let device = Device::flex();
-        let net = EfficientNetLite0Config::new().init(&device);
+        let net = EfficientNetLiteConfig::new(Backbone::Lite0).init(&device);
+        assert_eq!(net.kind(), Backbone::Lite0);
         let x = Tensor::<4>::zeros([2, 3, 64, 64], &device);
         let act = net.forward_bottom(x.clone(), 14);
         assert_eq!(act.dims(), [2, 192, 2, 2]);
-        assert_eq!(act.dims()[1..], activation_shape(14, 64));
+        assert_eq!(act.dims()[1..], activation_shape(Backbone::Lite0, 14, 64));
         assert_eq!(net.forward_top(act, 14).dims(), [2, FEATURES]);
         assert_eq!(net.forward(x).dims(), [2, 1000]);
     }

@@ -12,7 +12,7 @@ use burn::data::dataset::Dataset;
 use burn::prelude::*;
 use rayon::prelude::*;
 
-use super::backbone::EfficientNetLite0;
+use super::backbone::EfficientNetLite;
 use super::data::{InputBatch, SampleError, TensorBatcher, ViewDataset};
 use super::train::{Cancel, TrainError};
 
@@ -162,7 +162,7 @@ pub struct FrozenPass {
 /// the pretrained top for the pooled features. The kept activations are what a model
 /// trained from block `k` takes as input (the images themselves when `k` is 0).
 pub fn frozen_pass(
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     k: usize,
     keep_activations: bool,
     dataset: &ViewDataset<'_>,
@@ -180,7 +180,7 @@ pub fn frozen_pass(
     let act_shape = if k == 0 {
         [3, size, size]
     } else {
-        super::backbone::activation_shape(k, size)
+        super::backbone::activation_shape(backbone.kind(), k, size)
     };
     let mut features = RowCache::new(&[super::backbone::FEATURES]);
     let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
@@ -210,7 +210,7 @@ pub fn frozen_pass(
 /// whenever the device cannot allocate it, so a small GPU slows a run down rather than
 /// failing it. Returns the flat activations to keep and the flat pooled features.
 fn forward_adaptive(
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     k: usize,
     batcher: &TensorBatcher,
     views: &[&[f32]],

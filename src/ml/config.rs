@@ -4,7 +4,7 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::augment::AugmentConfig;
-use super::backbone::NUM_BLOCKS;
+use super::backbone::Backbone;
 
 /// A configuration value out of range.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -36,12 +36,48 @@ pub enum Unfreeze {
 }
 
 impl Unfreeze {
-    /// Index of the first trainable block (0 for `All`).
-    pub fn first_block(self) -> usize {
+    /// Index of the first trainable block of a backbone with `blocks` blocks (0 for `All`).
+    pub fn first_block(self, blocks: usize) -> usize {
         match self {
-            Unfreeze::Top(n) => NUM_BLOCKS - n.min(NUM_BLOCKS),
+            Unfreeze::Top(n) => blocks - n.min(blocks),
             Unfreeze::All => 0,
         }
+    }
+}
+
+/// Which pretrained backbone a run uses: `"auto"` or a backbone's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackboneChoice {
+    /// Chosen from the data (see `plan`).
+    Auto,
+    Fixed(Backbone),
+}
+
+impl Serialize for BackboneChoice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BackboneChoice::Auto => s.serialize_str("auto"),
+            BackboneChoice::Fixed(b) => b.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BackboneChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        if name == "auto" {
+            return Ok(BackboneChoice::Auto);
+        }
+        Backbone::ALL
+            .into_iter()
+            .find(|b| b.name() == name)
+            .map(BackboneChoice::Fixed)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Backbone::ALL.iter().map(|b| b.name()).collect();
+                serde::de::Error::custom(format!(
+                    "expected \"auto\" or one of {names:?}, got \"{name}\""
+                ))
+            })
     }
 }
 
@@ -92,24 +128,66 @@ pub enum ClassWeighting {
     Off,
 }
 
-/// Warm-up: backbone frozen, only the new head trains, on cached pooled features.
+/// Warm-up: backbone frozen, only the new head trains, on cached pooled features. The head is
+/// a convex problem there, so it is solved to convergence (`head_fit`), with its L2 penalty
+/// chosen on held-out photos unless the config fixes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct WarmupConfig {
     pub enabled: bool,
-    pub epochs: usize,
-    pub learning_rate: f64,
-    /// Epochs without a validation-loss improvement before stopping.
-    pub patience: usize,
+    /// A fixed L2 penalty for the head; `null` chooses it by cross-validation.
+    pub l2: Option<f64>,
+    /// Folds of the cross-validation on small sets.
+    pub folds: usize,
 }
 
 impl Default for WarmupConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            epochs: 80,
-            learning_rate: 1e-3,
-            patience: 20,
+            l2: None,
+            folds: 5,
+        }
+    }
+}
+
+/// A switch with an automatic setting: `"auto"`, `true` or `false` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Auto,
+    On,
+    Off,
+}
+
+impl Serialize for When {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            When::Auto => s.serialize_str("auto"),
+            When::On => s.serialize_bool(true),
+            When::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for When {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            B(bool),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::B(true) => Ok(When::On),
+            Raw::B(false) => Ok(When::Off),
+            Raw::S(s) => match s.as_str() {
+                "auto" => Ok(When::Auto),
+                "true" => Ok(When::On),
+                "false" => Ok(When::Off),
+                _ => Err(serde::de::Error::custom(format!(
+                    "expected \"auto\", true or false, got \"{s}\""
+                ))),
+            },
         }
     }
 }
@@ -118,7 +196,9 @@ impl Default for WarmupConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FinetuneConfig {
-    pub enabled: bool,
+    /// `"auto"`: only on enough data, and kept only when it beats the head alone.
+    #[schema(value_type = Object)]
+    pub enabled: When,
     pub epochs: usize,
     pub learning_rate: f64,
     /// Top blocks to unfreeze (0–16), or `"all"` for the whole network.
@@ -135,7 +215,7 @@ pub struct FinetuneConfig {
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: When::Auto,
             epochs: 4,
             learning_rate: 1e-4,
             unfreeze: Unfreeze::Top(1),
@@ -174,8 +254,12 @@ impl Default for BaselineConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Side of the square network input in pixels.
-    pub input_size: usize,
+    /// The pretrained backbone: `lite0` (224 px), `lite1` (240 px), `lite2` (260 px) or
+    /// `auto`.
+    #[schema(value_type = String)]
+    pub backbone: BackboneChoice,
+    /// Side of the square network input in pixels; `null` takes the backbone's own.
+    pub input_size: Option<usize>,
     /// Fraction of each class held out for validation.
     pub val_fraction: f64,
     pub seed: u64,
@@ -191,6 +275,8 @@ pub struct TrainConfig {
     pub max_image_dimension: u32,
     /// Classes with fewer usable images are refused.
     pub min_images_per_class: usize,
+    /// After the model is chosen, fit it again on every photo (training and validation).
+    pub refit: bool,
     pub warmup: WarmupConfig,
     pub finetune: FinetuneConfig,
     pub baseline: BaselineConfig,
@@ -199,7 +285,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            input_size: 224,
+            backbone: BackboneChoice::Fixed(Backbone::Lite0),
+            input_size: None,
             val_fraction: 0.2,
             seed: 42,
             batch_size: 32,
@@ -210,6 +297,7 @@ impl Default for TrainConfig {
             class_weighting: ClassWeighting::Auto,
             max_image_dimension: super::preprocess::DEFAULT_MAX_DIMENSION,
             min_images_per_class: 2,
+            refit: true,
             warmup: WarmupConfig::default(),
             finetune: FinetuneConfig::default(),
             baseline: BaselineConfig::default(),
@@ -221,9 +309,9 @@ impl TrainConfig {
     /// Range checks; the error names the first field at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check(
-            (32..=512).contains(&self.input_size),
+            self.input_size.is_none_or(|s| (32..=512).contains(&s)),
             "input_size",
-            "must be between 32 and 512",
+            "must be between 32 and 512, or null for the backbone's own",
         )?;
         check(
             self.val_fraction > 0.0 && self.val_fraction < 0.9,
@@ -266,14 +354,14 @@ impl TrainConfig {
         })?;
         let lr = |v: f64| v > 0.0 && v <= 1.0;
         check(
-            self.warmup.epochs <= 1000,
-            "warmup.epochs",
-            "must be at most 1000",
+            self.warmup.l2.is_none_or(|v| v > 0.0 && v <= 1e4),
+            "warmup.l2",
+            "must be in (0, 10000], or null to choose it by cross-validation",
         )?;
         check(
-            lr(self.warmup.learning_rate),
-            "warmup.learning_rate",
-            "must be in (0, 1]",
+            (2..=20).contains(&self.warmup.folds),
+            "warmup.folds",
+            "must be between 2 and 20",
         )?;
         check(
             self.finetune.epochs <= 200,
@@ -286,10 +374,15 @@ impl TrainConfig {
             "must be in (0, 1]",
         )?;
         if let Unfreeze::Top(n) = self.finetune.unfreeze {
+            // Lite0 has the fewest blocks; with `auto` it may be the one chosen.
+            let blocks = match self.backbone {
+                BackboneChoice::Fixed(b) => b.num_blocks(),
+                BackboneChoice::Auto => Backbone::Lite0.num_blocks(),
+            };
             check(
-                n <= NUM_BLOCKS,
+                n <= blocks,
                 "finetune.unfreeze",
-                "must be a block count from 0 to 16, or \"all\"",
+                &format!("must be a block count from 0 to {blocks}, or \"all\""),
             )?;
         }
         check(
@@ -313,11 +406,16 @@ impl TrainConfig {
             "must be positive",
         )?;
         check(
-            self.warmup.enabled || self.finetune.enabled || self.baseline.enabled,
+            self.warmup.enabled || self.finetune.enabled == When::On || self.baseline.enabled,
             "warmup.enabled",
-            "at least one of warm-up, fine-tune or baseline must run",
+            "the head is trained by the warm-up: switch it off only with finetune.enabled true or a baseline",
         )?;
         Ok(())
+    }
+
+    /// The input side for `backbone`: the config's, else the backbone's own.
+    pub fn input_size_for(&self, backbone: Backbone) -> usize {
+        self.input_size.unwrap_or(backbone.input_size())
     }
 
     /// Learning rate of `epoch` (0-based) in a phase of `epochs` epochs.
@@ -358,6 +456,20 @@ mod tests {
             serde_json::from_str(r#"{"finetune": {"unfreeze": "all"}}"#).unwrap();
         assert_eq!(partial.finetune.unfreeze, Unfreeze::All);
         assert_eq!(partial.finetune.epochs, FinetuneConfig::default().epochs);
+        for (json, when) in [("\"auto\"", When::Auto), ("true", When::On), ("false", When::Off)] {
+            let c: TrainConfig =
+                serde_json::from_str(&format!(r#"{{"finetune": {{"enabled": {json}}}}}"#)).unwrap();
+            assert_eq!(c.finetune.enabled, when);
+        }
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"finetune": {"enabled": "maybe"}}"#).is_err());
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"refit": "yes"}"#).is_err());
+        let lite2: TrainConfig = serde_json::from_str(r#"{"backbone": "lite2"}"#).unwrap();
+        assert_eq!(lite2.backbone, BackboneChoice::Fixed(Backbone::Lite2));
+        assert_eq!(lite2.input_size_for(Backbone::Lite2), 260);
+        let auto: TrainConfig = serde_json::from_str(r#"{"backbone": "auto"}"#).unwrap();
+        assert_eq!(serde_json::to_value(auto.backbone).unwrap(), "auto");
+        let err = serde_json::from_str::<TrainConfig>(r#"{"backbone": "resnet50"}"#).unwrap_err();
+        assert!(err.to_string().contains("lite1"), "{err}");
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Evaluation {
     pub per_class: Vec<ClassReport>,
     pub calibration: Calibration,
     pub misclassified: Vec<Misclassified>,
+    /// How these figures were measured and what the run decided (absent in evaluations
+    /// stored before runs recorded it).
+    #[serde(default)]
+    pub training: Option<super::plan::TrainingReport>,
 }
 
 /// Softmax of `logits / temperature`.
@@ -203,6 +207,7 @@ pub fn evaluate(
             nll_after: nll(logits, labels, temperature),
         },
         misclassified,
+        training: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! The transfer model: (part of) the Lite0 backbone, global average pooling, dropout and a new
+//! The transfer model: (part of) an EfficientNet-Lite backbone, global average pooling, dropout and a new
 //! `Linear(1280, n_classes)` head.
 //!
 //! The same struct serves three roles: the trainable top when only blocks `k..16` are
@@ -10,9 +10,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
-use super::backbone::{
-    EfficientNetLite0, EfficientNetLite0Config, FEATURES, MbConv, NUM_BLOCKS, pool,
-};
+use super::backbone::{Backbone, EfficientNetLite, EfficientNetLiteConfig, FEATURES, MbConv, pool};
 use super::frozen_bn::FrozenBatchNorm;
 
 /// The stem conv and its BatchNorm.
@@ -44,20 +42,22 @@ pub struct TransferModelConfig {
     pub num_classes: usize,
     #[config(default = 0.2)]
     pub dropout: f64,
+    #[config(default = "Backbone::Lite0")]
+    pub backbone: Backbone,
 }
 
 impl TransferModelConfig {
     /// The full network with random weights (the from-scratch baseline, or a shell to load a
     /// saved model into).
     pub fn init(&self, device: &Device) -> TransferModel {
-        let backbone = EfficientNetLite0Config::new().init(device);
+        let backbone = EfficientNetLiteConfig::new(self.backbone).init(device);
         self.from_backbone(&backbone, 0, device)
     }
 
-    /// Blocks `first_block..16` of a (pretrained) backbone with a fresh head.
+    /// Blocks from `first_block` on of a (pretrained) backbone with a fresh head.
     pub fn from_backbone(
         &self,
-        backbone: &EfficientNetLite0,
+        backbone: &EfficientNetLite,
         first_block: usize,
         device: &Device,
     ) -> TransferModel {
@@ -152,13 +152,13 @@ impl TransferModel {
 
     /// Puts the frozen bottom (blocks `0..first_block` and the stem of `backbone`) under this
     /// top, giving the full network that is saved and served.
-    pub fn attach_bottom(self, backbone: &EfficientNetLite0) -> TransferModel {
+    pub fn attach_bottom(self, backbone: &EfficientNetLite) -> TransferModel {
         if self.first_block == 0 {
             return self;
         }
         let mut blocks = backbone.blocks[..self.first_block].to_vec();
         blocks.extend(self.blocks);
-        debug_assert_eq!(blocks.len(), NUM_BLOCKS);
+        debug_assert_eq!(blocks.len(), backbone.blocks.len());
         TransferModel {
             stem: Some(Stem {
                 conv: backbone.conv_stem.clone(),

@@ -5,7 +5,7 @@
 use burn::prelude::*;
 use serde::Serialize;
 
-use super::backbone::EfficientNetLite0;
+use super::backbone::EfficientNetLite;
 use super::evaluate::softmax;
 use super::preprocess::{self, ImageRejection, Preprocessing};
 
@@ -26,13 +26,14 @@ pub struct Top {
 
 /// The five most probable ImageNet classes of an encoded image at 224 px.
 pub fn top5(
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     bytes: &[u8],
     device: &Device,
 ) -> Result<Vec<Top>, ImageRejection> {
     let image = preprocess::decode(bytes, preprocess::DEFAULT_MAX_DIMENSION)?;
-    let view = preprocess::eval_view(&image, &Preprocessing::for_size(224));
-    let x = Tensor::<4>::from_data(TensorData::new(view, [1, 3, 224, 224]), device);
+    let size = backbone.kind().input_size();
+    let view = preprocess::eval_view(&image, &Preprocessing::for_size(size));
+    let x = Tensor::<4>::from_data(TensorData::new(view, [1, 3, size, size]), device);
     let logits = backbone.forward(x).into_data();
     let probs = softmax(logits.as_slice::<f32>().expect("float32"), 1.0);
     let mut order: Vec<usize> = (0..probs.len()).collect();

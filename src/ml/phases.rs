@@ -5,14 +5,14 @@
 use std::time::Instant;
 
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use super::backbone::FEATURES;
 use super::cache::RowCache;
-use super::config::{TrainConfig, cosine};
+use super::config::TrainConfig;
 use super::evaluate::argmax;
 use super::head::{TransferModel, dropout_mask};
 use super::train::{Cancel, EpochMetrics, PhaseSummary, TrainError, TrainEvent};
@@ -33,6 +33,8 @@ pub(crate) struct Trainer<'a> {
     pub(crate) step_parts: usize,
     /// Threads a step's sub-batches run on (`lanes::lanes` of the device).
     pub(crate) lanes: usize,
+    /// Validation loss of the model as it entered the last phase that kept it as epoch 0.
+    pub(crate) incoming_val_loss: Option<f64>,
 }
 
 /// Logits of `model` over every row of a cache (inputs for its first block), in order.
@@ -47,6 +49,25 @@ pub fn logits_of(
     for chunk in idx.chunks(batch) {
         let b = cache.batch4(chunk, device);
         rows_into(model.forward(b.inputs), &mut out);
+    }
+    out
+}
+
+/// Pooled features of `model` over every row of a cache, as a cache of `[1280]` rows with the
+/// same labels and samples.
+pub fn features_of(
+    model: &TransferModel,
+    cache: &RowCache,
+    batch: usize,
+    device: &Device,
+) -> RowCache {
+    let mut out = RowCache::new(&[FEATURES]);
+    let idx: Vec<usize> = (0..cache.len()).collect();
+    for chunk in idx.chunks(batch) {
+        let b = cache.batch4(chunk, device);
+        let labels: Vec<usize> = chunk.iter().map(|&i| cache.labels[i]).collect();
+        let samples: Vec<usize> = chunk.iter().map(|&i| cache.samples[i]).collect();
+        out.push_tensor(model.features(b.inputs), &labels, &samples);
     }
     out
 }
@@ -91,12 +112,12 @@ impl Trainer<'_> {
         order
     }
 
-    fn record(&mut self, m: EpochMetrics) {
+    pub(crate) fn record(&mut self, m: EpochMetrics) {
         (self.events)(TrainEvent::Epoch(m.clone()));
         self.metrics.push(m);
     }
 
-    fn finish_phase(
+    pub(crate) fn finish_phase(
         &mut self,
         phase: &str,
         epochs_run: usize,
@@ -115,68 +136,6 @@ impl Trainer<'_> {
         };
         (self.events)(TrainEvent::PhaseDone(summary.clone()));
         self.phases.push(summary);
-    }
-
-    /// Warm-up: only the head, on cached pooled features. Returns the best head.
-    pub(crate) fn warmup(
-        &mut self,
-        head: burn::nn::Linear,
-        train: &RowCache,
-        val: &RowCache,
-    ) -> Result<burn::nn::Linear, TrainError> {
-        let cfg = self.config.warmup.clone();
-        let start = Instant::now();
-        let mut model = head.fork(&self.autodiff).train();
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(self.config.weight_decay as f32)
-            .init();
-        let loss_fn = self.loss_fn();
-        let (val_x, _) = val.batch2(&(0..val.len()).collect::<Vec<_>>(), &self.device);
-        let val_labels = val.labels.clone();
-        let mut stopping = EarlyStopping::new(model.valid(), None, cfg.patience);
-        let mut epochs_run = 0;
-        for epoch in 0..cfg.epochs {
-            let t0 = Instant::now();
-            let lr = cosine(cfg.learning_rate, epoch, cfg.epochs);
-            let order = self.shuffled(0..train.len());
-            let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
-            for chunk in order.chunks(self.config.batch_size) {
-                self.cancel.check()?;
-                let (x, y) = train.batch2(chunk, &self.autodiff);
-                let mask = dropout_mask(
-                    &mut self.rng,
-                    chunk.len(),
-                    FEATURES,
-                    self.config.dropout,
-                    &self.autodiff,
-                );
-                let logits = model.forward(x * mask);
-                let loss = loss_fn.forward(logits.clone(), y.clone());
-                correct += count_correct(logits, y);
-                seen += chunk.len();
-                loss_sum += loss.clone().into_scalar::<f32>() as f64 * chunk.len() as f64;
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(lr, model, grads);
-            }
-            let valid = model.valid();
-            let mut logits = Vec::new();
-            rows_into(valid.forward(val_x.clone()), &mut logits);
-            let val = loss_and_accuracy(&logits, &val_labels);
-            epochs_run += 1;
-            self.record(epoch_metrics(
-                "warmup",
-                epoch,
-                (loss_sum, correct, seen),
-                val,
-                lr,
-                t0,
-            ));
-            if stopping.observe(epoch + 1, val, valid) {
-                break;
-            }
-        }
-        self.finish_phase("warmup", epochs_run, stopping.best, start);
-        Ok(stopping.model)
     }
 
     /// One optimisation step of a transfer model; returns (model, summed loss, correct).
@@ -313,6 +272,7 @@ impl Trainer<'_> {
         } else {
             None
         };
+        self.incoming_val_loss = initial.map(|(loss, _)| loss);
         let mut stopping = EarlyStopping::new(incoming, initial, patience);
         let mut epochs_run = 0;
         for epoch in 0..epochs {
@@ -404,7 +364,7 @@ fn count_correct(logits: Tensor<2>, targets: Tensor<1, Int>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::backbone::{EfficientNetLite0Config, activation_shape};
+    use crate::ml::backbone::{Backbone, EfficientNetLiteConfig, activation_shape};
     use crate::ml::head::TransferModelConfig;
 
     /// The step's gradients on two threads (one replica each) add up to those of the
@@ -415,7 +375,7 @@ mod tests {
         let config = TrainConfig::default();
         let cancel = Cancel::default();
         let mut events = |_: TrainEvent| {};
-        let backbone = EfficientNetLite0Config::new().init(&device);
+        let backbone = EfficientNetLiteConfig::new(Backbone::Lite0).init(&device);
         let k = 15;
         let ad = device.clone().autodiff();
         let model = TransferModelConfig::new(2)
@@ -423,7 +383,7 @@ mod tests {
             .unfreeze()
             .fork(&ad)
             .train();
-        let [c, h, w] = activation_shape(k, 64);
+        let [c, h, w] = activation_shape(Backbone::Lite0, k, 64);
         let inputs = Tensor::<4>::random(
             [6, c, h, w],
             burn::tensor::Distribution::Normal(0.0, 1.0),
@@ -445,6 +405,7 @@ mod tests {
                 deadline: None,
                 step_parts: 1,
                 lanes,
+                incoming_val_loss: None,
             };
             let (grads, loss, correct) = trainer
                 .accumulate(&model, &loss_fn, &inputs, &targets, 1)

@@ -2,8 +2,9 @@
 //!
 //! These are TensorFlow-trained weights, so pixels are normalised as TF did, `(x - 127) / 128`
 //! on 0–255 RGB (ImageNet mean/std costs 1.4 points of accuracy on frozen features here).
-//! The evaluation view resizes the shorter side to `size * 256 / 224` and centre-crops `size`,
-//! the standard ImageNet protocol.
+//! The evaluation view resizes the shorter side to `size + 32` and centre-crops `size`, the
+//! evaluation crop the EfficientNet-Lite weights were published with (224 from 256 for
+//! Lite0, 240 from 272 for Lite1, 260 from 292 for Lite2).
 
 use std::io::Cursor;
 
@@ -34,11 +35,11 @@ pub struct Preprocessing {
 }
 
 impl Preprocessing {
-    /// The ImageNet protocol scaled to `input_size` (224 → resize 256, crop 224).
+    /// EfficientNet-Lite's evaluation crop at `input_size` (224 → resize 256, crop 224).
     pub fn for_size(input_size: usize) -> Self {
         Self {
             input_size,
-            resize_shorter: (input_size * 256).div_ceil(224),
+            resize_shorter: input_size + 32,
             mean: MEAN,
             scale: SCALE,
         }

@@ -14,13 +14,16 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::backbone::{EfficientNetLite0, NUM_BLOCKS};
+use super::backbone::{Backbone, EfficientNetLite};
 use super::cache::{FrozenPass, frozen_pass};
-use super::config::{ClassWeighting, TrainConfig, Unfreeze};
+use super::config::{ClassWeighting, TrainConfig};
 use super::data::{FolderDataset, Skipped, ViewDataset, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
 use super::head::{TransferModel, TransferModelConfig};
-use super::phases::{Trainer, logits_of, loss_and_accuracy};
+use super::head_fit::{self, Standardizer};
+use super::head_phase::{head_logits, head_phase};
+use super::phases::{Trainer, features_of, logits_of, loss_and_accuracy};
+use super::plan::{EstimateMethod, FinetuneDecision, HeadReport, Plan, TrainingReport};
 use super::preprocess::Preprocessing;
 use super::streamed::{baseline, stream_epoch};
 
@@ -66,6 +69,8 @@ pub enum TrainError {
     EmptyClass(String),
     #[error("could not checkpoint the warm-up: {0}")]
     Checkpoint(String),
+    #[error("the run plans backbone {planned} but was given {given}")]
+    WrongBackbone { planned: Backbone, given: Backbone },
 }
 
 /// Called with the warm-up's head so the caller can checkpoint it.
@@ -154,6 +159,9 @@ pub struct TrainOutcome {
     /// Seconds spent in the frozen pass (decoding, augmenting, running the frozen backbone).
     pub cache_seconds: f64,
     pub class_weights: Option<Vec<f32>>,
+    pub backbone: Backbone,
+    /// How images become the model's input.
+    pub preprocessing: Preprocessing,
 }
 
 /// Inverse-frequency weights, normalised to mean 1, when the config asks for them.
@@ -175,29 +183,31 @@ pub fn class_weights(counts: &[usize], mode: ClassWeighting) -> Option<Vec<f32>>
 
 /// The frozen pass of a run, reusable by several `fit`s with other head/fine-tune settings.
 pub struct Prepared {
+    /// What the run does with this data (the cut, the estimate, whether it fine-tunes).
+    pub plan: Plan,
     /// First trainable block: the cached activations enter it.
     pub k: usize,
     pub train: FrozenPass,
+    /// Empty under a k-fold estimate: every photo is on the training side.
     pub val: FrozenPass,
     /// Sample indices that decoded, per side of the split.
     pub train_ok: Vec<usize>,
     pub val_ok: Vec<usize>,
     pub skipped: Vec<Skipped>,
     pub cache_seconds: f64,
+    /// Whether each training photo's first cached view is its clean one.
+    pub train_clean_first: bool,
 }
 
-/// Where the network is cut for `config`: the frozen bottom runs once, the top trains.
-pub fn cut(config: &TrainConfig) -> usize {
-    if config.finetune.enabled {
-        config.finetune.unfreeze.first_block()
-    } else {
-        NUM_BLOCKS
-    }
+/// The plan of a run of `config` on `dataset`: callers load `plan.backbone` before `prepare`.
+pub fn plan(dataset: &FolderDataset, config: &TrainConfig) -> Plan {
+    Plan::new(config, &dataset.counts())
 }
 
 fn view_dataset<'d>(
     dataset: &'d FolderDataset,
     config: &TrainConfig,
+    input_size: usize,
     indices: Vec<usize>,
     views: usize,
     clean_first: bool,
@@ -208,36 +218,60 @@ fn view_dataset<'d>(
         indices,
         views,
         clean_first,
-        pre: Preprocessing::for_size(config.input_size),
+        pre: Preprocessing::for_size(input_size),
         augment: config.augment.clone(),
         seed,
         max_dimension: config.max_image_dimension,
     }
 }
 
-/// Splits the data and runs the frozen backbone over every view once.
+/// Plans the run, splits the data (or keeps it whole for a k-fold estimate) and runs the
+/// frozen backbone over every view once.
 pub fn prepare(
     dataset: &FolderDataset,
     config: &TrainConfig,
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     device: &Device,
     events: &mut dyn FnMut(TrainEvent),
     cancel: &Cancel,
 ) -> Result<Prepared, TrainError> {
     config.validate()?;
+    let plan = plan(dataset, config);
+    if backbone.kind() != plan.backbone {
+        return Err(TrainError::WrongBackbone {
+            planned: plan.backbone,
+            given: backbone.kind(),
+        });
+    }
     let labels: Vec<usize> = dataset.samples.iter().map(|s| s.label).collect();
-    let (train_idx, val_idx) = stratified_split(&labels, config.val_fraction, config.seed);
-    let k = cut(config);
-    let stream_finetune = config.finetune.enabled && config.finetune.unfreeze == Unfreeze::All;
+    let kfold = plan.estimate == EstimateMethod::Kfold;
+    let (train_idx, val_idx) = if kfold {
+        ((0..labels.len()).collect(), Vec::new())
+    } else {
+        stratified_split(&labels, config.val_fraction, config.seed)
+    };
+    let k = plan.cut;
+    let stream_finetune = plan.finetune && k == 0;
+    // Held-out photos are scored on their clean view, so k-fold needs one for every photo.
+    let train_clean_first = config.views > 1 || kfold;
     let train_ds = view_dataset(
         dataset,
         config,
+        plan.input_size,
         train_idx.clone(),
         config.views,
-        config.views > 1,
+        train_clean_first,
         config.seed,
     );
-    let val_ds = view_dataset(dataset, config, val_idx.clone(), 1, true, config.seed);
+    let val_ds = view_dataset(
+        dataset,
+        config,
+        plan.input_size,
+        val_idx.clone(),
+        1,
+        true,
+        config.seed,
+    );
     let total = train_ds.indices.len() * config.views + val_ds.indices.len();
     let mut done = 0;
     let started = Instant::now();
@@ -250,19 +284,20 @@ pub fn prepare(
         });
     };
     let batch = config.batch_size;
-    let train = frozen_pass(
+    let keep = plan.finetune && !stream_finetune;
+    let train = frozen_pass(backbone, k, keep, &train_ds, batch, device, cancel, |n| {
+        report(n, events)
+    })?;
+    let val = frozen_pass(
         backbone,
         k,
-        !stream_finetune,
-        &train_ds,
+        plan.finetune,
+        &val_ds,
         batch,
         device,
         cancel,
         |n| report(n, events),
     )?;
-    let val = frozen_pass(backbone, k, true, &val_ds, batch, device, cancel, |n| {
-        report(n, events)
-    })?;
 
     let mut skipped = dataset.skipped.clone();
     let failed: HashSet<usize> = train
@@ -287,11 +322,12 @@ pub fn prepare(
         .collect();
     for (c, name) in dataset.classes.iter().enumerate() {
         let has = |v: &[usize]| v.iter().any(|&i| labels[i] == c);
-        if !has(&train_ok) || !has(&val_ok) {
+        if !has(&train_ok) || (!kfold && !has(&val_ok)) {
             return Err(TrainError::EmptyClass(name.clone()));
         }
     }
     Ok(Prepared {
+        plan,
         k,
         train,
         val,
@@ -299,30 +335,40 @@ pub fn prepare(
         val_ok,
         skipped,
         cache_seconds: started.elapsed().as_secs_f64(),
+        train_clean_first,
     })
 }
 
-/// Warm-up, fine-tune, evaluation (and the baseline when asked) on a prepared frozen pass,
-/// resuming from (and checkpointing) the warm-up as `resume` says (`Resume::default()` for
-/// neither). `config` may differ from the one `prepared` was made with in its warm-up,
-/// fine-tune (other than where the network is cut), dropout, weight decay and baseline
-/// settings.
+/// Head, fine-tune, evaluation, refit (and the baseline when asked) on a prepared frozen
+/// pass, resuming from (and checkpointing) the warm-up as `resume` says
+/// (`Resume::default()` for neither). `config` may differ from the one `prepared` was made
+/// with in anything that leaves its plan unchanged.
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
     prepared: &Prepared,
     dataset: &FolderDataset,
     config: &TrainConfig,
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     device: &Device,
     events: &mut dyn FnMut(TrainEvent),
     cancel: &Cancel,
     resume: Resume<'_>,
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
-    if prepared.k != cut(config) {
+    let plan = plan(dataset, config);
+    if backbone.kind() != plan.backbone {
+        return Err(TrainError::WrongBackbone {
+            planned: plan.backbone,
+            given: backbone.kind(),
+        });
+    }
+    if plan.cut != prepared.plan.cut
+        || plan.estimate != prepared.plan.estimate
+        || plan.input_size != prepared.plan.input_size
+    {
         return Err(TrainError::CutMismatch {
-            prepared: prepared.k,
-            config: cut(config),
+            prepared: prepared.plan.cut,
+            config: plan.cut,
         });
     }
     device.seed(config.seed);
@@ -333,6 +379,39 @@ pub fn fit(
         train_counts[dataset.samples[i].label] += 1;
     }
     let weights = class_weights(&train_counts, config.class_weighting);
+    let batch = config.batch_size;
+    let model_cfg = TransferModelConfig::new(n_classes)
+        .with_dropout(config.dropout)
+        .with_backbone(plan.backbone);
+    let mut top = model_cfg.from_backbone(backbone, k, device);
+    let paths_of = |samples: &[usize]| -> Vec<String> {
+        samples
+            .iter()
+            .map(|&i| dataset.samples[i].path.display().to_string())
+            .collect()
+    };
+
+    // The head, solved on the cached pooled features.
+    let head = if config.warmup.enabled {
+        let mut progress = |done, total| {
+            events(TrainEvent::Progress {
+                stage: "warmup",
+                done,
+                total,
+            })
+        };
+        Some(head_phase(
+            prepared,
+            config,
+            weights.as_deref(),
+            n_classes,
+            device,
+            &mut progress,
+            cancel,
+        )?)
+    } else {
+        None
+    };
     let mut trainer = Trainer {
         config,
         device: device.clone(),
@@ -346,31 +425,44 @@ pub fn fit(
         deadline: None,
         step_parts: 1,
         lanes: super::lanes::lanes(device),
+        incoming_val_loss: None,
     };
-    let batch = config.batch_size;
-    let model_cfg = TransferModelConfig::new(n_classes).with_dropout(config.dropout);
-    let mut top = model_cfg.from_backbone(backbone, k, device);
-    if let Some(head) = resume.warm_head {
-        top.head = head;
-    } else if config.warmup.enabled {
-        top.head = trainer.warmup(
-            top.head.clone(),
-            &prepared.train.features,
-            &prepared.val.features,
-        )?;
+    if let Some(h) = &head {
+        trainer.record(h.metrics.clone());
+        trainer.finish_phase("warmup", 1, Some(h.best), h.started);
+        top.head = match resume.warm_head {
+            Some(warm) => warm,
+            None => h.linear.clone(),
+        };
         if let Some(on_warmup) = resume.on_warmup {
             on_warmup(&top.head)?;
         }
     }
-    let val_cache = prepared
-        .val
-        .activations
-        .as_ref()
-        .expect("validation activations are always kept");
-    let view_ds = |indices: Vec<usize>, views: usize, clean_first: bool, seed: u64| {
-        view_dataset(dataset, config, indices, views, clean_first, seed)
+
+    let mut decision = FinetuneDecision {
+        ran: false,
+        kept: false,
+        reason: plan.reason.clone(),
+        val_loss_head_only: None,
+        val_loss_finetuned: None,
     };
-    if config.finetune.enabled {
+    let view_ds = |indices: Vec<usize>, views: usize, clean_first: bool, seed: u64| {
+        view_dataset(
+            dataset,
+            config,
+            plan.input_size,
+            indices,
+            views,
+            clean_first,
+            seed,
+        )
+    };
+    if plan.finetune {
+        let val_cache = prepared
+            .val
+            .activations
+            .as_ref()
+            .expect("validation activations are kept when fine-tuning");
         let epochs = config.finetune.epochs;
         let lr_of = |e: usize| config.finetune_lr(e);
         top = top.unfreeze();
@@ -383,6 +475,7 @@ pub fn fit(
             Ok(loss_and_accuracy(&logits, &val_cache.labels))
         };
         let patience = config.finetune.patience;
+        let metrics_before = trainer.metrics.len();
         top = if let Some(train_cache) = prepared.train.activations.as_ref() {
             trainer.train_phase(
                 "finetune",
@@ -431,17 +524,90 @@ pub fn fit(
                 validate,
             )?
         };
+        let summary = trainer
+            .phases
+            .last()
+            .expect("the fine-tune phase just finished");
+        decision.ran = true;
+        decision.kept = summary.best_epoch > 0;
+        decision.val_loss_head_only = trainer.incoming_val_loss;
+        decision.val_loss_finetuned = trainer.metrics[metrics_before..]
+            .iter()
+            .map(|m| m.val_loss)
+            .reduce(f64::min);
+        let verdict = if decision.kept {
+            "validation loss improved, so the fine-tuned network is used"
+        } else {
+            "validation loss did not improve, so the head-only network is used"
+        };
+        decision.reason = format!("{}; {verdict}", plan.reason);
     }
-    let model = top.valid().attach_bottom(backbone);
+    let mut model = top.valid().attach_bottom(backbone);
 
-    // The evaluation always describes the model that is returned.
-    let logits = logits_of(&model.top(k), val_cache, batch, device);
-    let paths: Vec<String> = val_cache
-        .samples
-        .iter()
-        .map(|&i| dataset.samples[i].path.display().to_string())
-        .collect();
-    let evaluation = evaluate(&dataset.classes, &logits, &val_cache.labels, &paths);
+    // The evaluation describes the model as it was judged: out of fold for k-fold, the
+    // training-split model on the validation photos for a holdout.
+    let (logits, labels, samples) = match (&head, plan.estimate) {
+        (Some(h), EstimateMethod::Kfold) => {
+            let samples: Vec<usize> = h.held_out.iter().map(|r| r.0).collect();
+            let logits = h.held_out.iter().map(|r| r.1.clone()).collect();
+            let labels = samples.iter().map(|&i| dataset.samples[i].label).collect();
+            (logits, labels, samples)
+        }
+        _ => {
+            let val = &prepared.val.features;
+            let logits = match prepared.val.activations.as_ref() {
+                Some(acts) => logits_of(&model.top(k), acts, batch, device),
+                None => head_logits(&model, val, device),
+            };
+            (logits, val.labels.clone(), val.samples.clone())
+        }
+    };
+    let mut evaluation = evaluate(&dataset.classes, &logits, &labels, &paths_of(&samples));
+
+    // Refit: the served head sees every photo.
+    let mut trained_on = prepared.train_ok.len();
+    if let (Some(h), true, EstimateMethod::Holdout) = (&head, config.refit, plan.estimate) {
+        let features = if decision.kept {
+            let top = model.top(k);
+            prepared
+                .train
+                .activations
+                .as_ref()
+                .zip(prepared.val.activations.as_ref())
+                .map(|(t, v)| {
+                    (
+                        features_of(&top, t, batch, device),
+                        features_of(&top, v, batch, device),
+                    )
+                })
+        } else {
+            Some((prepared.train.features.clone(), prepared.val.features.clone()))
+        };
+        if let Some((train_f, val_f)) = features {
+            let st = Standardizer::fit(&[&train_f, &val_f]);
+            let rows = st.rows(
+                &[(&train_f, prepared.train_clean_first), (&val_f, true)],
+                weights.as_deref(),
+            );
+            let refit = head_fit::fit_rows(&rows, n_classes, None, h.l2, None);
+            model.head = st.to_linear(&refit, device);
+            trained_on += prepared.val_ok.len();
+        }
+    }
+    evaluation.training = Some(TrainingReport {
+        backbone: plan.backbone,
+        backbone_reason: plan.backbone_reason.clone(),
+        estimate: plan.estimate,
+        folds: (plan.estimate == EstimateMethod::Kfold).then_some(config.warmup.folds),
+        estimate_images: labels.len(),
+        head: HeadReport {
+            l2: head.as_ref().map_or(f64::NAN, |h| h.l2),
+            path: head.as_ref().map(|h| h.path.clone()).unwrap_or_default(),
+        },
+        finetune: decision,
+        trained_on_images: trained_on,
+        refit: config.refit,
+    });
 
     if config.baseline.enabled {
         baseline(
@@ -463,14 +629,17 @@ pub fn fit(
         val_images: prepared.val_ok.len(),
         cache_seconds: prepared.cache_seconds,
         class_weights: weights,
+        backbone: plan.backbone,
+        preprocessing: Preprocessing::for_size(plan.input_size),
     })
 }
 
-/// Runs a whole training run. `backbone` must hold the pretrained weights on `device`.
+/// Runs a whole training run. `backbone` must hold the pretrained weights of the plan's
+/// backbone ([`plan`]) on `device`.
 pub fn train(
     dataset: &FolderDataset,
     config: &TrainConfig,
-    backbone: &EfficientNetLite0,
+    backbone: &EfficientNetLite,
     device: &Device,
     events: &mut dyn FnMut(TrainEvent),
     cancel: &Cancel,

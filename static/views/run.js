@@ -9,7 +9,7 @@ const ENDED = ['succeeded', 'failed', 'cancelled'];
 // What each stage is, in words for people who do not train networks.
 const STAGES = {
   frozen_pass: 'Preparing: the pretrained network looks at every photo once',
-  warmup: 'Warm-up: training the new classification head',
+  warmup: 'Warm-up: solving the new classification head',
   finetune: 'Fine-tune: adjusting the top of the pretrained network',
   baseline: 'Baseline: the same network trained from scratch, for comparison',
 };
@@ -38,9 +38,33 @@ function heatMap(classes, confusion) {
       }))))));
 }
 
+// How the figures were measured and what the run decided, in words.
+function decisions(t) {
+  if (!t) return null;
+  const n = t.estimate_images;
+  const measured = t.estimate === 'kfold'
+    ? `Measured by ${t.folds}-fold cross-validation over all ${n} photos: each photo was scored by a model that never saw it.`
+    : `Measured on ${n} held-out validation photos, by a model trained on the others.`;
+  const served = t.refit && t.trained_on_images > 0
+    ? `The model you predict with was then trained on all ${t.trained_on_images} photos.`
+    : `The model you predict with was trained on ${t.trained_on_images} photos.`;
+  const path = t.head.path.length > 1
+    ? ` (chosen among ${t.head.path.length} strengths by held-out loss)` : '';
+  return el('section', { 'data-testid': 'decisions' },
+    el('h4', { text: 'How this was measured, and what the run decided' }),
+    el('ul', {},
+      el('li', { text: measured }),
+      el('li', { text: served }),
+      el('li', { text: `Pretrained network: ${t.backbone} (${t.backbone_reason}).` }),
+      el('li', { 'data-testid': 'finetune-decision', text: `Fine-tuning: ${t.finetune.reason}.` }),
+      el('li', { text: `Head: L2 penalty ${Number(t.head.l2).toPrecision(2)}${path}.` })));
+}
+
 async function evaluation(id) {
   const e = await api(`/api/runs/${id}/evaluation`);
   const c = e.calibration;
+  const t = e.training;
+  const title = t?.estimate === 'kfold' ? `Estimated accuracy ${pct(e.accuracy, 2)} (cross-validated)` : `Validation accuracy ${pct(e.accuracy, 2)}`;
   const gallery = el('div.gallery', { 'data-testid': 'mistakes' });
   for (const m of e.misclassified) {
     const img = el('img', { alt: `${m.true_label} predicted as ${m.predicted}`, loading: 'lazy' });
@@ -49,7 +73,8 @@ async function evaluation(id) {
     gallery.append(el('figure', {}, img, el('figcaption', {}, el('b', { text: m.true_label }), ` seen as ${m.predicted} (${pct(p)})`, el('br'), el('small', { text: m.original_name ?? '' }))));
   }
   return el('section.card', { 'data-testid': 'evaluation' },
-    el('h3', { text: `Validation accuracy ${pct(e.accuracy, 2)}` }),
+    el('h3', { text: title }),
+    decisions(t),
     el('div.two', {},
       el('div', {}, el('h4', { text: 'Confusion matrix' }), heatMap(e.classes, e.confusion)),
       el('div', {}, el('h4', { text: 'Per class' }), el('table.list', {},
@@ -59,7 +84,7 @@ async function evaluation(id) {
     ),
     el('h4', { text: 'Calibration' }),
     el('p', { text: `Temperature ${c.temperature.toFixed(3)}; expected calibration error ${pct(c.ece_before, 2)} before, ${pct(c.ece_after, 2)} after; log-loss ${c.nll_before.toFixed(4)} → ${c.nll_after.toFixed(4)}.` }),
-    el('h4', { text: e.misclassified.length ? `Misclassified validation images (${e.misclassified.length})` : 'No validation image was misclassified.' }),
+    el('h4', { text: e.misclassified.length ? `Misclassified held-out images (${e.misclassified.length})` : 'No held-out image was misclassified.' }),
     gallery);
 }
 

