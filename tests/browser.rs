@@ -2,9 +2,10 @@
 //! train, follow, evaluation, predict, phone width, no console errors. Screenshots of each
 //! step go to `target/browser-screenshots/`.
 //!
-//! It needs Node.js, Debian's `chromium` and `npm ci --prefix tests/browser`; `.ci/run`
-//! installs them and sets `TRANSFERD_REQUIRE_BROWSER=1`, so CI never skips it. Elsewhere,
-//! without them, the test says so and passes.
+//! It needs Node.js, Debian's `chromium` and `npm ci --prefix tests/browser`, so it is
+//! `#[ignore]`d: a plain `cargo test` lists it as ignored rather than passing it silently.
+//! `.ci/run` installs what it needs and runs it explicitly (`-- --ignored`); run by hand
+//! without them, it fails and says what is missing.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
+#[ignore = "needs Debian's chromium, Node.js and `npm ci --prefix tests/browser`; .ci/run runs it with --ignored"]
 fn web_page_end_to_end_in_headless_chromium() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -30,14 +32,11 @@ fn web_page_end_to_end_in_headless_chromium() {
     .into_iter()
     .flatten()
     .collect();
-    if !missing.is_empty() {
-        let message = format!("browser test needs {}", missing.join(", "));
-        if std::env::var_os("TRANSFERD_REQUIRE_BROWSER").is_some() {
-            panic!("{message}");
-        }
-        eprintln!("SKIPPED: {message}");
-        return;
-    }
+    assert!(
+        missing.is_empty(),
+        "the browser test needs {}",
+        missing.join(", ")
+    );
     let work = tempfile::tempdir().unwrap();
     let zip = work.path().join("pets.zip");
     std::fs::write(&zip, common::pets_zip()).unwrap();

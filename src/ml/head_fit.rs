@@ -23,7 +23,7 @@ use super::softmax::{self, Problem, Softmax};
 
 /// Penalties tried, strongest first, so each fit warm-starts from the previous optimum. In
 /// units of the mean loss on unit-variance features; scikit-learn's `C` is `1 / (λ·n)`.
-pub const L2_GRID: [f64; 11] = [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4];
+pub const L2_GRID: [f64; 11] = [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5];
 /// The path stops once held-out loss has been worse than its best for this many penalties in
 /// a row: the curve has one minimum, and the weakest penalties are the slowest to fit.
 const PATH_PATIENCE: usize = 2;
@@ -243,7 +243,12 @@ fn walk(
         }
         let (mut nll, mut correct, mut logits) = (0.0, 0, Vec::new());
         for ((train, test), start) in splits.iter().zip(starts.iter_mut()) {
-            let (model, _) = softmax::fit(&data.problem(train, classes), l2, start.as_ref());
+            let (model, _) = softmax::fit(
+                &data.problem(train, classes),
+                l2,
+                start.as_ref(),
+                softmax::Limits::SEARCH,
+            );
             let (l, c, z) = score(&model, data, test);
             (nll, correct) = (nll + l, correct + c);
             logits.extend(z);
@@ -324,7 +329,8 @@ pub fn fit_rows(data: &Rows, classes: usize, rows: Option<&[usize]>, l2: f64, st
             &all
         }
     };
-    let (model, convergence) = softmax::fit(&data.problem(rows, classes), l2, start);
+    let (model, convergence) =
+        softmax::fit(&data.problem(rows, classes), l2, start, softmax::Limits::FINAL);
     if !convergence.converged {
         tracing::warn!(?convergence, "the head fit stopped before full convergence");
     }

@@ -77,7 +77,10 @@ pub(crate) fn head_phase(
                 &stop,
             );
             cancel.check()?;
-            let model = sel.model.clone().expect("a holdout search keeps its model");
+            // The search stops its fits early; the head that goes on is solved tightly.
+            let searched = sel.model.clone().expect("a holdout search keeps its model");
+            let model =
+                head_fit::fit_rows(&rows, classes, Some(&train_rows), sel.l2, Some(&searched));
             (sel, model, train_rows)
         }
     };

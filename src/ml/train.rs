@@ -162,6 +162,9 @@ pub struct TrainOutcome {
     pub backbone: Backbone,
     /// How images become the model's input.
     pub preprocessing: Preprocessing,
+    /// Under a holdout with a refit: the head the evaluation judged, before the refit on the
+    /// validation photos replaced it (benchmarks score perturbed validation photos with it).
+    pub evaluated_head: Option<Linear>,
 }
 
 /// Inverse-frequency weights, normalised to mean 1, when the config asks for them.
@@ -566,6 +569,7 @@ pub fn fit(
 
     // Refit: the served head sees every photo.
     let mut trained_on = prepared.train_ok.len();
+    let mut evaluated_head = None;
     if let (Some(h), true, EstimateMethod::Holdout) = (&head, config.refit, plan.estimate) {
         let features = if decision.kept {
             let top = model.top(k);
@@ -590,7 +594,7 @@ pub fn fit(
                 weights.as_deref(),
             );
             let refit = head_fit::fit_rows(&rows, n_classes, None, h.l2, None);
-            model.head = st.to_linear(&refit, device);
+            evaluated_head = Some(std::mem::replace(&mut model.head, st.to_linear(&refit, device)));
             trained_on += prepared.val_ok.len();
         }
     }
@@ -631,6 +635,7 @@ pub fn fit(
         class_weights: weights,
         backbone: plan.backbone,
         preprocessing: Preprocessing::for_size(plan.input_size),
+        evaluated_head,
     })
 }
 
