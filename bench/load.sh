@@ -39,7 +39,7 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
 PY
 DS=$(curl -sf -F file=@"$WORK/pets.zip" "$BASE/api/datasets" | json '["id"]')
 RUN=$(curl -sf -H 'content-type: application/json' \
-    -d "{\"dataset_id\":\"$DS\",\"config\":{\"warmup\":{\"epochs\":20},\"finetune\":{\"epochs\":1}}}" \
+    -d "{\"dataset_id\":\"$DS\",\"config\":{\"finetune\":{\"enabled\":true,\"epochs\":1}}}" \
     "$BASE/api/runs" | json '["id"]')
 wait_run "$RUN"
 

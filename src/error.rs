@@ -17,7 +17,7 @@ pub enum ApiError {
     NotFound(String),
     #[error("{message}")]
     Invalid {
-        /// The offending field, when there is one (`config.warmup.epochs`).
+        /// The offending field, when there is one (`config.finetune.epochs`).
         field: Option<String>,
         message: String,
     },

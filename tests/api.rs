@@ -311,6 +311,7 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
     assert_eq!(v["error"]["field"], "config.warmup.folds");
     for (config, field) in [
         (json!({"refit": "yes"}), "config.refit"),
+        (json!({"backbone": "resnet50"}), "config.backbone"),
         (json!({"finetune": {"enabled": "sometimes"}}), "config.finetune.enabled"),
         (json!({"warmup": {"l2": -1.0}}), "config.warmup.l2"),
     ] {
@@ -458,7 +459,7 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
     let (status, defaults) = h.get("/api/config").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(defaults["warmup"]["folds"], 5);
-    assert_eq!(defaults["backbone"], "lite0");
+    assert_eq!(defaults["backbone"], "auto");
     assert_eq!(defaults["refit"], true);
     assert_eq!(defaults["finetune"]["unfreeze"], 1);
     assert_eq!(h.get("/healthz").await.1["status"], "ok");

@@ -44,6 +44,11 @@ fn web_page_end_to_end_in_headless_chromium() {
         .arg(root.join("tests/browser/e2e.mjs"))
         .env("TRANSFERD_BIN", env!("CARGO_BIN_EXE_transferd"))
         .env("TRANSFERD_WEIGHTS", common::weights_path())
+        // The page's default backbone is `auto`, which picks Lite1 for the 24 fixture photos.
+        .env(
+            "TRANSFERD_WEIGHTS_LITE1",
+            common::weights_of(transferd::ml::backbone::Backbone::Lite1),
+        )
         .env("PETS_ZIP", &zip)
         .env("SAMPLES", common::fixtures().join("samples"))
         .env("STATIC_DIR", root.join("static"))

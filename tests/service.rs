@@ -64,7 +64,7 @@ async fn wait_healthy(base: &str) {
 /// on: the fixtures are small data, where `auto` would skip it).
 fn tiny(finetune_epochs: usize) -> Value {
     json!({
-        "input_size": 128, "batch_size": 8, "views": 2,
+        "backbone": "lite0", "input_size": 128, "batch_size": 8, "views": 2,
         "finetune": {"enabled": true, "epochs": finetune_epochs, "unfreeze": 1, "patience": finetune_epochs},
     })
 }

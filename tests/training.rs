@@ -196,9 +196,8 @@ fn three_classes_give_three_probabilities() {
     let p = predictor.predict_bytes(&[photo]).remove(0).unwrap();
     assert_eq!(p.len(), 3);
     assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
-    let dog = p[1];
     assert!(
-        dog < p[0] + p[2],
+        p[1] < 0.2,
         "the sample cat is a cat or a kitten, not a dog: {p:?}"
     );
 }

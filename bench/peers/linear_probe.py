@@ -7,7 +7,8 @@ fits the peer on the same training photos (L2, C chosen by stratified k-fold amo
 values, as `LogisticRegressionCV` does by default), scores the same test photos, and
 prints both side by side: one row per run, then mean and spread per size.
 
-Usage: python linear_probe.py DIR
+Usage: python linear_probe.py DIR [SIZES]   (SIZES: a comma-separated subset of the run
+sizes, e.g. 5,10,20; all of them by default)
 """
 
 import json
@@ -21,7 +22,7 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 
 
-def main(out_dir):
+def main(out_dir, sizes=None):
     index = json.load(open(f"{out_dir}/index.json"))
     labels = np.array(index["labels"])
     x = np.fromfile(f"{out_dir}/features.f32", dtype="<f4").reshape(len(labels), -1)
@@ -29,10 +30,12 @@ def main(out_dir):
     warnings.simplefilter("ignore", ConvergenceWarning)
     rows = []
     for run in index["runs"]:
+        if sizes is not None and run["size"] not in sizes:
+            continue
         train = np.array(run["train"])
         per_class = np.bincount(labels[train]).min()
         folds = StratifiedKFold(n_splits=int(min(5, per_class)), shuffle=True, random_state=run["seed"])
-        probe = LogisticRegressionCV(Cs=10, cv=folds, max_iter=5000)
+        probe = LogisticRegressionCV(Cs=10, cv=folds, max_iter=1000)
         probe.fit(x[train], labels[train])
         peer = float((probe.predict(x[test]) == labels[test]).mean())
         ours = run["transferd"]["accuracy"]
@@ -55,4 +58,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else None)

@@ -73,7 +73,7 @@ pub async fn write_chunk(
         .map_err(|e| ApiError::internal("writing an upload to disk", e))
 }
 
-/// Parses JSON; a mistake comes back as a 422 naming its field (`config.warmup.epochs`).
+/// Parses JSON; a mistake comes back as a 422 naming its field (`config.finetune.epochs`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::BadRequest(

@@ -261,7 +261,7 @@ fn print_run(outcome: &TrainOutcome, config: &TrainConfig, data_dir: &Path, tota
     if let Some(t) = &e.training {
         println!(
             "| head | L2 {:.0e}, chosen among {} penalties on held-out photos |",
-            t.head.l2,
+            t.head.l2.unwrap_or(f64::NAN),
             t.head.path.len()
         );
         println!("| fine-tune decision | {} |", t.finetune.reason);
@@ -468,6 +468,7 @@ fn main() -> anyhow::Result<()> {
         let budget = transfer_seconds.unwrap_or(300.0);
         let mut cfg = config.clone();
         cfg.warmup.enabled = false;
+        cfg.finetune.enabled = transferd::ml::config::When::On;
         cfg.finetune.epochs = 0;
         cfg.baseline = transferd::ml::config::BaselineConfig {
             enabled: true,

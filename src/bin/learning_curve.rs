@@ -2,16 +2,20 @@
 //! on photos no run trained on.
 //!
 //! `cargo run --release --bin learning_curve -- [DATA_DIR] [--sizes 5,10,20,50,100,all]
-//!     [--seeds 3] [--test-fraction 0.25] [--out DIR] [--config FILE.json]`
+//!     [--seeds 3] [--test-fraction 0.25] [--out DIR] [--config FILE.json]
+//!     [--peer-backbone lite0]`
 //!
 //! A fixed stratified test split (seed 1000) is set aside. For each size and seed, that many
 //! photos per class are drawn from the rest and a default run (or `--config`) trains on
-//! them; its model is scored on the test photos. The clean pooled features of every photo
-//! (the pretrained backbone, the same preprocessing) and the draws go to `--out`
+//! them (with whichever backbone its plan picks); its model is scored on the test photos. The
+//! clean pooled features of every photo from `--peer-backbone` (Lite0 by default; the same
+//! preprocessing) and the draws go to `--out`
 //! (`features.f32`, `index.json`), so that `bench/peers/linear_probe.py` fits its peer on
 //! exactly the same photos. Prints one markdown row per run, with the test accuracy also
 //! under test-time augmentation (the logits of the centre view and its mirror averaged).
 
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -64,6 +68,15 @@ fn clean_pass(
     let pass = frozen_pass(backbone, k, images, &view, 32, device, &Cancel::default(), |_| {})?;
     anyhow::ensure!(pass.failures.is_empty(), "undecodable photos: {:?}", pass.failures);
     Ok((pass.features, pass.activations))
+}
+
+/// The test photos through one backbone: clean and mirrored, as images and pooled features.
+struct TestSet {
+    backbone: transferd::ml::backbone::EfficientNetLite,
+    features: RowCache,
+    images: RowCache,
+    mirrored_images: RowCache,
+    mirrored_features: RowCache,
 }
 
 /// Each preprocessed `[3, s, s]` image mirrored left to right.
@@ -129,20 +142,33 @@ fn main() -> anyhow::Result<()> {
     let ds = data::scan(&data_dir, config.max_image_dimension, 2)?;
     let labels: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
     let (pool, test) = stratified_split(&labels, test_fraction, 1000);
-    // The peer's features come from the backbone a run on all the data would use.
-    let kind = train::plan(&ds, &config).backbone;
-    let load = |b: Backbone| -> anyhow::Result<_> {
-        Ok(weights::load_backbone(&weights::locate(&PathBuf::from("data"), b, true)?, b, &device)?.0)
+    let peer_kind = match flag(&args, "--peer-backbone").unwrap_or("lite0") {
+        "lite0" => Backbone::Lite0,
+        "lite1" => Backbone::Lite1,
+        "lite2" => Backbone::Lite2,
+        other => anyhow::bail!("--peer-backbone must be lite0, lite1 or lite2, not {other}"),
     };
-    let backbone = load(kind)?;
-    let size = config.input_size_for(kind);
-    let started = Instant::now();
-    let (test_features, test_images) = clean_pass(&ds, &test, &config, &backbone, size, true, &device)?;
-    let test_images = test_images.expect("images kept");
-    let (pool_features, _) = clean_pass(&ds, &pool, &config, &backbone, size, false, &device)?;
-    let mirrored_images = mirrored(&test_images);
-    let mirrored_features = features_of_images(&backbone, &mirrored_images, &device);
-    eprintln!("clean features of {} photos in {:.1} s", ds.samples.len(), started.elapsed().as_secs_f64());
+    // Per backbone a run may pick: the network, and the test photos through it.
+    let mut tests: HashMap<Backbone, Rc<TestSet>> = HashMap::new();
+    let mut test_set = |kind: Backbone| -> anyhow::Result<Rc<TestSet>> {
+        if let Some(t) = tests.get(&kind) {
+            return Ok(t.clone());
+        }
+        let started = Instant::now();
+        let backbone = weights::load_backbone(&weights::locate(&PathBuf::from("data"), kind, true)?, kind, &device)?.0;
+        let size = config.input_size_for(kind);
+        let (features, images) = clean_pass(&ds, &test, &config, &backbone, size, true, &device)?;
+        let images = images.expect("images kept");
+        let mirrored_images = mirrored(&images);
+        let mirrored_features = features_of_images(&backbone, &mirrored_images, &device);
+        eprintln!("{kind}: the test photos through it in {:.1} s", started.elapsed().as_secs_f64());
+        let t = Rc::new(TestSet { backbone, features, images, mirrored_images, mirrored_features });
+        tests.insert(kind, t.clone());
+        Ok(t)
+    };
+    let peer = test_set(peer_kind)?;
+    let (pool_features, _) = clean_pass(&ds, &pool, &config, &peer.backbone, config.input_size_for(peer_kind), false, &device)?;
+    let test_features = peer.features.clone();
 
     // Every photo's features, in dataset order, for the peer.
     let mut features = vec![0f32; ds.samples.len() * 1280];
@@ -155,8 +181,8 @@ fn main() -> anyhow::Result<()> {
     let bytes: Vec<u8> = features.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out.join("features.f32"), bytes)?;
 
-    println!("| photos per class | seed | transferd test accuracy | with TTA | estimate | fine-tune | L2 | run time |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| photos per class | seed | backbone | transferd test accuracy | with TTA | estimate | fine-tune | L2 | run time |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut runs = Vec::new();
     for size in &sizes {
         for seed in 0..seeds {
@@ -179,11 +205,10 @@ fn main() -> anyhow::Result<()> {
             let size_name = size.map_or("all".to_string(), |s| s.to_string());
             let t = Instant::now();
             let planned = train::plan(&subset, &cfg).backbone;
-            anyhow::ensure!(
-                planned == kind,
-                "a run on {size_name} photos per class plans {planned}, the test features are {kind}: fix the backbone with --config"
-            );
-            let outcome = train::train(&subset, &cfg, &backbone, &device, &mut |_| {}, &Cancel::default())?;
+            let set = test_set(planned)?;
+            let TestSet { backbone, features: test_features, images: test_images, mirrored_images, mirrored_features } =
+                &*set;
+            let outcome = train::train(&subset, &cfg, backbone, &device, &mut |_| {}, &Cancel::default())?;
             let seconds = t.elapsed().as_secs_f64();
             let report = outcome.evaluation.training.clone().expect("report");
             let score = |images: &RowCache, features: &RowCache| {
@@ -193,8 +218,8 @@ fn main() -> anyhow::Result<()> {
                     head_logits(&outcome.model.head, features, &device)
                 }
             };
-            let logits = score(&test_images, &test_features);
-            let flipped = score(&mirrored_images, &mirrored_features);
+            let logits = score(test_images, test_features);
+            let flipped = score(mirrored_images, mirrored_features);
             let averaged: Vec<Vec<f32>> = logits
                 .iter()
                 .zip(&flipped)
@@ -207,17 +232,17 @@ fn main() -> anyhow::Result<()> {
             let (accuracy, tta) = (accuracy_of(&logits), accuracy_of(&averaged));
             let head_seconds = outcome.phases.iter().find(|p| p.phase == "warmup").map_or(0.0, |p| p.seconds);
             println!(
-                "| {size_name} | {seed} | {:.2}% | {:.2}% | {:?} ({:.2}%) | {} | {:.0e} | {seconds:.1} s (head {head_seconds:.1} s) |",
+                "| {size_name} | {seed} | {planned} | {:.2}% | {:.2}% | {:?} ({:.2}%) | {} | {:.0e} | {seconds:.1} s (head {head_seconds:.1} s) |",
                 accuracy * 100.0,
                 tta * 100.0,
                 report.estimate,
                 outcome.evaluation.accuracy * 100.0,
                 if report.finetune.kept { "kept" } else if report.finetune.ran { "ran, not kept" } else { "skipped" },
-                report.head.l2,
+                report.head.l2.unwrap_or(f64::NAN),
             );
             runs.push(serde_json::json!({
                 "size": size_name, "seed": seed, "train": chosen,
-                "transferd": {"accuracy": accuracy, "tta_accuracy": tta, "estimate": report.estimate,
+                "transferd": {"backbone": planned, "accuracy": accuracy, "tta_accuracy": tta, "estimate": report.estimate,
                     "estimated_accuracy": outcome.evaluation.accuracy,
                     "finetune_kept": report.finetune.kept, "l2": report.head.l2, "seconds": seconds,
                     "head_seconds": head_seconds},
@@ -226,7 +251,7 @@ fn main() -> anyhow::Result<()> {
     }
     let index = serde_json::json!({
         "dataset": data_dir, "classes": ds.classes,
-        "labels": labels, "test": test_features.samples, "runs": runs,
+        "labels": labels, "test": test_features.samples, "runs": runs, "peer_backbone": peer_kind,
         "config": config,
     });
     std::fs::write(out.join("index.json"), serde_json::to_string(&index)?)?;

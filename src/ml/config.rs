@@ -196,12 +196,14 @@ impl<'de> Deserialize<'de> for When {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct FinetuneConfig {
-    /// `"auto"`: only on enough data, and kept only when it beats the head alone.
-    #[schema(value_type = Object)]
+    /// `"auto"`: only on enough data, and kept only when it beats the head alone; or
+    /// `true` / `false`.
+    #[schema(value_type = String)]
     pub enabled: When,
     pub epochs: usize,
     pub learning_rate: f64,
-    /// Top blocks to unfreeze (0–16), or `"all"` for the whole network.
+    /// Top blocks to unfreeze (0–16 for Lite0, 0–21 for Lite1 and Lite2), or `"all"` for
+    /// the whole network.
     #[schema(value_type = Object)]
     pub unfreeze: Unfreeze,
     pub schedule: Schedule,
@@ -255,7 +257,7 @@ impl Default for BaselineConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// The pretrained backbone: `lite0` (224 px), `lite1` (240 px), `lite2` (260 px) or
-    /// `auto`.
+    /// `auto` (the default; see `plan`).
     #[schema(value_type = String)]
     pub backbone: BackboneChoice,
     /// Side of the square network input in pixels; `null` takes the backbone's own.
@@ -285,7 +287,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            backbone: BackboneChoice::Fixed(Backbone::Lite0),
+            backbone: BackboneChoice::Auto,
             input_size: None,
             val_fraction: 0.2,
             seed: 42,
@@ -406,9 +408,9 @@ impl TrainConfig {
             "must be positive",
         )?;
         check(
-            self.warmup.enabled || self.finetune.enabled == When::On || self.baseline.enabled,
+            self.warmup.enabled || self.finetune.enabled == When::On,
             "warmup.enabled",
-            "the head is trained by the warm-up: switch it off only with finetune.enabled true or a baseline",
+            "the head is trained by the warm-up: switch it off only with finetune.enabled true",
         )?;
         Ok(())
     }

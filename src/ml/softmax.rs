@@ -67,15 +67,6 @@ impl Limits {
 const MEMORY: usize = 10;
 
 impl Softmax {
-    pub fn zeros(dim: usize, classes: usize) -> Self {
-        Self {
-            w: vec![0.0; dim * classes],
-            b: vec![0.0; classes],
-            dim,
-            classes,
-        }
-    }
-
     /// Logits of one row.
     pub fn logits(&self, row: &[f64]) -> Vec<f64> {
         (0..self.classes)
@@ -171,15 +162,15 @@ impl Problem<'_> {
                 }
                 (loss, g)
             })
-            .reduce(
-                || (0.0, vec![0.0; d * k + k]),
-                |(la, mut ga), (lb, gb)| {
-                    for (a, b) in ga.iter_mut().zip(&gb) {
-                        *a += b;
-                    }
-                    (la + lb, ga)
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Summed in block order, whatever thread ran a block: runs are reproducible.
+            .fold((0.0, vec![0.0; d * k + k]), |(la, mut ga), (lb, gb)| {
+                for (a, b) in ga.iter_mut().zip(&gb) {
+                    *a += b;
+                }
+                (la + lb, ga)
+            });
         let wsq: f64 = theta[..d * k].iter().map(|v| v * v).sum();
         for (g, t) in grad[..d * k].iter_mut().zip(&theta[..d * k]) {
             *g += lambda * t;

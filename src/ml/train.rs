@@ -60,7 +60,7 @@ pub enum TrainError {
     #[error("time budget spent")]
     BudgetSpent,
     #[error(
-        "the frozen pass was cut before block {prepared} but the config trains from block {config}"
+        "the frozen pass was prepared for another plan (cut before block {prepared}; this config cuts before block {config}, or differs in estimate, fine-tuning or input size)"
     )]
     CutMismatch { prepared: usize, config: usize },
     #[error(
@@ -80,8 +80,10 @@ pub type OnWarmup<'h> = &'h mut dyn FnMut(&Linear) -> Result<(), TrainError>;
 /// after a restart without repeating the warm-up.
 #[derive(Default)]
 pub struct Resume<'h> {
-    /// A head trained by an earlier warm-up of this same run (same data, split and seed).
-    /// When set, the warm-up is not run again.
+    /// A head from an earlier warm-up of this same run (same data, split and seed). The head
+    /// is solved again (it takes seconds, and its penalty search yields the reported
+    /// figures), and this head is used in its place, so a resumed run fine-tunes from the
+    /// head it checkpointed.
     pub warm_head: Option<Linear>,
     /// Called with the head as soon as the warm-up is finished.
     pub on_warmup: Option<OnWarmup<'h>>,
@@ -367,6 +369,7 @@ pub fn fit(
     }
     if plan.cut != prepared.plan.cut
         || plan.estimate != prepared.plan.estimate
+        || plan.finetune != prepared.plan.finetune
         || plan.input_size != prepared.plan.input_size
     {
         return Err(TrainError::CutMismatch {
@@ -593,7 +596,25 @@ pub fn fit(
                 &[(&train_f, prepared.train_clean_first), (&val_f, true)],
                 weights.as_deref(),
             );
-            let refit = head_fit::fit_rows(&rows, n_classes, None, h.l2, None);
+            // The fine-tuned network's features are not the frozen ones the penalty was
+            // chosen on: choose it again on them, on the same split, before the refit.
+            let l2 = if decision.kept && config.warmup.l2.is_none() {
+                let split = train_f.len();
+                head_fit::select_holdout(
+                    &rows,
+                    n_classes,
+                    (0..split).collect(),
+                    (split..rows.len()).collect(),
+                    &head_fit::L2_GRID,
+                    &mut |_, _| {},
+                    &|| cancel.is_cancelled(),
+                )
+                .l2
+            } else {
+                h.l2
+            };
+            cancel.check()?;
+            let refit = head_fit::fit_rows(&rows, n_classes, None, l2, None);
             evaluated_head = Some(std::mem::replace(&mut model.head, st.to_linear(&refit, device)));
             trained_on += prepared.val_ok.len();
         }
@@ -605,12 +626,13 @@ pub fn fit(
         folds: (plan.estimate == EstimateMethod::Kfold).then_some(config.warmup.folds),
         estimate_images: labels.len(),
         head: HeadReport {
-            l2: head.as_ref().map_or(f64::NAN, |h| h.l2),
+            l2: head.as_ref().map(|h| h.l2),
             path: head.as_ref().map(|h| h.path.clone()).unwrap_or_default(),
         },
         finetune: decision,
         trained_on_images: trained_on,
-        refit: config.refit,
+        // Whether the served model saw photos the estimate held out.
+        refit: plan.estimate == EstimateMethod::Kfold || evaluated_head.is_some(),
     });
 
     if config.baseline.enabled {

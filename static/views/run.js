@@ -52,12 +52,12 @@ function decisions(t) {
     ? ` (chosen among ${t.head.path.length} strengths by held-out loss)` : '';
   return el('section', { 'data-testid': 'decisions' },
     el('h4', { text: 'How this was measured, and what the run decided' }),
-    el('ul', {},
+    el('ul', {}, [
       el('li', { text: measured }),
       el('li', { text: served }),
       el('li', { text: `Pretrained network: ${t.backbone} (${t.backbone_reason}).` }),
       el('li', { 'data-testid': 'finetune-decision', text: `Fine-tuning: ${t.finetune.reason}.` }),
-      el('li', { text: `Head: L2 penalty ${Number(t.head.l2).toPrecision(2)}${path}.` })));
+      t.head.l2 == null ? null : el('li', { text: `Head: L2 penalty ${Number(t.head.l2).toPrecision(2)}${path}.` })].filter(Boolean)));
 }
 
 async function evaluation(id) {

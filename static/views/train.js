@@ -10,7 +10,7 @@ const MAIN = {
   refit: 'Once the model is chosen, train it again on every photo',
   'finetune.epochs': 'Fine-tune epochs (at most)',
   'finetune.learning_rate': 'Fine-tune learning rate',
-  'finetune.unfreeze': 'Unfrozen blocks (0–16, or "all")',
+  'finetune.unfreeze': 'Unfrozen blocks (0–16 for Lite0, 0–21 for Lite1/Lite2, or "all")',
   'baseline.enabled': 'Also train a from-scratch baseline for comparison',
 };
 

@@ -93,7 +93,9 @@ try {
   // 24 photos are small data: the page says the head alone was trained, and why.
   const decision = await page.getByTestId('finetune-decision').textContent();
   if (!decision.includes('small data')) throw new Error(`the fine-tune decision is not shown: ${decision}`);
-  if (!(await page.getByTestId('decisions').textContent()).includes('cross-validation')) throw new Error('the estimate is not explained');
+  const decisions = await page.getByTestId('decisions').textContent();
+  if (!decisions.includes('cross-validation')) throw new Error('the estimate is not explained');
+  if (!decisions.includes('lite1 (auto: small data')) throw new Error(`auto did not pick Lite1 for small data: ${decisions}`);
   await shot(page, 'run-succeeded');
 
   // 4. Models and predict: drop two photos, see their probability bars.

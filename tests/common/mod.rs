@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use burn::prelude::*;
 use transferd::ml::backbone::{Backbone, EfficientNetLite};
-use transferd::ml::config::{TrainConfig, Unfreeze, When};
+use transferd::ml::config::{BackboneChoice, TrainConfig, Unfreeze, When};
 use transferd::ml::weights;
 
 pub fn fixtures() -> PathBuf {
@@ -40,6 +40,8 @@ pub fn backbone(device: &Device) -> EfficientNetLite {
 /// these runs exist to exercise both phases.
 pub fn tiny_config() -> TrainConfig {
     let mut c = TrainConfig {
+        // Pinned: `auto` would pick Lite1 for these 24 photos, and the tests load Lite0.
+        backbone: BackboneChoice::Fixed(Backbone::Lite0),
         input_size: Some(128),
         batch_size: 8,
         views: 2,
