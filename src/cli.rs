@@ -126,7 +126,9 @@ fn backbones_named(name: &str) -> anyhow::Result<Vec<Backbone>> {
     if name == "all" {
         return Ok(Backbone::ALL.to_vec());
     }
-    Ok(vec![parse_backbone(name).map_err(|e| anyhow::anyhow!("--backbone: {e} or all"))?])
+    Ok(vec![
+        parse_backbone(name).map_err(|e| anyhow::anyhow!("--backbone: {e} or all"))?,
+    ])
 }
 
 fn device(args: &DeviceArgs) -> anyhow::Result<SelectedDevice> {
@@ -152,7 +154,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for b in backbones_named(&backbone)? {
                 let path = weights::fetch(&cli.data_dir, b)
                     .with_context(|| format!("fetching the pretrained {b} weights"))?;
-                println_json(json!({"backbone": b, "path": path, "sha256": weights::pinned(b).sha256}))?;
+                println_json(
+                    json!({"backbone": b, "path": path, "sha256": weights::pinned(b).sha256}),
+                )?;
             }
             Ok(())
         }
@@ -160,7 +164,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             action: WeightsAction::Path { backbone },
         } => {
             let path = weights::locate(&cli.data_dir, backbone, false)?;
-            println_json(json!({"backbone": backbone, "path": path, "sha256": weights::pinned(backbone).sha256}))
+            println_json(
+                json!({"backbone": backbone, "path": path, "sha256": weights::pinned(backbone).sha256}),
+            )
         }
         Command::Classify {
             images,

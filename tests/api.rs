@@ -312,11 +312,18 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
     for (config, field) in [
         (json!({"refit": "yes"}), "config.refit"),
         (json!({"backbone": "resnet50"}), "config.backbone"),
-        (json!({"finetune": {"enabled": "sometimes"}}), "config.finetune.enabled"),
+        (
+            json!({"finetune": {"enabled": "sometimes"}}),
+            "config.finetune.enabled",
+        ),
         (json!({"warmup": {"l2": -1.0}}), "config.warmup.l2"),
     ] {
         let (status, v) = h
-            .json("POST", "/api/runs", json!({"dataset_id": ds_id, "config": config}))
+            .json(
+                "POST",
+                "/api/runs",
+                json!({"dataset_id": ds_id, "config": config}),
+            )
             .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{config}: {v}");
         assert_eq!(v["error"]["field"], field, "{config}: {v}");
@@ -363,7 +370,10 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
     assert_eq!(run["status"], "queued");
     assert_eq!(run["config"]["warmup"]["folds"], 5, "defaults filled in");
-    assert_eq!(run["config"]["finetune"]["enabled"], "auto", "defaults filled in");
+    assert_eq!(
+        run["config"]["finetune"]["enabled"], "auto",
+        "defaults filled in"
+    );
     let phases: Vec<(&str, &str)> = run["phases"]
         .as_array()
         .unwrap()

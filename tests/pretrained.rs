@@ -11,11 +11,26 @@ fn every_backbone_loads_without_missing_tensors() {
     for pinned in &weights::PINNED {
         let path = common::weights_of(pinned.backbone);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), pinned.size);
-        let (net, report) = weights::load_backbone(&path, pinned.backbone, &Device::flex()).unwrap();
+        let (net, report) =
+            weights::load_backbone(&path, pinned.backbone, &Device::flex()).unwrap();
         assert_eq!(net.kind(), pinned.backbone);
-        assert_eq!(report.applied, pinned.tensors, "{}: every model tensor is applied", pinned.backbone);
-        assert!(report.missing.is_empty(), "{}: missing {:?}", pinned.backbone, report.missing);
-        assert!(report.unused.is_empty(), "{}: unused {:?}", pinned.backbone, report.unused);
+        assert_eq!(
+            report.applied, pinned.tensors,
+            "{}: every model tensor is applied",
+            pinned.backbone
+        );
+        assert!(
+            report.missing.is_empty(),
+            "{}: missing {:?}",
+            pinned.backbone,
+            report.missing
+        );
+        assert!(
+            report.unused.is_empty(),
+            "{}: unused {:?}",
+            pinned.backbone,
+            report.unused
+        );
     }
 }
 
@@ -26,11 +41,20 @@ fn lite1_and_lite2_pass_the_imagenet_sanity_check() {
     let device = Device::flex();
     let read = |name: &str| std::fs::read(common::fixtures().join("samples").join(name)).unwrap();
     for backbone in [Backbone::Lite1, Backbone::Lite2] {
-        let (net, _) = weights::load_backbone(&common::weights_of(backbone), backbone, &device).unwrap();
+        let (net, _) =
+            weights::load_backbone(&common::weights_of(backbone), backbone, &device).unwrap();
         let cat = imagenet::top5(&net, &read("test_cat.jpg"), &device).unwrap();
-        assert!((281..=285).contains(&cat[0].class), "{backbone} cat top-1 {:?}", cat[0]);
+        assert!(
+            (281..=285).contains(&cat[0].class),
+            "{backbone} cat top-1 {:?}",
+            cat[0]
+        );
         let dog = imagenet::top5(&net, &read("test_dog.jpg"), &device).unwrap();
-        assert!((151..=268).contains(&dog[0].class), "{backbone} dog top-1 {:?}", dog[0]);
+        assert!(
+            (151..=268).contains(&dog[0].class),
+            "{backbone} dog top-1 {:?}",
+            dog[0]
+        );
         assert_eq!(dog[0].label, "golden retriever", "{backbone}: {dog:?}");
         assert!(dog[0].probability > 0.3, "{backbone}: {dog:?}");
     }
@@ -89,7 +113,11 @@ fn a_wrong_file_is_refused_by_checksum() {
         .expect_err("garbage must not load");
     assert!(err.to_string().contains("fake.pth"));
     let err = weights::verify(&fake, Backbone::Lite1).expect_err("not the Lite1 file");
-    assert!(err.to_string().contains(weights::pinned(Backbone::Lite1).sha256), "{err}");
+    assert!(
+        err.to_string()
+            .contains(weights::pinned(Backbone::Lite1).sha256),
+        "{err}"
+    );
     // The Lite0 file is not the Lite2 file either.
     assert!(weights::verify(&common::weights_path(), Backbone::Lite2).is_err());
 }

@@ -232,7 +232,11 @@ async fn upload_train_follow_and_predict() {
         .map(|i| eval["confusion"][i][1 - i].as_u64().unwrap())
         .sum();
     let mistakes = eval["misclassified"].as_array().unwrap();
-    assert_eq!(mistakes.len() as u64, off_diagonal, "one entry per mistake: {eval}");
+    assert_eq!(
+        mistakes.len() as u64,
+        off_diagonal,
+        "one entry per mistake: {eval}"
+    );
     // The run records how it was measured and what it decided (fine-tune forced on here).
     let t = &eval["training"];
     assert_eq!(t["estimate"], "holdout", "{t}");

@@ -210,17 +210,31 @@ fn small_data_trains_the_head_only_and_estimates_by_kfold() {
     let mut config = common::tiny_config();
     config.finetune.enabled = transferd::ml::config::When::Auto;
     let outcome = run(pets.path(), &config);
-    let report = outcome.evaluation.training.clone().expect("decisions recorded");
+    let report = outcome
+        .evaluation
+        .training
+        .clone()
+        .expect("decisions recorded");
     assert_eq!(report.estimate, transferd::ml::plan::EstimateMethod::Kfold);
     assert_eq!(report.folds, Some(5));
     assert!(!report.finetune.ran, "{report:?}");
     assert!(report.finetune.reason.contains("small data"), "{report:?}");
     assert_eq!(report.estimate_images, 24, "every photo is scored once");
-    assert_eq!(report.trained_on_images, 24, "every photo trains the served head");
-    assert_eq!(outcome.evaluation.confusion.iter().flatten().sum::<usize>(), 24);
+    assert_eq!(
+        report.trained_on_images, 24,
+        "every photo trains the served head"
+    );
+    assert_eq!(
+        outcome.evaluation.confusion.iter().flatten().sum::<usize>(),
+        24
+    );
     assert!(report.head.path.len() >= 3, "{report:?}");
     assert!(!outcome.metrics.iter().any(|m| m.phase == "finetune"));
-    assert!(outcome.evaluation.accuracy >= 0.8, "{}", outcome.evaluation.accuracy);
+    assert!(
+        outcome.evaluation.accuracy >= 0.8,
+        "{}",
+        outcome.evaluation.accuracy
+    );
     let device = Device::flex();
     let saved = artifact::model_config(&outcome, &config);
     let predictor = Predictor::new(saved, outcome.model, &device);

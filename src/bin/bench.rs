@@ -442,7 +442,10 @@ fn main() -> anyhow::Result<()> {
                 println!("| {key} | {v} |");
             }
             for ((pname, _), acc) in perturbed.iter().zip(&robust) {
-                println!("| val accuracy, {pname} (model before the refit) | {:.2}% |", acc * 100.0);
+                println!(
+                    "| val accuracy, {pname} (model before the refit) | {:.2}% |",
+                    acc * 100.0
+                );
             }
             println!("| peak RSS | {:.0} MiB |", peak_rss_mib());
             for m in &outcome.evaluation.misclassified {

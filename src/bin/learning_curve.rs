@@ -15,8 +15,8 @@
 //! under test-time augmentation (the logits of the centre view and its mirror averaged).
 
 use std::collections::HashMap;
-use std::rc::Rc;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -65,8 +65,21 @@ fn clean_pass(
         max_dimension: config.max_image_dimension,
     };
     let k = if images { 0 } else { backbone.blocks.len() };
-    let pass = frozen_pass(backbone, k, images, &view, 32, device, &Cancel::default(), |_| {})?;
-    anyhow::ensure!(pass.failures.is_empty(), "undecodable photos: {:?}", pass.failures);
+    let pass = frozen_pass(
+        backbone,
+        k,
+        images,
+        &view,
+        32,
+        device,
+        &Cancel::default(),
+        |_| {},
+    )?;
+    anyhow::ensure!(
+        pass.failures.is_empty(),
+        "undecodable photos: {:?}",
+        pass.failures
+    );
     Ok((pass.features, pass.activations))
 }
 
@@ -113,24 +126,36 @@ fn head_logits(head: &burn::nn::Linear, features: &RowCache, device: &Device) ->
         let t = head.forward(x);
         let [_, d] = t.dims();
         let data = t.into_data();
-        out.extend(data.as_slice::<f32>().unwrap().chunks(d).map(<[f32]>::to_vec));
+        out.extend(
+            data.as_slice::<f32>()
+                .unwrap()
+                .chunks(d)
+                .map(<[f32]>::to_vec),
+        );
     }
     out
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let data_dir = args
-        .first()
-        .filter(|a| !a.starts_with("--"))
-        .map_or_else(|| PathBuf::from("../shared/datasets/dogcat-sub"), PathBuf::from);
+    let data_dir = args.first().filter(|a| !a.starts_with("--")).map_or_else(
+        || PathBuf::from("../shared/datasets/dogcat-sub"),
+        PathBuf::from,
+    );
     let sizes: Vec<Option<usize>> = flag(&args, "--sizes")
         .unwrap_or("5,10,20,50,100,all")
         .split(',')
-        .map(|s| if s == "all" { None } else { Some(s.parse().expect("a size")) })
+        .map(|s| {
+            if s == "all" {
+                None
+            } else {
+                Some(s.parse().expect("a size"))
+            }
+        })
         .collect();
     let seeds: u64 = flag(&args, "--seeds").map_or(3, |s| s.parse().expect("a seed count"));
-    let test_fraction: f64 = flag(&args, "--test-fraction").map_or(0.25, |s| s.parse().expect("a fraction"));
+    let test_fraction: f64 =
+        flag(&args, "--test-fraction").map_or(0.25, |s| s.parse().expect("a fraction"));
     let out = PathBuf::from(flag(&args, "--out").unwrap_or("target/learning-curve"));
     let config: TrainConfig = match flag(&args, "--config") {
         Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
@@ -155,19 +180,41 @@ fn main() -> anyhow::Result<()> {
             return Ok(t.clone());
         }
         let started = Instant::now();
-        let backbone = weights::load_backbone(&weights::locate(&PathBuf::from("data"), kind, true)?, kind, &device)?.0;
+        let backbone = weights::load_backbone(
+            &weights::locate(&PathBuf::from("data"), kind, true)?,
+            kind,
+            &device,
+        )?
+        .0;
         let size = config.input_size_for(kind);
         let (features, images) = clean_pass(&ds, &test, &config, &backbone, size, true, &device)?;
         let images = images.expect("images kept");
         let mirrored_images = mirrored(&images);
         let mirrored_features = features_of_images(&backbone, &mirrored_images, &device);
-        eprintln!("{kind}: the test photos through it in {:.1} s", started.elapsed().as_secs_f64());
-        let t = Rc::new(TestSet { backbone, features, images, mirrored_images, mirrored_features });
+        eprintln!(
+            "{kind}: the test photos through it in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let t = Rc::new(TestSet {
+            backbone,
+            features,
+            images,
+            mirrored_images,
+            mirrored_features,
+        });
         tests.insert(kind, t.clone());
         Ok(t)
     };
     let peer = test_set(peer_kind)?;
-    let (pool_features, _) = clean_pass(&ds, &pool, &config, &peer.backbone, config.input_size_for(peer_kind), false, &device)?;
+    let (pool_features, _) = clean_pass(
+        &ds,
+        &pool,
+        &config,
+        &peer.backbone,
+        config.input_size_for(peer_kind),
+        false,
+        &device,
+    )?;
     let test_features = peer.features.clone();
 
     // Every photo's features, in dataset order, for the peer.
@@ -181,7 +228,9 @@ fn main() -> anyhow::Result<()> {
     let bytes: Vec<u8> = features.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out.join("features.f32"), bytes)?;
 
-    println!("| photos per class | seed | backbone | transferd test accuracy | with TTA | estimate | fine-tune | L2 | run time |");
+    println!(
+        "| photos per class | seed | backbone | transferd test accuracy | with TTA | estimate | fine-tune | L2 | run time |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut runs = Vec::new();
     for size in &sizes {
@@ -189,7 +238,8 @@ fn main() -> anyhow::Result<()> {
             let mut rng = ChaCha8Rng::seed_from_u64(seed * 7919 + 13);
             let mut chosen = Vec::new();
             for c in 0..ds.classes.len() {
-                let mut members: Vec<usize> = pool.iter().copied().filter(|&i| labels[i] == c).collect();
+                let mut members: Vec<usize> =
+                    pool.iter().copied().filter(|&i| labels[i] == c).collect();
                 members.shuffle(&mut rng);
                 members.truncate(size.unwrap_or(usize::MAX));
                 chosen.extend(members);
@@ -206,9 +256,21 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let planned = train::plan(&subset, &cfg).backbone;
             let set = test_set(planned)?;
-            let TestSet { backbone, features: test_features, images: test_images, mirrored_images, mirrored_features } =
-                &*set;
-            let outcome = train::train(&subset, &cfg, backbone, &device, &mut |_| {}, &Cancel::default())?;
+            let TestSet {
+                backbone,
+                features: test_features,
+                images: test_images,
+                mirrored_images,
+                mirrored_features,
+            } = &*set;
+            let outcome = train::train(
+                &subset,
+                &cfg,
+                backbone,
+                &device,
+                &mut |_| {},
+                &Cancel::default(),
+            )?;
             let seconds = t.elapsed().as_secs_f64();
             let report = outcome.evaluation.training.clone().expect("report");
             let score = |images: &RowCache, features: &RowCache| {
@@ -226,18 +288,32 @@ fn main() -> anyhow::Result<()> {
                 .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect())
                 .collect();
             let accuracy_of = |logits: &[Vec<f32>]| {
-                let correct = logits.iter().zip(&test_features.labels).filter(|(l, y)| argmax(l) == **y).count();
+                let correct = logits
+                    .iter()
+                    .zip(&test_features.labels)
+                    .filter(|(l, y)| argmax(l) == **y)
+                    .count();
                 correct as f64 / logits.len() as f64
             };
             let (accuracy, tta) = (accuracy_of(&logits), accuracy_of(&averaged));
-            let head_seconds = outcome.phases.iter().find(|p| p.phase == "warmup").map_or(0.0, |p| p.seconds);
+            let head_seconds = outcome
+                .phases
+                .iter()
+                .find(|p| p.phase == "warmup")
+                .map_or(0.0, |p| p.seconds);
             println!(
                 "| {size_name} | {seed} | {planned} | {:.2}% | {:.2}% | {:?} ({:.2}%) | {} | {:.0e} | {seconds:.1} s (head {head_seconds:.1} s) |",
                 accuracy * 100.0,
                 tta * 100.0,
                 report.estimate,
                 outcome.evaluation.accuracy * 100.0,
-                if report.finetune.kept { "kept" } else if report.finetune.ran { "ran, not kept" } else { "skipped" },
+                if report.finetune.kept {
+                    "kept"
+                } else if report.finetune.ran {
+                    "ran, not kept"
+                } else {
+                    "skipped"
+                },
                 report.head.l2.unwrap_or(f64::NAN),
             );
             runs.push(serde_json::json!({

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 
 use super::worker::WorkerContext;
+use crate::ml::artifact;
 use crate::ml::config::TrainConfig;
 use crate::ml::data::FolderDataset;
 use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
-use crate::ml::artifact;
 
 /// Why the compute thread stopped without a model.
 pub(super) enum Stopped {

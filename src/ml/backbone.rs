@@ -26,7 +26,19 @@ const STEM: usize = 32;
 const BN_EPS: f64 = 1e-3;
 
 /// The pretrained backbones on offer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Backbone {
     /// EfficientNet-Lite0 at 224 px: the fastest.
@@ -111,7 +123,8 @@ pub fn block_specs(backbone: Backbone) -> Vec<BlockSpec> {
     let (repeats, widths) = backbone.stages();
     let mut specs = Vec::with_capacity(backbone.num_blocks());
     let mut input = STEM;
-    for ((&(kernel, stride, expand), &n), &output) in STAGE_SHAPES.iter().zip(&repeats).zip(&widths) {
+    for ((&(kernel, stride, expand), &n), &output) in STAGE_SHAPES.iter().zip(&repeats).zip(&widths)
+    {
         for r in 0..n {
             specs.push(BlockSpec {
                 kernel,
@@ -269,7 +282,10 @@ impl EfficientNetLite {
         let top = self.conv_head.weight.dims()[1];
         *Backbone::ALL
             .iter()
-            .find(|b| b.num_blocks() == self.blocks.len() && block_specs(**b).last().unwrap().output == top)
+            .find(|b| {
+                b.num_blocks() == self.blocks.len()
+                    && block_specs(**b).last().unwrap().output == top
+            })
             .expect("one of the offered variants")
     }
 

@@ -41,7 +41,11 @@ impl Backbones {
 
     /// `backbone` on `device`, loading (and if need be fetching) it the first time. Blocking:
     /// call it from a compute thread.
-    pub fn get(&self, backbone: Backbone, device: &Device) -> Result<EfficientNetLite, WeightsError> {
+    pub fn get(
+        &self,
+        backbone: Backbone,
+        device: &Device,
+    ) -> Result<EfficientNetLite, WeightsError> {
         let mut loaded = self.loaded.lock().expect("not poisoned");
         if let Some(b) = loaded.get(&backbone) {
             return Ok(b.clone());

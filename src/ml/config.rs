@@ -458,12 +458,18 @@ mod tests {
             serde_json::from_str(r#"{"finetune": {"unfreeze": "all"}}"#).unwrap();
         assert_eq!(partial.finetune.unfreeze, Unfreeze::All);
         assert_eq!(partial.finetune.epochs, FinetuneConfig::default().epochs);
-        for (json, when) in [("\"auto\"", When::Auto), ("true", When::On), ("false", When::Off)] {
+        for (json, when) in [
+            ("\"auto\"", When::Auto),
+            ("true", When::On),
+            ("false", When::Off),
+        ] {
             let c: TrainConfig =
                 serde_json::from_str(&format!(r#"{{"finetune": {{"enabled": {json}}}}}"#)).unwrap();
             assert_eq!(c.finetune.enabled, when);
         }
-        assert!(serde_json::from_str::<TrainConfig>(r#"{"finetune": {"enabled": "maybe"}}"#).is_err());
+        assert!(
+            serde_json::from_str::<TrainConfig>(r#"{"finetune": {"enabled": "maybe"}}"#).is_err()
+        );
         assert!(serde_json::from_str::<TrainConfig>(r#"{"refit": "yes"}"#).is_err());
         let lite2: TrainConfig = serde_json::from_str(r#"{"backbone": "lite2"}"#).unwrap();
         assert_eq!(lite2.backbone, BackboneChoice::Fixed(Backbone::Lite2));

@@ -23,7 +23,9 @@ use super::softmax::{self, Problem, Softmax};
 
 /// Penalties tried, strongest first, so each fit warm-starts from the previous optimum. In
 /// units of the mean loss on unit-variance features; scikit-learn's `C` is `1 / (λ·n)`.
-pub const L2_GRID: [f64; 11] = [1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5];
+pub const L2_GRID: [f64; 11] = [
+    1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5,
+];
 /// The path stops once held-out loss has been worse than its best for this many penalties in
 /// a row: the curve has one minimum, and the weakest penalties are the slowest to fit.
 const PATH_PATIENCE: usize = 2;
@@ -75,7 +77,12 @@ impl Standardizer {
         let mut var = 0.0;
         for c in caches {
             for r in 0..c.len() {
-                var += c.row(r).iter().zip(&mean).map(|(&v, m)| (v as f64 - m).powi(2)).sum::<f64>();
+                var += c
+                    .row(r)
+                    .iter()
+                    .zip(&mean)
+                    .map(|(&v, m)| (v as f64 - m).powi(2))
+                    .sum::<f64>();
             }
         }
         let mean_var = var / (n.max(1) * dim) as f64;
@@ -87,11 +94,7 @@ impl Standardizer {
 
     /// The standardised rows of `caches`, in order. A row is clean when it is the first of
     /// its photo in a cache whose first view is the clean one.
-    pub fn rows(
-        &self,
-        caches: &[(&RowCache, bool)],
-        class_weights: Option<&[f32]>,
-    ) -> Rows {
+    pub fn rows(&self, caches: &[(&RowCache, bool)], class_weights: Option<&[f32]>) -> Rows {
         let dim = self.mean.len();
         let mut out = Rows {
             x: Vec::new(),
@@ -105,7 +108,13 @@ impl Standardizer {
         for (cache, clean_first) in caches {
             let mut seen = std::collections::HashSet::new();
             for r in 0..cache.len() {
-                out.x.extend(cache.row(r).iter().zip(&self.mean).map(|(&v, m)| (v as f64 - m) * self.scale));
+                out.x.extend(
+                    cache
+                        .row(r)
+                        .iter()
+                        .zip(&self.mean)
+                        .map(|(&v, m)| (v as f64 - m) * self.scale),
+                );
                 let group = cache.samples[r];
                 out.labels.push(cache.labels[r]);
                 out.groups.push(group);
@@ -137,7 +146,10 @@ impl Standardizer {
         let bias: Vec<f32> = bias.iter().map(|&b| b as f32).collect();
         Linear {
             weight: Param::from_tensor(Tensor::from_data(TensorData::new(weight, [d, k]), device)),
-            bias: Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [k]), device))),
+            bias: Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(bias, [k]),
+                device,
+            ))),
         }
     }
 }
@@ -289,12 +301,21 @@ pub fn select_kfold(
     progress: &mut dyn FnMut(usize, usize),
     cancel: &dyn Fn() -> bool,
 ) -> Selection {
-    let groups: Vec<(usize, usize)> = data.groups.iter().copied().zip(data.labels.iter().copied()).collect();
+    let groups: Vec<(usize, usize)> = data
+        .groups
+        .iter()
+        .copied()
+        .zip(data.labels.iter().copied())
+        .collect();
     let fold_of = stratified_folds(&groups, folds, seed);
     let splits: Vec<(Vec<usize>, Vec<usize>)> = (0..folds)
         .map(|f| {
-            let train = (0..data.len()).filter(|&i| fold_of[&data.groups[i]] != f).collect();
-            let test = (0..data.len()).filter(|&i| fold_of[&data.groups[i]] == f && data.clean[i]).collect();
+            let train = (0..data.len())
+                .filter(|&i| fold_of[&data.groups[i]] != f)
+                .collect();
+            let test = (0..data.len())
+                .filter(|&i| fold_of[&data.groups[i]] == f && data.clean[i])
+                .collect();
             (train, test)
         })
         .filter(|(_, test): &(Vec<usize>, Vec<usize>)| !test.is_empty())
@@ -320,7 +341,13 @@ pub fn select_holdout(
 }
 
 /// The head fitted on `rows` (all of them by default) at penalty `l2`.
-pub fn fit_rows(data: &Rows, classes: usize, rows: Option<&[usize]>, l2: f64, start: Option<&Softmax>) -> Softmax {
+pub fn fit_rows(
+    data: &Rows,
+    classes: usize,
+    rows: Option<&[usize]>,
+    l2: f64,
+    start: Option<&Softmax>,
+) -> Softmax {
     let all: Vec<usize>;
     let rows = match rows {
         Some(r) => r,
@@ -329,8 +356,12 @@ pub fn fit_rows(data: &Rows, classes: usize, rows: Option<&[usize]>, l2: f64, st
             &all
         }
     };
-    let (model, convergence) =
-        softmax::fit(&data.problem(rows, classes), l2, start, softmax::Limits::FINAL);
+    let (model, convergence) = softmax::fit(
+        &data.problem(rows, classes),
+        l2,
+        start,
+        softmax::Limits::FINAL,
+    );
     if !convergence.converged {
         tracing::warn!(?convergence, "the head fit stopped before full convergence");
     }
@@ -344,10 +375,27 @@ mod tests {
     #[test]
     fn folds_are_stratified_seeded_and_keep_photos_whole() {
         // 3 classes of 10, 7 and 5 photos.
-        let groups: Vec<(usize, usize)> = (0..22).map(|g| (g, if g < 10 { 0 } else if g < 17 { 1 } else { 2 })).collect();
+        let groups: Vec<(usize, usize)> = (0..22)
+            .map(|g| {
+                (
+                    g,
+                    if g < 10 {
+                        0
+                    } else if g < 17 {
+                        1
+                    } else {
+                        2
+                    },
+                )
+            })
+            .collect();
         let a = stratified_folds(&groups, 5, 1);
         assert_eq!(a, stratified_folds(&groups, 5, 1), "same seed, same folds");
-        assert_ne!(a, stratified_folds(&groups, 5, 2), "another seed, other folds");
+        assert_ne!(
+            a,
+            stratified_folds(&groups, 5, 2),
+            "another seed, other folds"
+        );
         for class in 0..3 {
             let mut per_fold = [0usize; 5];
             for &(g, y) in &groups {
@@ -355,11 +403,22 @@ mod tests {
                     per_fold[a[&g]] += 1;
                 }
             }
-            let (lo, hi) = (per_fold.iter().min().unwrap(), per_fold.iter().max().unwrap());
-            assert!(hi - lo <= 1, "class {class} spread over folds as {per_fold:?}");
+            let (lo, hi) = (
+                per_fold.iter().min().unwrap(),
+                per_fold.iter().max().unwrap(),
+            );
+            assert!(
+                hi - lo <= 1,
+                "class {class} spread over folds as {per_fold:?}"
+            );
         }
-        let sizes = (0..5).map(|f| a.values().filter(|&&x| x == f).count()).collect::<Vec<_>>();
-        assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
+        let sizes = (0..5)
+            .map(|f| a.values().filter(|&&x| x == f).count())
+            .collect::<Vec<_>>();
+        assert!(
+            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+            "{sizes:?}"
+        );
     }
 
     /// Two noisy Gaussian classes: the path stops at a finite penalty, every photo is scored
@@ -372,7 +431,10 @@ mod tests {
             let y = photo % 2;
             for _view in 0..2 {
                 let row: Vec<f32> = (0..6)
-                    .map(|j| 5.0 + if j == 0 { y as f32 * 1.5 } else { 0.0 } + rand::Rng::random_range(&mut rng, -1.0..1.0f32))
+                    .map(|j| {
+                        5.0 + if j == 0 { y as f32 * 1.5 } else { 0.0 }
+                            + rand::Rng::random_range(&mut rng, -1.0..1.0f32)
+                    })
                     .collect();
                 cache.push_rows(&row, &[y], &[photo]);
             }
@@ -381,7 +443,11 @@ mod tests {
         let data = st.rows(&[(&cache, true)], None);
         assert_eq!(data.clean.iter().filter(|&&c| c).count(), 40);
         let sel = select_kfold(&data, 2, 5, 7, &L2_GRID, &mut |_, _| {}, &|| false);
-        assert_eq!(sel.held_out.len(), 40, "each photo's clean view scored once");
+        assert_eq!(
+            sel.held_out.len(),
+            40,
+            "each photo's clean view scored once"
+        );
         assert!(sel.path.len() >= 3 && sel.path.len() <= L2_GRID.len());
         let best = sel.path.iter().map(|p| p.nll).fold(f64::INFINITY, f64::min);
         assert_eq!(sel.path.iter().find(|p| p.l2 == sel.l2).unwrap().nll, best);
@@ -389,7 +455,10 @@ mod tests {
 
         let model = fit_rows(&data, 2, None, sel.l2, None);
         let linear = st.to_linear(&model, &Device::flex());
-        let raw = Tensor::<2>::from_data(TensorData::new(cache.row(0).to_vec(), [1, 6]), &Device::flex());
+        let raw = Tensor::<2>::from_data(
+            TensorData::new(cache.row(0).to_vec(), [1, 6]),
+            &Device::flex(),
+        );
         let got = linear.forward(raw).into_data().try_to_vec::<f32>().unwrap();
         let want = model.logits(&data.x[..6]);
         for (g, w) in got.iter().zip(&want) {

@@ -8,11 +8,11 @@ use burn::nn::Linear;
 use burn::prelude::*;
 
 use super::cache::RowCache;
+use super::config::TrainConfig;
 use super::head::TransferModel;
 use super::head_fit::{self, L2_GRID, PathPoint, Standardizer};
 use super::phases::rows_into;
 use super::plan::EstimateMethod;
-use super::config::TrainConfig;
 use super::train::{Cancel, EpochMetrics, Prepared, TrainError};
 
 /// What the head phase hands on.
@@ -60,7 +60,8 @@ pub(crate) fn head_phase(
     let (selection, linear, fitted_rows) = match prepared.plan.estimate {
         EstimateMethod::Kfold => {
             let folds = config.warmup.folds;
-            let sel = head_fit::select_kfold(&rows, classes, folds, config.seed, grid, progress, &stop);
+            let sel =
+                head_fit::select_kfold(&rows, classes, folds, config.seed, grid, progress, &stop);
             cancel.check()?;
             let all = head_fit::fit_rows(&rows, classes, None, sel.l2, None);
             (sel, all, (0..rows.len()).collect::<Vec<_>>())
@@ -85,7 +86,11 @@ pub(crate) fn head_phase(
         }
     };
     let clean: Vec<usize> = fitted_rows.into_iter().filter(|&i| rows.clean[i]).collect();
-    let scored = if clean.is_empty() { (0..train.len()).collect() } else { clean };
+    let scored = if clean.is_empty() {
+        (0..train.len()).collect()
+    } else {
+        clean
+    };
     let (train_loss, train_accuracy) = head_fit::loss_and_accuracy(&linear, &rows, &scored);
     let chosen = selection
         .path

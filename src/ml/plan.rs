@@ -58,7 +58,9 @@ impl Plan {
             BackboneChoice::Fixed(b) => (b, format!("{b} was asked for in the config")),
             BackboneChoice::Auto if small => (
                 AUTO_SMALL,
-                format!("auto: small data, so the more accurate {AUTO_SMALL} (its frozen pass over few photos is cheap)"),
+                format!(
+                    "auto: small data, so the more accurate {AUTO_SMALL} (its frozen pass over few photos is cheap)"
+                ),
             ),
             BackboneChoice::Auto => (
                 AUTO_LARGE,
@@ -67,7 +69,10 @@ impl Plan {
         };
         let blocks = backbone.num_blocks();
         let (finetune, reason) = match config.finetune.enabled {
-            When::Off => (false, "fine-tuning is switched off in the config".to_string()),
+            When::Off => (
+                false,
+                "fine-tuning is switched off in the config".to_string(),
+            ),
             When::On => (true, "fine-tuning is switched on in the config".to_string()),
             When::Auto if small => (
                 false,
@@ -154,7 +159,10 @@ mod tests {
         assert!(!p.finetune);
         assert_eq!(p.estimate, EstimateMethod::Kfold);
         assert_eq!(p.backbone, AUTO_SMALL, "the default backbone is auto");
-        assert_eq!(p.cut, 21, "nothing trainable: the cut is after Lite1's last block");
+        assert_eq!(
+            p.cut, 21,
+            "nothing trainable: the cut is after Lite1's last block"
+        );
         assert!(p.reason.contains("12 photos"), "{}", p.reason);
 
         let p = Plan::new(&config, &[700, 699]);
@@ -169,7 +177,10 @@ mod tests {
 
         let mut no_refit = TrainConfig::default();
         no_refit.refit = false;
-        assert_eq!(Plan::new(&no_refit, &[10, 10]).estimate, EstimateMethod::Holdout);
+        assert_eq!(
+            Plan::new(&no_refit, &[10, 10]).estimate,
+            EstimateMethod::Holdout
+        );
     }
 
     #[test]
@@ -188,7 +199,11 @@ mod tests {
         let small = Plan::new(&config, &[10, 10]);
         let large = Plan::new(&config, &[500, 500]);
         assert_eq!((small.backbone, large.backbone), (AUTO_SMALL, AUTO_LARGE));
-        assert!(small.backbone_reason.starts_with("auto"), "{}", small.backbone_reason);
+        assert!(
+            small.backbone_reason.starts_with("auto"),
+            "{}",
+            small.backbone_reason
+        );
         config.backbone = BackboneChoice::Fixed(Backbone::Lite1);
         config.finetune.enabled = When::On;
         assert_eq!(Plan::new(&config, &[10, 10]).cut, 20, "Lite1 has 21 blocks");

@@ -99,7 +99,11 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
             acc[i] += x[i] * y[i];
         }
     }
-    let tail: f64 = a[chunks..].iter().zip(&b[chunks..]).map(|(x, y)| x * y).sum();
+    let tail: f64 = a[chunks..]
+        .iter()
+        .zip(&b[chunks..])
+        .map(|(x, y)| x * y)
+        .sum();
     acc[0] + acc[1] + acc[2] + acc[3] + tail
 }
 
@@ -211,7 +215,11 @@ pub fn fit(
         let (mut f_new, mut g_new, mut theta_new);
         // Backtracking to the Armijo condition.
         loop {
-            theta_new = theta.iter().zip(&dir).map(|(t, p)| t + step * p).collect::<Vec<_>>();
+            theta_new = theta
+                .iter()
+                .zip(&dir)
+                .map(|(t, p)| t + step * p)
+                .collect::<Vec<_>>();
             (f_new, g_new) = problem.evaluate(&theta_new, lambda);
             if f_new <= f + 1e-4 * step * slope || step < 1e-12 {
                 break;
@@ -344,7 +352,9 @@ mod tests {
     /// A separable toy set with almost no penalty: the loss goes to (nearly) zero.
     #[test]
     fn separable_data_is_fitted_to_a_tiny_loss() {
-        let x = [2.0, 0.0, 1.5, 0.5, 0.0, 2.0, 0.5, 1.5, -2.0, -2.0, -1.5, -1.0];
+        let x = [
+            2.0, 0.0, 1.5, 0.5, 0.0, 2.0, 0.5, 1.5, -2.0, -2.0, -1.5, -1.0,
+        ];
         let labels = [0, 0, 1, 1, 2, 2];
         let weights = [1.0; 6];
         let p = problem(&x, &labels, &weights);
@@ -378,13 +388,19 @@ mod tests {
         let u = (lo + hi) / 2.0;
         assert!((model.w[1] - u).abs() < 1e-5, "w {:?} vs u {u}", model.w);
         assert!((model.w[0] + u).abs() < 1e-5, "w {:?} vs u {u}", model.w);
-        assert!(model.b[0].abs() < 1e-5 && model.b[1].abs() < 1e-5, "b {:?}", model.b);
+        assert!(
+            model.b[0].abs() < 1e-5 && model.b[1].abs() < 1e-5,
+            "b {:?}",
+            model.b
+        );
     }
 
     /// A warm start from the optimum stops at once; the gradient check holds.
     #[test]
     fn gradient_matches_finite_differences_and_warm_starts_are_free() {
-        let x: Vec<f64> = (0..40).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
+        let x: Vec<f64> = (0..40)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
         let labels: Vec<usize> = (0..10).map(|i| i % 3).collect();
         let weights: Vec<f64> = (0..10).map(|i| 1.0 + (i % 2) as f64).collect();
         let p = problem(&x, &labels, &weights);
@@ -397,7 +413,11 @@ mod tests {
             t[j] -= 2e-6;
             let (fm, _) = p.evaluate(&t, 0.3);
             let numeric = (fp - fm) / 2e-6;
-            assert!((numeric - g[j]).abs() < 1e-6, "coordinate {j}: {numeric} vs {}", g[j]);
+            assert!(
+                (numeric - g[j]).abs() < 1e-6,
+                "coordinate {j}: {numeric} vs {}",
+                g[j]
+            );
         }
         let (model, _) = fit(&p, 0.3, None, Limits::FINAL);
         let (_, again) = fit(&p, 0.3, Some(&model), Limits::FINAL);

@@ -588,7 +588,10 @@ pub fn fit(
                     )
                 })
         } else {
-            Some((prepared.train.features.clone(), prepared.val.features.clone()))
+            Some((
+                prepared.train.features.clone(),
+                prepared.val.features.clone(),
+            ))
         };
         if let Some((train_f, val_f)) = features {
             let st = Standardizer::fit(&[&train_f, &val_f]);
@@ -615,7 +618,10 @@ pub fn fit(
             };
             cancel.check()?;
             let refit = head_fit::fit_rows(&rows, n_classes, None, l2, None);
-            evaluated_head = Some(std::mem::replace(&mut model.head, st.to_linear(&refit, device)));
+            evaluated_head = Some(std::mem::replace(
+                &mut model.head,
+                st.to_linear(&refit, device),
+            ));
             trained_on += prepared.val_ok.len();
         }
     }
