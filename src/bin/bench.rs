@@ -394,7 +394,7 @@ fn main() -> anyhow::Result<()> {
         backbone = load(planned)?;
     }
     let prepared = train::prepare(&ds, &config, &backbone, &device, &mut log, &cancel)?;
-    let k = prepared.k;
+    let k = prepared.plan.cut;
     let prepare_seconds = started.elapsed().as_secs_f64();
     let mut candidates = vec![("default".to_string(), config.clone())];
     if let Some(path) = value_of("--sweep") {

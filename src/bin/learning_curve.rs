@@ -29,6 +29,7 @@ use transferd::ml::config::TrainConfig;
 use transferd::ml::data::{self, FolderDataset, ViewDataset, stratified_split};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
+use transferd::ml::head_phase::head_logits;
 use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::Preprocessing;
 use transferd::ml::train::{self, Cancel};
@@ -114,24 +115,6 @@ fn features_of_images(
         let labels: Vec<usize> = chunk.iter().map(|&i| images.labels[i]).collect();
         let samples: Vec<usize> = chunk.iter().map(|&i| images.samples[i]).collect();
         out.push_tensor(backbone.features(b.inputs), &labels, &samples);
-    }
-    out
-}
-
-/// Logits of a head over cached pooled features.
-fn head_logits(head: &burn::nn::Linear, features: &RowCache, device: &Device) -> Vec<Vec<f32>> {
-    let mut out = Vec::new();
-    for chunk in (0..features.len()).collect::<Vec<_>>().chunks(256) {
-        let (x, _) = features.batch2(chunk, device);
-        let t = head.forward(x);
-        let [_, d] = t.dims();
-        let data = t.into_data();
-        out.extend(
-            data.as_slice::<f32>()
-                .unwrap()
-                .chunks(d)
-                .map(<[f32]>::to_vec),
-        );
     }
     out
 }

@@ -9,7 +9,6 @@ use burn::prelude::*;
 
 use super::cache::RowCache;
 use super::config::TrainConfig;
-use super::head::TransferModel;
 use super::head_fit::{self, L2_GRID, PathPoint, Standardizer};
 use super::phases::rows_into;
 use super::plan::EstimateMethod;
@@ -124,17 +123,13 @@ pub(crate) fn head_phase(
     })
 }
 
-/// Logits of `model`'s head over cached pooled features, in row order.
-pub(crate) fn head_logits(
-    model: &TransferModel,
-    features: &RowCache,
-    device: &Device,
-) -> Vec<Vec<f32>> {
+/// Logits of a head over cached pooled features, in row order.
+pub fn head_logits(head: &Linear, features: &RowCache, device: &Device) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(features.len());
     let idx: Vec<usize> = (0..features.len()).collect();
     for chunk in idx.chunks(256) {
         let (x, _) = features.batch2(chunk, device);
-        rows_into(model.head.forward(x), &mut out);
+        rows_into(head.forward(x), &mut out);
     }
     out
 }

@@ -14,7 +14,7 @@ pub mod evaluate;
 pub mod frozen_bn;
 pub mod head;
 pub mod head_fit;
-pub(crate) mod head_phase;
+pub mod head_phase;
 pub mod imagenet;
 pub mod infer;
 pub mod lanes;

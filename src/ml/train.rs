@@ -190,8 +190,6 @@ pub fn class_weights(counts: &[usize], mode: ClassWeighting) -> Option<Vec<f32>>
 pub struct Prepared {
     /// What the run does with this data (the cut, the estimate, whether it fine-tunes).
     pub plan: Plan,
-    /// First trainable block: the cached activations enter it.
-    pub k: usize,
     pub train: FrozenPass,
     /// Empty under a k-fold estimate: every photo is on the training side.
     pub val: FrozenPass,
@@ -333,7 +331,6 @@ pub fn prepare(
     }
     Ok(Prepared {
         plan,
-        k,
         train,
         val,
         train_ok,
@@ -379,7 +376,7 @@ pub fn fit(
     }
     device.seed(config.seed);
     let n_classes = dataset.classes.len();
-    let k = prepared.k;
+    let k = prepared.plan.cut;
     let mut train_counts = vec![0; n_classes];
     for &i in &prepared.train_ok {
         train_counts[dataset.samples[i].label] += 1;
@@ -563,7 +560,7 @@ pub fn fit(
             let val = &prepared.val.features;
             let logits = match prepared.val.activations.as_ref() {
                 Some(acts) => logits_of(&model.top(k), acts, batch, device),
-                None => head_logits(&model, val, device),
+                None => head_logits(&model.head, val, device),
             };
             (logits, val.labels.clone(), val.samples.clone())
         }
