@@ -9,11 +9,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::ingest;
 use crate::ml::backbone::Backbone;
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
 use crate::ml::evaluate::argmax;
 use crate::ml::train::{Cancel, TrainEvent};
-use crate::ml::{artifact, config::TrainConfig, data, imagenet, infer::Predictor, train, weights};
+use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, train, weights};
 
 /// transferd: turn a folder of labelled photos into an image classifier by transfer learning.
 #[derive(Debug, Parser)]
@@ -285,14 +286,14 @@ fn train_cmd(
 ) -> anyhow::Result<()> {
     let config = read_config(config)?;
     let started = Instant::now();
-    let dataset = data::scan(
-        data,
-        config.max_image_dimension,
-        config.min_images_per_class,
-    )?;
-    tracing::info!(classes = ?dataset.classes, counts = ?dataset.counts(), skipped = dataset.skipped.len(), "dataset scanned");
+    let staged = ingest::stage_folder(data, &ingest::Limits::local(&config))?;
+    let dataset = staged.ingested.dataset();
+    tracing::info!(classes = ?dataset.classes, counts = ?dataset.counts(), skipped = dataset.skipped.len(), "dataset read");
     for s in &dataset.skipped {
-        tracing::warn!(path = %s.path, reason = %s.reason, "skipped");
+        tracing::warn!(file = %s.name, reason = %s.reason, "skipped");
+    }
+    for w in &staged.ingested.warnings {
+        tracing::warn!("{w}");
     }
     let dev = device(d)?;
     let kind = train::plan(&dataset, &config).backbone;

@@ -3,8 +3,8 @@
 mod common;
 
 use burn::prelude::*;
+use transferd::ingest::{self, IngestError};
 use transferd::ml::artifact;
-use transferd::ml::data::{self, DataError};
 use transferd::ml::infer::Predictor;
 use transferd::ml::train::{Cancel, TrainError, TrainEvent, train};
 
@@ -14,7 +14,7 @@ fn run(
 ) -> transferd::ml::train::TrainOutcome {
     let device = Device::flex();
     let backbone = common::backbone(&device);
-    let ds = data::scan(dir, config.max_image_dimension, 2).unwrap();
+    let (_staged, ds) = common::read_folder(dir, config);
     train(
         &ds,
         config,
@@ -29,8 +29,8 @@ fn run(
 #[test]
 fn tiny_run_learns_saves_and_round_trips() {
     let pets = common::pets_copy();
-    // Two bad files: text named .jpg (skipped at scan) and a truncated JPEG (header readable,
-    // decoding fails during the frozen pass).
+    // Two bad files, skipped when the folder is read: text named .jpg, and a truncated JPEG
+    // (its header reads, its decode fails).
     std::fs::write(pets.path().join("cat/notes.jpg"), b"this is not a photo").unwrap();
     let good = std::fs::read(pets.path().join("dog/dog.0.jpg")).unwrap();
     std::fs::write(
@@ -42,13 +42,31 @@ fn tiny_run_learns_saves_and_round_trips() {
     let config = common::tiny_config();
     let device = Device::flex();
     let backbone = common::backbone(&device);
-    let ds = data::scan(pets.path(), config.max_image_dimension, 2).unwrap();
+    let (_staged, ds) = common::read_folder(pets.path(), &config);
     assert_eq!(ds.classes, vec!["cat", "dog"]);
+    assert_eq!(ds.samples.len(), 24);
     assert!(
         ds.skipped
             .iter()
-            .any(|s| s.path.ends_with("notes.jpg") && s.reason.contains("not an image"))
+            .any(|s| s.name == "cat/notes.jpg" && s.reason.contains("not an image")),
+        "{:?}",
+        ds.skipped
     );
+    assert!(
+        ds.skipped.iter().any(|s| s.name == "dog/truncated.jpg"),
+        "{:?}",
+        ds.skipped
+    );
+    // A stored photo that vanishes before the run (a disk fault) is skipped by the frozen
+    // pass, and the run goes on without it.
+    let lost = ds
+        .samples
+        .iter()
+        .find(|s| s.label == 1)
+        .unwrap()
+        .path
+        .clone();
+    std::fs::remove_file(&lost).unwrap();
     let mut epochs = Vec::new();
     let outcome = train(
         &ds,
@@ -67,11 +85,11 @@ fn tiny_run_learns_saves_and_round_trips() {
         outcome
             .skipped
             .iter()
-            .any(|s| s.path.ends_with("truncated.jpg")),
+            .any(|s| s.name == lost.display().to_string() && s.reason.contains("cannot read")),
         "{:?}",
         outcome.skipped
     );
-    assert_eq!(outcome.train_images + outcome.val_images, 24);
+    assert_eq!(outcome.train_images + outcome.val_images, 23);
 
     let warm: Vec<_> = epochs.iter().filter(|m| m.phase == "warmup").collect();
     let fine: Vec<_> = epochs.iter().filter(|m| m.phase == "finetune").collect();
@@ -102,7 +120,7 @@ fn tiny_run_learns_saves_and_round_trips() {
     assert!(report.finetune.ran, "{report:?}");
     assert!(report.finetune.val_loss_head_only.is_some(), "{report:?}");
     assert!(report.finetune.reason.contains("switched on"), "{report:?}");
-    assert_eq!(report.trained_on_images, 24, "{report:?}");
+    assert_eq!(report.trained_on_images, 23, "{report:?}");
     assert_eq!(report.estimate_images, outcome.val_images);
 
     // Saved model predicts exactly what the in-memory model predicts.
@@ -251,8 +269,10 @@ fn small_data_trains_the_head_only_and_estimates_by_kfold() {
 fn one_class_is_a_clear_error() {
     let pets = common::pets_copy();
     std::fs::remove_dir_all(pets.path().join("dog")).unwrap();
-    match data::scan(pets.path(), 10_000, 2) {
-        Err(e @ DataError::TooFewClasses { found: 1, .. }) => {
+    let staging = tempfile::tempdir().unwrap();
+    let limits = ingest::Limits::local(&Default::default());
+    match ingest::ingest_folder(pets.path(), staging.path(), &limits) {
+        Err(e @ IngestError::TooFewClasses { found: 1, .. }) => {
             assert!(e.to_string().contains("at least 2 classes"))
         }
         other => panic!("expected TooFewClasses, got {other:?}"),
@@ -264,7 +284,7 @@ fn cancellation_stops_the_run() {
     let pets = common::pets_copy();
     let device = Device::flex();
     let backbone = common::backbone(&device);
-    let ds = data::scan(pets.path(), 10_000, 2).unwrap();
+    let (_staged, ds) = common::read_folder(pets.path(), &common::tiny_config());
     let cancel = Cancel::default();
     cancel.cancel();
     let r = train(

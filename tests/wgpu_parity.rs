@@ -93,9 +93,9 @@ fn a_batch_too_big_for_the_device_is_split_not_fatal() {
     // match flex's.
     use transferd::ml::augment::AugmentConfig;
     use transferd::ml::cache::frozen_pass;
-    use transferd::ml::data::{ViewDataset, scan};
+    use transferd::ml::data::ViewDataset;
     use transferd::ml::train::Cancel;
-    let ds = scan(&common::fixtures().join("pets"), 10_000, 2).unwrap();
+    let (_staged, ds) = common::read_folder(&common::fixtures().join("pets"), &Default::default());
     let features = |device: &Device| {
         let backbone = common::backbone(device);
         let views = ViewDataset {

@@ -22,6 +22,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use image::RgbImage;
 use imageproc::geometric_transformations::{Interpolation, rotate_about_center};
+use transferd::ingest;
 use transferd::ml::backbone::{Backbone, EfficientNetLite, activation_shape};
 use transferd::ml::cache::RowCache;
 use transferd::ml::config::{BackboneChoice, TrainConfig};
@@ -276,20 +277,18 @@ fn print_run(outcome: &TrainOutcome, config: &TrainConfig, data_dir: &Path, tota
 /// Writes the split a run with `config` makes of `data_dir`: the same scan (sorted paths,
 /// duplicates dropped) and the same seeded stratified split as `train::prepare`.
 fn write_split(data_dir: &Path, config: &TrainConfig, out: &Path) -> anyhow::Result<()> {
-    let ds = data::scan(
-        data_dir,
-        config.max_image_dimension,
-        config.min_images_per_class,
-    )?;
+    let staged = ingest::stage_folder(data_dir, &ingest::Limits::local(config))?;
+    let ds = staged.ingested.dataset();
     let labels: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
     let (train, val) = data::stratified_split(&labels, config.val_fraction, config.seed);
+    // The peers read the photos where they are, not the staged copies.
+    let images = &staged.ingested.images;
     let rows = |idx: &[usize]| -> anyhow::Result<Vec<serde_json::Value>> {
         idx.iter()
             .map(|&i| {
-                let s = &ds.samples[i];
                 Ok(serde_json::json!({
-                    "path": std::fs::canonicalize(&s.path)?,
-                    "label": s.label,
+                    "path": std::fs::canonicalize(data_dir.join(&images[i].original_name))?,
+                    "label": ds.samples[i].label,
                 }))
             })
             .collect()
@@ -378,11 +377,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
-    let ds = data::scan(
-        &data_dir,
-        config.max_image_dimension,
-        config.min_images_per_class,
-    )?;
+    let staged = ingest::stage_folder(&data_dir, &ingest::Limits::local(&config))?;
+    let ds = staged.ingested.dataset();
     let mut log = |e: TrainEvent| {
         if let TrainEvent::Epoch(m) = e {
             eprintln!("{m}");

@@ -23,10 +23,11 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use transferd::ingest;
 use transferd::ml::backbone::Backbone;
 use transferd::ml::cache::{RowCache, frozen_pass};
 use transferd::ml::config::TrainConfig;
-use transferd::ml::data::{self, FolderDataset, ViewDataset, stratified_split};
+use transferd::ml::data::{FolderDataset, ViewDataset, stratified_split};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
 use transferd::ml::head_phase::head_logits;
@@ -147,7 +148,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
 
     let device = select(DeviceChoice::Cpu)?.device;
-    let ds = data::scan(&data_dir, config.max_image_dimension, 2)?;
+    let staged = ingest::stage_folder(&data_dir, &ingest::Limits::local(&config))?;
+    let ds = staged.ingested.dataset();
     let labels: Vec<usize> = ds.samples.iter().map(|s| s.label).collect();
     let (pool, test) = stratified_split(&labels, test_fraction, 1000);
     let peer_kind = match flag(&args, "--peer-backbone").unwrap_or("lite0") {

@@ -5,7 +5,7 @@ use sqlx::{FromRow, SqlitePool};
 use utoipa::ToSchema;
 
 use super::json;
-use crate::ingest::{Ingested, SkippedFile};
+use crate::ingest::{Ingested, Skipped, stored_name};
 
 /// Images of one class.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -22,7 +22,7 @@ pub struct Dataset {
     pub classes: Vec<ClassCount>,
     pub total_images: usize,
     /// Files of the upload that were left out, with the reason.
-    pub skipped: Vec<SkippedFile>,
+    pub skipped: Vec<Skipped>,
     pub warnings: Vec<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -32,7 +32,7 @@ pub struct Dataset {
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
     counts: Vec<usize>,
-    skipped: Vec<SkippedFile>,
+    skipped: Vec<Skipped>,
     warnings: Vec<String>,
 }
 
@@ -85,7 +85,7 @@ pub struct DatasetFile {
 impl DatasetFile {
     /// Name of the file in the dataset's folder.
     pub fn file_name(&self) -> String {
-        format!("{}.{}", self.sha256, self.format)
+        stored_name(&self.sha256, &self.format)
     }
 }
 
@@ -97,7 +97,7 @@ pub async fn insert(
     ingested: &Ingested,
 ) -> Result<Dataset, sqlx::Error> {
     let report = Report {
-        counts: ingested.counts(),
+        counts: ingested.dataset().counts(),
         skipped: ingested.skipped.clone(),
         warnings: ingested.warnings.clone(),
     };

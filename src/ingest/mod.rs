@@ -1,18 +1,21 @@
-//! Dataset ingestion: a zip of folder-per-class photos is checked entry by entry (limits on
-//! the bytes really inflated, unsafe names, symlinks, image sniffing and header dimensions,
-//! a full decode) and the usable images are written, named by content hash, into a staging
-//! folder. Nothing here knows about HTTP or the database.
+//! Dataset ingestion, the one road from files to a dataset: a zip (uploads) or a folder (the
+//! CLI and the benchmarks) of folder-per-class photos is checked entry by entry (limits on
+//! the bytes really read, unsafe names, symlinks in archives, image sniffing and header
+//! dimensions, a full decode, duplicates by content) and the usable images are written,
+//! named by content hash, into a staging folder. Nothing here knows about HTTP or the
+//! database.
 
+mod folder;
 mod layout;
 mod names;
+mod pipeline;
 mod zip;
 
 use std::path::PathBuf;
 
-use serde::Serialize;
-use utoipa::ToSchema;
-
+pub use self::folder::{Staged, ingest_folder, stage_folder};
 pub use self::zip::ingest_zip;
+pub use crate::ml::data::Skipped;
 
 /// Caps that protect the server from huge or hostile archives.
 #[derive(Debug, Clone)]
@@ -26,11 +29,33 @@ pub struct Limits {
     pub min_images_per_class: usize,
 }
 
+impl Limits {
+    /// The defaults of `transferd serve`, and the CLI's limits for a local folder.
+    pub const DEFAULT: Limits = Limits {
+        max_entries: 50_000,
+        max_total_bytes: 4 << 30,
+        max_entry_bytes: 64 << 20,
+        max_image_dimension: crate::ml::preprocess::DEFAULT_MAX_DIMENSION,
+        min_images_per_class: 5,
+    };
+
+    /// Limits for a local folder trained with `config`: its image rules, the default caps.
+    pub fn local(config: &crate::ml::config::TrainConfig) -> Limits {
+        Limits {
+            max_image_dimension: config.max_image_dimension,
+            min_images_per_class: config.min_images_per_class,
+            ..Limits::DEFAULT
+        }
+    }
+}
+
 /// Why a whole upload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("the upload is not a readable zip archive: {0}")]
     NotAZip(String),
+    #[error("data folder {0} does not exist or is not a directory")]
+    NotAFolder(PathBuf),
     #[error("{0}")]
     TooLarge(String),
     #[error("entry {name:?} is refused: {why}")]
@@ -68,15 +93,13 @@ pub struct StoredImage {
 impl StoredImage {
     /// The file name in the dataset folder.
     pub fn file_name(&self) -> String {
-        format!("{}.{}", self.sha256, self.format)
+        stored_name(&self.sha256, self.format)
     }
 }
 
-/// A file left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
-pub struct SkippedFile {
-    pub name: String,
-    pub reason: String,
+/// The name an image is stored under in its dataset folder: its content hash and format.
+pub fn stored_name(sha256: &str, format: &str) -> String {
+    format!("{sha256}.{format}")
 }
 
 /// What came out of an archive.
@@ -85,20 +108,10 @@ pub struct Ingested {
     /// Class names, sorted.
     pub classes: Vec<String>,
     pub images: Vec<StoredImage>,
-    pub skipped: Vec<SkippedFile>,
+    pub skipped: Vec<Skipped>,
     pub warnings: Vec<String>,
     /// Where the images were written.
     pub dir: PathBuf,
-}
-
-impl Ingested {
-    /// Images per class, in class order.
-    pub fn counts(&self) -> Vec<usize> {
-        self.classes
-            .iter()
-            .map(|c| self.images.iter().filter(|i| &i.class == c).count())
-            .collect()
-    }
 }
 
 /// Images whose shorter side is below this are reported as tiny.

@@ -122,7 +122,7 @@ pub enum Schedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClassWeighting {
-    /// Inverse frequency when the largest class outnumbers the smallest by more than 1.5:1.
+    /// Inverse frequency when the classes are imbalanced ([`super::data::imbalanced`]).
     Auto,
     On,
     Off,

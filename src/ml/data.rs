@@ -1,12 +1,9 @@
-//! Datasets on disk: a folder with one sub-folder per class, the stratified split, and the burn
-//! `Dataset`/`Batcher` pair that turns photos into batches.
-//!
-//! Files are recognised by content, never by extension. Anything unusable is skipped with a
-//! reason, and the caller reports it; one bad file never stops a run.
+//! Datasets as training sees them: labelled photos (made by `ingest`, the one road from
+//! files to a dataset), the stratified split, and the burn `Dataset`/`Batcher` pair that
+//! turns photos into batches.
 
-use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::Dataset;
@@ -15,7 +12,6 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::augment::{AugmentConfig, augmented_view, view_seed};
 use super::preprocess::{self, Preprocessing};
@@ -27,36 +23,18 @@ pub struct Sample {
     pub label: usize,
 }
 
-/// A file that was left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A file that was left out, and why: by ingestion (unusable, a duplicate, outside a class
+/// folder) or by a run's frozen pass (it failed to decode there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Skipped {
-    pub path: String,
+    /// The file's path inside the upload or folder. (Models saved before this field was
+    /// renamed call it `path`.)
+    #[serde(alias = "path")]
+    pub name: String,
     pub reason: String,
 }
 
-/// Problems that stop a dataset from being used at all.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    #[error("data folder {0} does not exist or is not a directory")]
-    NotADirectory(PathBuf),
-    #[error(
-        "need at least 2 classes (one sub-folder per class with images in it), found {found}: {classes:?}"
-    )]
-    TooFewClasses { found: usize, classes: Vec<String> },
-    #[error("class '{class}' has {count} usable images, the minimum is {min}")]
-    TooFewImages {
-        class: String,
-        count: usize,
-        min: usize,
-    },
-    #[error("reading {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-/// A scanned folder-per-class dataset.
+/// A folder-per-class dataset, as ingestion stored it.
 #[derive(Debug, Clone)]
 pub struct FolderDataset {
     /// Class names, sorted; a label is an index into this list.
@@ -76,140 +54,16 @@ impl FolderDataset {
     }
 }
 
-fn is_hidden(name: &str) -> bool {
-    name.starts_with('.') || name == "__MACOSX" || name == "Thumbs.db"
-}
+/// Largest class over smallest class above which classes count as imbalanced: the upload
+/// warns, and `class_weighting: auto` weights the classes.
+pub const IMBALANCE_RATIO: f64 = 1.5;
 
-/// Every regular file below `dir`, sorted so scans are reproducible.
-fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let io = |source| DataError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            files_below(&path, out)?;
-        } else if path.is_file() {
-            out.push(path);
-        }
+/// Whether the per-class counts are imbalanced (see [`IMBALANCE_RATIO`]).
+pub fn imbalanced(counts: &[usize]) -> bool {
+    match (counts.iter().min(), counts.iter().max()) {
+        (Some(&min), Some(&max)) => min > 0 && max as f64 > IMBALANCE_RATIO * min as f64,
+        _ => false,
     }
-    Ok(())
-}
-
-/// Scans `dir`: each sub-folder is a class, each file in it (at any depth) a candidate image.
-/// Files are sniffed and their header dimensions checked; exact duplicates (by content) are
-/// kept once, so the same photo can never land in both training and validation.
-pub fn scan(
-    dir: &Path,
-    max_dimension: u32,
-    min_per_class: usize,
-) -> Result<FolderDataset, DataError> {
-    if !dir.is_dir() {
-        return Err(DataError::NotADirectory(dir.to_path_buf()));
-    }
-    let mut classes = Vec::new();
-    let mut skipped = Vec::new();
-    let mut top: Vec<_> = fs::read_dir(dir)
-        .map_err(|source| DataError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    top.sort();
-    let mut candidates = Vec::new();
-    for path in top {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        if is_hidden(&name) {
-            continue;
-        }
-        if path.is_dir() {
-            let mut files = Vec::new();
-            files_below(&path, &mut files)?;
-            candidates.push((name, files));
-        } else {
-            skipped.push(Skipped {
-                path: path.display().to_string(),
-                reason: "not inside a class folder".into(),
-            });
-        }
-    }
-    let mut samples = Vec::new();
-    let mut seen: HashMap<[u8; 32], PathBuf> = HashMap::new();
-    for (class, files) in candidates {
-        let label = classes.len();
-        let mut usable = 0;
-        for path in files {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            if is_hidden(&name) {
-                skipped.push(Skipped {
-                    path: path.display().to_string(),
-                    reason: "hidden file".into(),
-                });
-                continue;
-            }
-            let bytes = fs::read(&path).map_err(|source| DataError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            if let Err(reason) = preprocess::checked_header(&bytes, max_dimension) {
-                skipped.push(Skipped {
-                    path: path.display().to_string(),
-                    reason: reason.to_string(),
-                });
-                continue;
-            }
-            let hash: [u8; 32] = Sha256::digest(&bytes).into();
-            if let Some(first) = seen.get(&hash) {
-                let reason = format!("duplicate of {}", first.display());
-                skipped.push(Skipped {
-                    path: path.display().to_string(),
-                    reason,
-                });
-                continue;
-            }
-            seen.insert(hash, path.clone());
-            samples.push(Sample { path, label });
-            usable += 1;
-        }
-        if usable > 0 {
-            classes.push(class);
-        }
-    }
-    if classes.len() < 2 {
-        return Err(DataError::TooFewClasses {
-            found: classes.len(),
-            classes,
-        });
-    }
-    let ds = FolderDataset {
-        classes,
-        samples,
-        skipped,
-    };
-    for (class, count) in ds.classes.iter().zip(ds.counts()) {
-        if count < min_per_class {
-            return Err(DataError::TooFewImages {
-                class: class.clone(),
-                count,
-                min: min_per_class,
-            });
-        }
-    }
-    Ok(ds)
 }
 
 /// Stratified, seeded split: each class contributes `round(n * val_fraction)` images to

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::backbone::{Backbone, EfficientNetLite};
 use super::cache::{FrozenPass, frozen_pass};
 use super::config::{ClassWeighting, TrainConfig};
-use super::data::{FolderDataset, Skipped, ViewDataset, stratified_split};
+use super::data::{FolderDataset, Skipped, ViewDataset, imbalanced, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
 use super::head::{TransferModel, TransferModelConfig};
 use super::head_fit::{self, Standardizer};
@@ -171,12 +171,11 @@ pub struct TrainOutcome {
 
 /// Inverse-frequency weights, normalised to mean 1, when the config asks for them.
 pub fn class_weights(counts: &[usize], mode: ClassWeighting) -> Option<Vec<f32>> {
-    let max = *counts.iter().max()? as f64;
-    let min = *counts.iter().min()? as f64;
+    counts.iter().max()?;
     let on = match mode {
         ClassWeighting::On => true,
         ClassWeighting::Off => false,
-        ClassWeighting::Auto => min > 0.0 && max / min > 1.5,
+        ClassWeighting::Auto => imbalanced(counts),
     };
     if !on {
         return None;
@@ -311,7 +310,7 @@ pub fn prepare(
         .collect();
     for f in train.failures.iter().chain(&val.failures) {
         skipped.push(Skipped {
-            path: f.path.clone(),
+            name: f.path.clone(),
             reason: f.reason.clone(),
         });
     }

@@ -54,6 +54,21 @@ pub fn tiny_config() -> TrainConfig {
     c
 }
 
+/// Reads a folder-per-class dataset through ingestion (as `transferd train --data` does),
+/// with the limits of `config`; keep the returned staging alive while the dataset is used.
+pub fn read_folder(
+    dir: &Path,
+    config: &TrainConfig,
+) -> (
+    transferd::ingest::Staged,
+    transferd::ml::data::FolderDataset,
+) {
+    let staged = transferd::ingest::stage_folder(dir, &transferd::ingest::Limits::local(config))
+        .expect("the folder ingests");
+    let ds = staged.ingested.dataset();
+    (staged, ds)
+}
+
 /// Copies the pet fixtures into a fresh temporary folder the test may modify.
 pub fn pets_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
