@@ -13,7 +13,7 @@ use crate::ingest;
 use crate::ml::backbone::Backbone;
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
 use crate::ml::evaluate::argmax;
-use crate::ml::train::{Cancel, TrainEvent};
+use crate::ml::events::{Cancel, Stage, TrainEvent};
 use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, train, weights};
 
 /// transferd: turn a folder of labelled photos into an image classifier by transfer learning.
@@ -303,7 +303,7 @@ fn train_cmd(
     let mut on_event = |e: TrainEvent| match e {
         TrainEvent::Epoch(m) => println!("{m}"),
         TrainEvent::Progress {
-            stage: "frozen_pass",
+            stage: Stage::FrozenPass,
             done,
             total,
         } => {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::api::access::{Access, ApiKey};
 use crate::ingest::Limits;
+use crate::keys::{Access, ApiKey};
 use crate::ml::device::DeviceChoice;
 
 /// How `transferd serve` runs.
@@ -23,19 +23,19 @@ pub struct ServeArgs {
     #[arg(long, env = "TRANSFERD_MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
     pub max_upload_bytes: u64,
     /// Most entries (files and folders) a dataset zip may hold.
-    #[arg(long, env = "TRANSFERD_MAX_ZIP_ENTRIES", default_value_t = 50_000)]
+    #[arg(long, env = "TRANSFERD_MAX_ZIP_ENTRIES", default_value_t = Limits::DEFAULT.max_entries)]
     pub max_zip_entries: usize,
     /// Most bytes a dataset zip may inflate to in total, counted as really inflated.
-    #[arg(long, env = "TRANSFERD_MAX_UNCOMPRESSED_BYTES", default_value_t = 4 << 30)]
+    #[arg(long, env = "TRANSFERD_MAX_UNCOMPRESSED_BYTES", default_value_t = Limits::DEFAULT.max_total_bytes)]
     pub max_uncompressed_bytes: u64,
     /// Most bytes one zip entry (or one predicted image) may inflate to.
-    #[arg(long, env = "TRANSFERD_MAX_ENTRY_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "TRANSFERD_MAX_ENTRY_BYTES", default_value_t = Limits::DEFAULT.max_entry_bytes)]
     pub max_entry_bytes: u64,
     /// Images whose header declares a larger width or height are skipped or refused.
-    #[arg(long, env = "TRANSFERD_MAX_IMAGE_DIMENSION", default_value_t = crate::ml::preprocess::DEFAULT_MAX_DIMENSION)]
+    #[arg(long, env = "TRANSFERD_MAX_IMAGE_DIMENSION", default_value_t = Limits::DEFAULT.max_image_dimension)]
     pub max_image_dimension: u32,
     /// Fewest usable images a class needs for a dataset to be accepted.
-    #[arg(long, env = "TRANSFERD_MIN_IMAGES_PER_CLASS", default_value_t = 5)]
+    #[arg(long, env = "TRANSFERD_MIN_IMAGES_PER_CLASS", default_value_t = Limits::DEFAULT.min_images_per_class)]
     pub min_images_per_class: usize,
     /// Runs that train at the same time.
     #[arg(long, env = "TRANSFERD_CONCURRENT_RUNS", default_value_t = 1)]

@@ -5,7 +5,7 @@
 //! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir.
 //! - [`jobs`]: the training queue's workers, live events and the inference thread.
 //! - [`ml`]: the learning core (backbone, data, training, evaluation, inference).
-//! - [`cli`] and [`config`]: the command line and the service's settings.
+//! - [`cli`] and [`config`]: the command line and the service's settings; [`keys`]: API keys.
 
 pub mod api;
 pub mod cli;
@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod jobs;
+pub mod keys;
 pub mod ml;
 pub mod state;
 pub mod storage;

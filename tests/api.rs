@@ -568,6 +568,58 @@ async fn api_keys_guard_writes_and_optionally_reads_and_predict(pool: SqlitePool
     assert_eq!(strict.get("/readyz").await.1["database"], true);
 }
 
+/// Every route the OpenAPI document lists, as (method, path with its parameters filled in).
+fn documented_routes() -> Vec<(String, String)> {
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(transferd::api::ApiDoc::openapi()).unwrap();
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let filled = path.replace("{id}", "x").replace("{file_id}", "1");
+            out.push((method.to_uppercase(), filled));
+        }
+    }
+    out
+}
+
+#[sqlx::test]
+async fn every_documented_route_is_guarded_by_its_group(pool: SqlitePool) {
+    // Protection follows where a route is mounted; this walks every documented route, so a
+    // route mounted in the wrong group (or outside the groups) fails here.
+    let key = "s3cret-key-for-tests-0001";
+    let routes = documented_routes();
+    assert!(routes.len() >= 15, "{routes:?}");
+    let public = ["/healthz", "/readyz"];
+    let strict = harness(pool.clone(), |s| {
+        s.access.keys = vec![key.parse().unwrap()];
+        s.access.protect_reads = true;
+        s.access.protect_predict = true;
+    });
+    let writes_only = harness(pool, |s| s.access.keys = vec![key.parse().unwrap()]);
+    for (method, path) in &routes {
+        let req = || {
+            Request::builder()
+                .method(method.as_str())
+                .uri(path.as_str())
+                .body(Body::empty())
+                .unwrap()
+        };
+        let (status, body) = strict.send(req()).await;
+        if public.contains(&path.as_str()) {
+            assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+            continue;
+        }
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+        let (status, body) = writes_only.send(req()).await;
+        let is_write = method != "GET" && path != "/api/predict";
+        assert_eq!(
+            status == StatusCode::UNAUTHORIZED,
+            is_write,
+            "{method} {path} with keys but open reads and predictions: {status} {body}"
+        );
+    }
+}
+
 #[sqlx::test]
 async fn cors_is_off_unless_origins_are_configured(pool: SqlitePool) {
     let preflight = || {

@@ -5,8 +5,9 @@ mod common;
 use burn::prelude::*;
 use transferd::ingest::{self, IngestError};
 use transferd::ml::artifact;
+use transferd::ml::events::{Cancel, Phase, TrainError, TrainEvent};
 use transferd::ml::infer::Predictor;
-use transferd::ml::train::{Cancel, TrainError, TrainEvent, train};
+use transferd::ml::train::train;
 
 fn run(
     dir: &std::path::Path,
@@ -91,8 +92,11 @@ fn tiny_run_learns_saves_and_round_trips() {
     );
     assert_eq!(outcome.train_images + outcome.val_images, 23);
 
-    let warm: Vec<_> = epochs.iter().filter(|m| m.phase == "warmup").collect();
-    let fine: Vec<_> = epochs.iter().filter(|m| m.phase == "finetune").collect();
+    let warm: Vec<_> = epochs.iter().filter(|m| m.phase == Phase::Warmup).collect();
+    let fine: Vec<_> = epochs
+        .iter()
+        .filter(|m| m.phase == Phase::Finetune)
+        .collect();
     assert!(warm.len() == 1 && !fine.is_empty(), "{epochs:?}");
     assert!(
         warm[0].train_loss < 0.5 * 2f64.ln(),
@@ -183,7 +187,7 @@ fn whole_network_fine_tuning_streams_fresh_views() {
     config.finetune.unfreeze = transferd::ml::config::Unfreeze::All;
     config.finetune.epochs = 1;
     let outcome = run(pets.path(), &config);
-    assert!(outcome.metrics.iter().any(|m| m.phase == "finetune"));
+    assert!(outcome.metrics.iter().any(|m| m.phase == Phase::Finetune));
     assert_eq!(
         outcome.evaluation.confusion.iter().flatten().sum::<usize>(),
         outcome.val_images
@@ -247,7 +251,7 @@ fn small_data_trains_the_head_only_and_estimates_by_kfold() {
         24
     );
     assert!(report.head.path.len() >= 3, "{report:?}");
-    assert!(!outcome.metrics.iter().any(|m| m.phase == "finetune"));
+    assert!(!outcome.metrics.iter().any(|m| m.phase == Phase::Finetune));
     assert!(
         outcome.evaluation.accuracy >= 0.8,
         "{}",

@@ -94,7 +94,7 @@ fn a_batch_too_big_for_the_device_is_split_not_fatal() {
     use transferd::ml::augment::AugmentConfig;
     use transferd::ml::cache::frozen_pass;
     use transferd::ml::data::ViewDataset;
-    use transferd::ml::train::Cancel;
+    use transferd::ml::events::Cancel;
     let (_staged, ds) = common::read_folder(&common::fixtures().join("pets"), &Default::default());
     let features = |device: &Device| {
         let backbone = common::backbone(device);

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{self, get};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -18,11 +18,19 @@ use crate::error::{ApiError, ErrorBody};
 use crate::ingest::ingest_zip;
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
+/// Routes that read.
+pub fn reads() -> Router<AppState> {
     Router::new()
-        .route("/datasets", get(list).post(upload))
-        .route("/datasets/{id}", get(show).delete(delete))
+        .route("/datasets", get(list))
+        .route("/datasets/{id}", get(show))
         .route("/datasets/{id}/files/{file_id}", get(file))
+}
+
+/// Routes that change state.
+pub fn writes() -> Router<AppState> {
+    Router::new()
+        .route("/datasets", routing::post(upload))
+        .route("/datasets/{id}", routing::delete(delete))
 }
 
 /// Query of a raw upload.

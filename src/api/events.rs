@@ -17,11 +17,10 @@ use crate::db;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
+/// Routes that read.
+pub fn reads() -> Router<AppState> {
     Router::new().route("/runs/{id}/events", get(events))
 }
-
-const ENDED: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 /// Live events of a run.
 #[utoipa::path(get, path = "/api/runs/{id}/events", tag = "runs",
@@ -38,7 +37,7 @@ pub async fn events(
     let run = db::runs::get(&state.db, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("run {id} not found")))?;
-    let ended = ENDED.contains(&run.status.as_str());
+    let ended = run.status.is_over();
     let snapshot = Event::default()
         .event("snapshot")
         .json_data(&run)

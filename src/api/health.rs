@@ -10,6 +10,7 @@ use axum::routing::get;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::db::status::RunStatus;
 use crate::error::ApiError;
 use crate::state::{AppState, DeviceInfo};
 
@@ -77,13 +78,10 @@ pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 
 /// Prometheus text format; run counts by status are read from the database now.
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let counts: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, COUNT(*) FROM runs GROUP BY status")
-            .fetch_all(&state.db)
-            .await?;
-    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
-        let n = counts.iter().find(|(s, _)| s == status).map_or(0, |c| c.1);
-        metrics::gauge!("transferd_runs", "status" => status).set(n as f64);
+    let counts = crate::db::runs::count_by_status(&state.db).await?;
+    for status in RunStatus::ALL {
+        let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |c| c.1);
+        metrics::gauge!("transferd_runs", "status" => status.as_str()).set(n as f64);
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

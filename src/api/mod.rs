@@ -16,6 +16,7 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 
+use crate::keys::Guard;
 use crate::state::AppState;
 
 /// The OpenAPI document, generated from the handlers' annotations and types.
@@ -44,18 +45,29 @@ pub struct ApiDoc;
 /// The whole application: API routes, OpenAPI document and the static page.
 pub fn app(state: AppState) -> Router {
     crate::telemetry::prometheus(); // installed before the first metric is recorded
-    let api = Router::new()
-        .merge(datasets::router())
-        .merge(runs::router())
-        .merge(events::router())
-        .merge(models::router())
-        .merge(predict::router())
-        .route("/openapi.json", axum::routing::get(health::openapi))
-        .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) })
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+    // A route's group decides whether it needs a key: a new route is protected by where it
+    // is mounted.
+    let guarded = |group: Router<AppState>, guard: Guard| {
+        group.route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), guard),
             access::require_key,
         ))
+    };
+    let writes = Router::new()
+        .merge(datasets::writes())
+        .merge(runs::writes())
+        .merge(models::writes());
+    let reads = Router::new()
+        .merge(datasets::reads())
+        .merge(runs::reads())
+        .merge(events::reads())
+        .merge(models::reads());
+    let api = Router::new()
+        .merge(guarded(writes, Guard::Write))
+        .merge(guarded(reads, Guard::Read))
+        .merge(guarded(predict::router(), Guard::Predict))
+        .route("/openapi.json", axum::routing::get(health::openapi))
+        .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) })
         // Handlers enforce their own, configurable limits while streaming.
         .layer(DefaultBodyLimit::disable());
     let router = Router::new()

@@ -9,10 +9,14 @@ use crate::db::{self, models::Model};
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/models", get(list))
-        .route("/models/{id}/promote", post(promote))
+/// Routes that read.
+pub fn reads() -> Router<AppState> {
+    Router::new().route("/models", get(list))
+}
+
+/// Routes that change state.
+pub fn writes() -> Router<AppState> {
+    Router::new().route("/models/{id}/promote", post(promote))
 }
 
 /// Every model, newest first; `is_default` marks the one predictions use.

@@ -9,21 +9,29 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::body::{parse_json, read_limited};
+use crate::db::status::RunStatus;
 use crate::db::{self, runs::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
 use crate::ml::config::TrainConfig;
 use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
+use crate::ml::events::EpochMetrics;
 use crate::ml::plan::TrainingReport;
-use crate::ml::train::EpochMetrics;
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
+/// Routes that read.
+pub fn reads() -> Router<AppState> {
     Router::new()
-        .route("/runs", get(list).post(create))
+        .route("/runs", get(list))
         .route("/config", get(default_config))
         .route("/runs/{id}", get(show))
         .route("/runs/{id}/metrics", get(metrics))
         .route("/runs/{id}/evaluation", get(evaluation))
+}
+
+/// Routes that change state.
+pub fn writes() -> Router<AppState> {
+    Router::new()
+        .route("/runs", post(create))
         .route("/runs/{id}/cancel", post(cancel))
 }
 
@@ -108,14 +116,14 @@ pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Run>>, ApiError> {
-    const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
-    if let Some(s) = q.status.as_deref().filter(|s| !STATUSES.contains(s)) {
-        return Err(ApiError::invalid(
-            "status",
-            format!("unknown status {s:?}; one of {STATUSES:?}"),
-        ));
-    }
-    Ok(Json(db::runs::list(&state.db, q.status.as_deref()).await?))
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            let names: Vec<&str> = RunStatus::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::invalid("status", format!("unknown status {s:?}; one of {names:?}"))
+        })?),
+    };
+    Ok(Json(db::runs::list(&state.db, status).await?))
 }
 
 /// One run: status, phase, progress, ETA, best metrics, error.
@@ -249,7 +257,7 @@ pub async fn cancel(
             )));
         }
         CancelOutcome::Cancelled => {
-            state.jobs.publish_status(&id, "cancelled", None);
+            state.jobs.publish_status(&id, RunStatus::Cancelled, None);
         }
         CancelOutcome::Requested => {
             state.jobs.stop(&id);

@@ -29,11 +29,12 @@ use transferd::ml::config::{BackboneChoice, TrainConfig};
 use transferd::ml::data::{self, FolderDataset};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
+use transferd::ml::events::{Cancel, Phase, TrainEvent};
 use transferd::ml::head::{TransferModel, TransferModelConfig};
 use transferd::ml::lanes;
 use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::{self, Preprocessing};
-use transferd::ml::train::{self, Cancel, Resume, TrainEvent, TrainOutcome};
+use transferd::ml::train::{self, Resume, TrainOutcome};
 use transferd::ml::weights;
 
 // The same allocator as the service (see main.rs), so that the figures are the service's.
@@ -485,7 +486,7 @@ fn main() -> anyhow::Result<()> {
             &cancel,
             Resume::default(),
         )?;
-        if let Some(p) = outcome.phases.iter().find(|p| p.phase == "baseline") {
+        if let Some(p) = outcome.phases.iter().find(|p| p.phase == Phase::Baseline) {
             println!(
                 "\n| from scratch, same budget ({budget:.0} s) | val acc {:.2}% after {} epoch(s) (best {}), {:.0} s |",
                 p.best_val_accuracy * 100.0,

@@ -30,10 +30,11 @@ use transferd::ml::config::TrainConfig;
 use transferd::ml::data::{FolderDataset, ViewDataset, stratified_split};
 use transferd::ml::device::{DeviceChoice, select};
 use transferd::ml::evaluate::argmax;
+use transferd::ml::events::{Cancel, Phase};
 use transferd::ml::head_phase::head_logits;
 use transferd::ml::phases::logits_of;
 use transferd::ml::preprocess::Preprocessing;
-use transferd::ml::train::{self, Cancel};
+use transferd::ml::train;
 use transferd::ml::weights;
 
 #[global_allocator]
@@ -284,7 +285,7 @@ fn main() -> anyhow::Result<()> {
             let head_seconds = outcome
                 .phases
                 .iter()
-                .find(|p| p.phase == "warmup")
+                .find(|p| p.phase == Phase::Warmup)
                 .map_or(0.0, |p| p.seconds);
             println!(
                 "| {size_name} | {seed} | {planned} | {:.2}% | {:.2}% | {:?} ({:.2}%) | {} | {:.0e} | {seconds:.1} s (head {head_seconds:.1} s) |",

@@ -5,6 +5,7 @@ use sqlx::{FromRow, SqlitePool};
 use utoipa::ToSchema;
 
 use super::json;
+use super::status::RunStatus;
 use crate::ingest::{Ingested, Skipped, stored_name};
 
 /// Images of one class.
@@ -169,12 +170,13 @@ pub enum Delete {
 /// Deletes a dataset unless a queued or running run uses it; checked in the same transaction.
 pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Delete, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let active: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM runs WHERE dataset_id = ? AND status IN ('queued', 'running')",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let active: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE dataset_id = ? AND status IN (?, ?)")
+            .bind(id)
+            .bind(RunStatus::Queued)
+            .bind(RunStatus::Running)
+            .fetch_one(&mut *tx)
+            .await?;
     if active > 0 {
         return Ok(Delete::InUse(active));
     }

@@ -3,13 +3,13 @@
 
 use sqlx::SqlitePool;
 
-use crate::ml::train::{EpochMetrics, PhaseSummary};
+use super::status::{PhaseStatus, RunStatus};
+use crate::ml::events::{EpochMetrics, Phase, PhaseSummary, Stage};
 
 /// Live progress of a running run.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    pub phase: Option<String>,
-    pub stage: Option<String>,
+    pub stage: Option<Stage>,
     pub step: Option<i64>,
     pub steps_total: Option<i64>,
     pub epoch: Option<i64>,
@@ -22,10 +22,14 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(
     sqlx::query(
         "UPDATE runs SET phase = ?, stage = ?, step = ?, steps_total = ?, epoch = ?, \
          epochs_total = ?, percent = ?, eta_seconds = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = 'running'",
+         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = ?",
     )
-    .bind(&p.phase)
-    .bind(&p.stage)
+    // `phase` holds the phase; `stage` names the stage, the frozen pass included.
+    .bind(p.stage.and_then(|s| match s {
+        Stage::Phase(phase) => Some(phase),
+        Stage::FrozenPass => None,
+    }))
+    .bind(p.stage.map(Stage::as_str))
     .bind(p.step)
     .bind(p.steps_total)
     .bind(p.epoch)
@@ -33,6 +37,7 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(
     .bind(p.percent)
     .bind(p.eta_seconds)
     .bind(id)
+    .bind(RunStatus::Running)
     .execute(pool)
     .await?;
     Ok(())
@@ -57,12 +62,13 @@ pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE run_phases SET status = 'running', epochs_run = ?, \
+        "UPDATE run_phases SET status = ?, epochs_run = ?, \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
     )
+    .bind(PhaseStatus::Running)
     .bind(m.epoch as i64)
     .bind(id)
-    .bind(&m.phase)
+    .bind(m.phase)
     .execute(&mut *tx)
     .await?;
     tx.commit().await
@@ -71,24 +77,53 @@ pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<
 /// Records a finished phase with its best epoch.
 pub async fn phase_done(pool: &SqlitePool, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE run_phases SET status = 'succeeded', epochs_run = ?, best_epoch = ?, \
+        "UPDATE run_phases SET status = ?, epochs_run = ?, best_epoch = ?, \
          best_val_loss = ?, best_val_accuracy = ?, seconds = ?, \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
     )
+    .bind(PhaseStatus::Succeeded)
     .bind(s.epochs_run as i64)
     .bind(s.best_epoch as i64)
     .bind(s.best_val_loss)
     .bind(s.best_val_accuracy)
     .bind(s.seconds)
     .bind(id)
-    .bind(&s.phase)
+    .bind(s.phase)
     .execute(pool)
     .await?;
     Ok(())
 }
 
+/// An `epoch_metrics` row; `ml` knows nothing of rows.
+#[derive(sqlx::FromRow)]
+struct EpochRow {
+    phase: Phase,
+    epoch: i64,
+    train_loss: f64,
+    train_accuracy: f64,
+    val_loss: f64,
+    val_accuracy: f64,
+    learning_rate: f64,
+    seconds: f64,
+}
+
+impl From<EpochRow> for EpochMetrics {
+    fn from(r: EpochRow) -> Self {
+        EpochMetrics {
+            phase: r.phase,
+            epoch: r.epoch.max(0) as usize,
+            train_loss: r.train_loss,
+            train_accuracy: r.train_accuracy,
+            val_loss: r.val_loss,
+            val_accuracy: r.val_accuracy,
+            learning_rate: r.learning_rate,
+            seconds: r.seconds,
+        }
+    }
+}
+
 pub async fn metrics(pool: &SqlitePool, id: &str) -> Result<Vec<EpochMetrics>, sqlx::Error> {
-    sqlx::query_as(
+    let rows: Vec<EpochRow> = sqlx::query_as(
         "SELECT m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, \
          m.learning_rate, m.seconds FROM epoch_metrics m \
          JOIN run_phases p ON p.run_id = m.run_id AND p.phase = m.phase \
@@ -96,7 +131,8 @@ pub async fn metrics(pool: &SqlitePool, id: &str) -> Result<Vec<EpochMetrics>, s
     )
     .bind(id)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(EpochMetrics::from).collect())
 }
 
 /// The stored evaluation JSON of a run.

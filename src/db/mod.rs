@@ -5,6 +5,7 @@ pub mod datasets;
 pub mod epochs;
 pub mod models;
 pub mod runs;
+pub mod status;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -95,7 +95,7 @@ pub async fn record_success(pool: &SqlitePool, s: &Success<'_>) -> Result<(), sq
     .bind(s.val_accuracy)
     .execute(&mut *tx)
     .await?;
-    runs::finish_in(&mut tx, s.run_id, "succeeded", None).await?;
+    runs::finish_in(&mut tx, s.run_id, super::status::RunStatus::Succeeded, None).await?;
     tx.commit().await
 }
 
@@ -178,7 +178,7 @@ mod tests {
         succeed(&pool, "second").await;
         assert_eq!(default_model(&pool).await.unwrap().unwrap().id, "second");
         let run = runs::get(&pool, "first").await.unwrap().unwrap();
-        assert_eq!(run.status, "succeeded");
+        assert_eq!(run.status, crate::db::status::RunStatus::Succeeded);
         assert_eq!(run.model_id.as_deref(), Some("first"));
 
         assert!(promote(&pool, "first").await.unwrap());

@@ -5,20 +5,17 @@ use sqlx::{FromRow, SqliteConnection, SqlitePool};
 use utoipa::ToSchema;
 
 use super::json;
+use super::status::{PhaseStatus, RunStatus};
 use crate::ml::config::{TrainConfig, When};
-
-/// Phases in the order they run.
-pub const PHASES: [&str; 3] = ["warmup", "finetune", "baseline"];
+use crate::ml::events::Phase;
 
 /// One phase of a run.
 #[derive(Debug, Clone, FromRow, Serialize, ToSchema)]
-pub struct Phase {
+pub struct RunPhase {
     #[serde(skip)]
     pub run_id: String,
-    /// `warmup`, `finetune` or `baseline`.
-    pub phase: String,
-    /// `pending`, `running`, `succeeded`, `skipped`, `failed` or `cancelled`.
-    pub status: String,
+    pub phase: Phase,
+    pub status: PhaseStatus,
     pub epochs_planned: i64,
     pub epochs_run: i64,
     pub best_epoch: Option<i64>,
@@ -31,7 +28,7 @@ pub struct Phase {
 struct RunRow {
     id: String,
     dataset_id: Option<String>,
-    status: String,
+    status: RunStatus,
     config: String,
     phase: Option<String>,
     stage: Option<String>,
@@ -56,8 +53,7 @@ pub struct Run {
     pub id: String,
     /// `None` once the dataset has been deleted.
     pub dataset_id: Option<String>,
-    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
-    pub status: String,
+    pub status: RunStatus,
     pub config: TrainConfig,
     /// The phase running now (`warmup`, `finetune`, `baseline`), or the stage before them
     /// (`frozen_pass`).
@@ -79,7 +75,7 @@ pub struct Run {
     pub cancel_requested: bool,
     /// How many times a worker has started it (more than 1 after a resumed restart).
     pub attempts: i64,
-    pub phases: Vec<Phase>,
+    pub phases: Vec<RunPhase>,
     /// The model this run produced, once it succeeded.
     pub model_id: Option<String>,
     pub started_at: Option<String>,
@@ -88,18 +84,25 @@ pub struct Run {
     pub updated_at: String,
 }
 
+impl Run {
+    /// Each phase with its status, as the resume rule reads them.
+    pub fn phase_states(&self) -> Vec<(Phase, PhaseStatus)> {
+        self.phases.iter().map(|p| (p.phase, p.status)).collect()
+    }
+}
+
 impl RunRow {
-    fn into_run(self, phases: Vec<Phase>) -> Result<Run, sqlx::Error> {
+    fn into_run(self, phases: Vec<RunPhase>) -> Result<Run, sqlx::Error> {
         let best = phases
             .iter()
-            .filter(|p| p.phase != "baseline" && p.best_val_accuracy.is_some())
+            .filter(|p| p.phase != Phase::Baseline && p.best_val_accuracy.is_some())
             .max_by(|a, b| {
                 a.best_val_accuracy
                     .partial_cmp(&b.best_val_accuracy)
                     .unwrap()
             });
         Ok(Run {
-            model_id: (self.status == "succeeded").then(|| self.id.clone()),
+            model_id: (self.status == RunStatus::Succeeded).then(|| self.id.clone()),
             best_val_accuracy: best.and_then(|p| p.best_val_accuracy),
             best_val_loss: best.and_then(|p| p.best_val_loss),
             config: json(&self.config)?,
@@ -125,17 +128,25 @@ impl RunRow {
     }
 }
 
-/// The phases a config plans, with their epoch budgets.
-pub fn planned_phases(config: &TrainConfig) -> Vec<(&'static str, bool, usize)> {
-    vec![
-        ("warmup", config.warmup.enabled, 1),
-        (
-            "finetune",
-            config.finetune.enabled != When::Off,
-            config.finetune.epochs,
-        ),
-        ("baseline", config.baseline.enabled, config.baseline.epochs),
-    ]
+/// The phases a config plans (in running order), with their epoch budgets.
+pub fn planned_phases(config: &TrainConfig) -> Vec<(Phase, bool, usize)> {
+    Phase::ALL
+        .into_iter()
+        .map(|phase| match phase {
+            Phase::Warmup => (phase, config.warmup.enabled, 1),
+            Phase::Finetune => (
+                phase,
+                config.finetune.enabled != When::Off,
+                config.finetune.epochs,
+            ),
+            Phase::Baseline => (phase, config.baseline.enabled, config.baseline.epochs),
+        })
+        .collect()
+}
+
+/// A phase's place in the run, as stored in `run_phases.position`.
+fn position(phase: Phase) -> i64 {
+    Phase::ALL.iter().position(|p| *p == phase).expect("listed") as i64
 }
 
 /// Queues a new run.
@@ -146,21 +157,26 @@ pub async fn create(
     config: &TrainConfig,
 ) -> Result<Run, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, 'queued', ?)")
+    sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, ?, ?)")
         .bind(id)
         .bind(dataset_id)
+        .bind(RunStatus::Queued)
         .bind(serde_json::to_string(config).expect("serialisable"))
         .execute(&mut *tx)
         .await?;
-    for (position, (phase, enabled, epochs)) in planned_phases(config).into_iter().enumerate() {
+    for (phase, enabled, epochs) in planned_phases(config) {
         sqlx::query(
             "INSERT INTO run_phases (run_id, phase, position, status, epochs_planned) \
              VALUES (?, ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(phase)
-        .bind(position as i64)
-        .bind(if enabled { "pending" } else { "skipped" })
+        .bind(position(phase))
+        .bind(if enabled {
+            PhaseStatus::Pending
+        } else {
+            PhaseStatus::Skipped
+        })
         .bind(epochs as i64)
         .execute(&mut *tx)
         .await?;
@@ -169,7 +185,7 @@ pub async fn create(
     get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
 }
 
-async fn phases_of(pool: &SqlitePool, id: Option<&str>) -> Result<Vec<Phase>, sqlx::Error> {
+async fn phases_of(pool: &SqlitePool, id: Option<&str>) -> Result<Vec<RunPhase>, sqlx::Error> {
     sqlx::query_as(
         "SELECT run_id, phase, status, epochs_planned, epochs_run, best_epoch, best_val_loss, \
          best_val_accuracy, seconds FROM run_phases WHERE (?1 IS NULL OR run_id = ?1) \
@@ -193,7 +209,7 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error
 }
 
 /// Runs, newest first, optionally only those of one status.
-pub async fn list(pool: &SqlitePool, status: Option<&str>) -> Result<Vec<Run>, sqlx::Error> {
+pub async fn list(pool: &SqlitePool, status: Option<RunStatus>) -> Result<Vec<Run>, sqlx::Error> {
     let rows = sqlx::query_as::<_, RunRow>(
         "SELECT * FROM runs WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at DESC, id",
     )
@@ -223,23 +239,24 @@ pub struct Claimed {
 /// Atomically moves the oldest queued run to `running` and returns it.
 pub async fn claim_next(pool: &SqlitePool) -> Result<Option<Claimed>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE runs SET status = 'running', attempts = attempts + 1, error = NULL, \
+        "UPDATE runs SET status = ?1, attempts = attempts + 1, error = NULL, \
          started_at = COALESCE(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE id = (SELECT id FROM runs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1) \
+         WHERE id = (SELECT id FROM runs WHERE status = ?2 ORDER BY created_at, id LIMIT 1) \
          RETURNING id, dataset_id, config, attempts",
     )
+    .bind(RunStatus::Running)
+    .bind(RunStatus::Queued)
     .fetch_optional(pool)
     .await
 }
 
-/// Ends a run with `status` (`succeeded`, `failed` or `cancelled`). Phases that never
-/// finished end with it too: a running one takes the run's status, a pending one is
-/// `cancelled` or `skipped`.
+/// Ends a run with `status` (one that [`RunStatus::is_over`]). Phases that never finished
+/// end with it too, as [`PhaseStatus::on_run_end`] says.
 pub async fn finish(
     pool: &SqlitePool,
     id: &str,
-    status: &str,
+    status: RunStatus,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
@@ -251,33 +268,33 @@ pub async fn finish(
 pub async fn finish_in(
     conn: &mut SqliteConnection,
     id: &str,
-    status: &str,
+    status: RunStatus,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
+    debug_assert!(status.is_over(), "{status} does not end a run");
     sqlx::query(
         // sqlx numbers plain `?` apart from `?N`, so a statement uses one style only.
         "UPDATE runs SET status = ?1, error = ?2, eta_seconds = NULL, \
-         percent = CASE WHEN ?1 = 'succeeded' THEN 100 ELSE percent END, \
+         percent = CASE WHEN ?1 = ?4 THEN 100 ELSE percent END, \
          finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?3",
     )
     .bind(status)
     .bind(error)
     .bind(id)
+    .bind(RunStatus::Succeeded)
     .execute(&mut *conn)
     .await?;
-    let (running_to, pending_to) = match status {
-        "cancelled" => ("cancelled", "cancelled"),
-        "succeeded" => ("succeeded", "skipped"),
-        _ => ("failed", "skipped"),
-    };
+    let (running_to, pending_to) = PhaseStatus::on_run_end(status);
     sqlx::query(
-        "UPDATE run_phases SET status = CASE status WHEN 'running' THEN ? ELSE ? END, \
+        "UPDATE run_phases SET status = CASE status WHEN ?3 THEN ?1 ELSE ?2 END, \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE run_id = ? AND status IN ('running', 'pending')",
+         WHERE run_id = ?5 AND status IN (?3, ?4)",
     )
     .bind(running_to)
     .bind(pending_to)
+    .bind(PhaseStatus::Running)
+    .bind(PhaseStatus::Pending)
     .bind(id)
     .execute(&mut *conn)
     .await?;
@@ -286,13 +303,14 @@ pub async fn finish_in(
 
 /// Puts a run back in the queue, keeping the phases before `from_phase` (their metrics and
 /// status) and forgetting everything from it on.
-pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: &str) -> Result<(), sqlx::Error> {
+pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "UPDATE runs SET status = 'queued', phase = NULL, stage = NULL, step = NULL, \
+        "UPDATE runs SET status = ?, phase = NULL, stage = NULL, step = NULL, \
          steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
     )
+    .bind(RunStatus::Queued)
     .bind(id)
     .execute(&mut *tx)
     .await?;
@@ -305,7 +323,7 @@ pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: &str) -> Result<()
 pub async fn reset_phases_from(
     pool: &SqlitePool,
     id: &str,
-    from_phase: &str,
+    from_phase: Phase,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     reset_phases_in(&mut tx, id, from_phase).await?;
@@ -315,9 +333,9 @@ pub async fn reset_phases_from(
 async fn reset_phases_in(
     conn: &mut SqliteConnection,
     id: &str,
-    from_phase: &str,
+    from_phase: Phase,
 ) -> Result<(), sqlx::Error> {
-    let position = PHASES.iter().position(|p| *p == from_phase).unwrap_or(0) as i64;
+    let position = position(from_phase);
     sqlx::query(
         "DELETE FROM epoch_metrics WHERE run_id = ?1 AND phase IN \
          (SELECT phase FROM run_phases WHERE run_id = ?1 AND position >= ?2)",
@@ -327,13 +345,15 @@ async fn reset_phases_in(
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "UPDATE run_phases SET status = 'pending', epochs_run = 0, best_epoch = NULL, \
+        "UPDATE run_phases SET status = ?1, epochs_run = 0, best_epoch = NULL, \
          best_val_loss = NULL, best_val_accuracy = NULL, seconds = NULL, \
          updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE run_id = ? AND position >= ? AND status != 'skipped'",
+         WHERE run_id = ?2 AND position >= ?3 AND status != ?4",
     )
+    .bind(PhaseStatus::Pending)
     .bind(id)
     .bind(position)
+    .bind(PhaseStatus::Skipped)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -348,34 +368,35 @@ pub enum CancelOutcome {
     /// It is running; the worker stops it at the next step boundary.
     Requested,
     /// It had already ended with this status.
-    AlreadyEnded(String),
+    AlreadyEnded(RunStatus),
 }
 
 pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<CancelOutcome, sqlx::Error> {
     // One transaction: a worker cannot claim the run between the check and the end.
     let mut tx = pool.begin().await?;
-    let queued =
-        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'queued'")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+    let queued = sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = ?")
+        .bind(id)
+        .bind(RunStatus::Queued)
+        .execute(&mut *tx)
+        .await?;
     if queued.rows_affected() == 1 {
-        finish_in(&mut tx, id, "cancelled", None).await?;
+        finish_in(&mut tx, id, RunStatus::Cancelled, None).await?;
         tx.commit().await?;
         return Ok(CancelOutcome::Cancelled);
     }
     tx.commit().await?;
     let running = sqlx::query(
         "UPDATE runs SET cancel_requested = 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE id = ? AND status = 'running'",
+         WHERE id = ? AND status = ?",
     )
     .bind(id)
+    .bind(RunStatus::Running)
     .execute(pool)
     .await?;
     if running.rows_affected() == 1 {
         return Ok(CancelOutcome::Requested);
     }
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
+    let status: Option<RunStatus> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -392,5 +413,12 @@ pub async fn cancel_requested(pool: &SqlitePool, id: &str) -> Result<bool, sqlx:
 
 /// Runs left `running` (by a process that died), with their phases.
 pub async fn running(pool: &SqlitePool) -> Result<Vec<Run>, sqlx::Error> {
-    list(pool, Some("running")).await
+    list(pool, Some(RunStatus::Running)).await
+}
+
+/// How many runs are in each status (statuses with none are left out).
+pub async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, COUNT(*) FROM runs GROUP BY status")
+        .fetch_all(pool)
+        .await
 }

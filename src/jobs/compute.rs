@@ -9,7 +9,8 @@ use super::worker::WorkerContext;
 use crate::ml::artifact;
 use crate::ml::config::TrainConfig;
 use crate::ml::data::FolderDataset;
-use crate::ml::train::{self, Cancel, EpochMetrics, PhaseSummary, Resume, TrainError, TrainEvent};
+use crate::ml::events::{Cancel, EpochMetrics, PhaseSummary, TrainError, TrainEvent};
+use crate::ml::train::{self, Resume};
 
 /// Why the compute thread stopped without a model.
 pub(super) enum Stopped {

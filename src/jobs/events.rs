@@ -3,7 +3,8 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::ml::train::{EpochMetrics, PhaseSummary};
+use crate::db::status::RunStatus;
+use crate::ml::events::{EpochMetrics, PhaseSummary};
 
 /// Something that happened to a run.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -19,6 +20,7 @@ pub struct RunEvent {
 pub enum EventKind {
     /// Steps done in the current stage, and the estimate for the whole run.
     Progress {
+        /// The stage: `frozen_pass`, or the phase.
         phase: String,
         step: usize,
         steps_total: usize,
@@ -33,7 +35,7 @@ pub enum EventKind {
     PhaseFinished { summary: PhaseSummary },
     /// The run's status changed (`running`, `queued` again after a shutdown, or an end).
     Status {
-        status: String,
+        status: RunStatus,
         error: Option<String>,
     },
 }
@@ -51,7 +53,6 @@ impl EventKind {
 
     /// Whether this event ends the run's stream.
     pub fn is_final(&self) -> bool {
-        matches!(self, Self::Status { status, .. }
-            if matches!(status.as_str(), "succeeded" | "failed" | "cancelled"))
+        matches!(self, Self::Status { status, .. } if status.is_over())
     }
 }

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, broadcast};
 
-use crate::ml::train::Cancel;
+use crate::db::status::RunStatus;
+use crate::ml::events::Cancel;
 
 pub use self::events::RunEvent;
 pub use self::recovery::recover;
@@ -68,13 +69,10 @@ impl Jobs {
     }
 
     /// Announces a run's new status.
-    pub fn publish_status(&self, run_id: &str, status: &str, error: Option<String>) {
+    pub fn publish_status(&self, run_id: &str, status: RunStatus, error: Option<String>) {
         self.publish(RunEvent {
             run_id: run_id.to_string(),
-            kind: events::EventKind::Status {
-                status: status.to_string(),
-                error,
-            },
+            kind: events::EventKind::Status { status, error },
         });
     }
 

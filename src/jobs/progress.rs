@@ -8,46 +8,38 @@ use std::time::Instant;
 
 use crate::db::epochs::Progress;
 use crate::ml::config::{TrainConfig, When};
+use crate::ml::events::{Phase, Stage};
 
 pub(crate) struct Tracker {
     started: Instant,
     /// (stage, share) in run order; shares sum to 1.
-    shares: Vec<(&'static str, f64)>,
+    shares: Vec<(Stage, f64)>,
     /// Share of the run done before the current stage.
     done_before: f64,
-    current: Option<&'static str>,
-    epochs: Vec<(&'static str, usize)>,
+    current: Option<Stage>,
+    epochs: Vec<(Stage, usize)>,
     pub(crate) last: Progress,
     /// Share done when this attempt started (a resumed run starts past 0).
     base: f64,
     stage_started: Instant,
 }
 
-fn stage_name(stage: &str) -> &'static str {
-    match stage {
-        "frozen_pass" => "frozen_pass",
-        "warmup" => "warmup",
-        "finetune" => "finetune",
-        _ => "baseline",
-    }
-}
-
 impl Tracker {
     /// `resume_at`: the phase this attempt starts with, when earlier phases are already done.
-    pub(crate) fn new(config: &TrainConfig, resume_at: Option<&str>) -> Self {
+    pub(crate) fn new(config: &TrainConfig, resume_at: Option<Phase>) -> Self {
         let mut shares = Vec::new();
         // Whether an automatic fine-tune runs is only known once the data is counted; its
         // share is planned, and skipped over if it does not run.
         let finetune = config.finetune.enabled != When::Off;
-        shares.push(("frozen_pass", 50.0));
+        shares.push((Stage::FrozenPass, 50.0));
         if config.warmup.enabled {
-            shares.push(("warmup", 5.0));
+            shares.push((Stage::Phase(Phase::Warmup), 5.0));
         }
         if finetune {
-            shares.push(("finetune", 45.0));
+            shares.push((Stage::Phase(Phase::Finetune), 45.0));
         }
         if config.baseline.enabled {
-            shares.push(("baseline", 50.0));
+            shares.push((Stage::Phase(Phase::Baseline), 50.0));
         }
         let total: f64 = shares.iter().map(|s| s.1).sum();
         for s in &mut shares {
@@ -58,7 +50,7 @@ impl Tracker {
             // The warm-up share is done; the frozen pass is redone.
             base = shares
                 .iter()
-                .filter(|(s, _)| *s == "warmup" && phase != "warmup")
+                .filter(|(s, _)| *s == Stage::Phase(Phase::Warmup) && phase != Phase::Warmup)
                 .map(|s| s.1)
                 .sum();
         }
@@ -68,9 +60,9 @@ impl Tracker {
             done_before: base,
             current: None,
             epochs: vec![
-                ("warmup", 1),
-                ("finetune", config.finetune.epochs),
-                ("baseline", config.baseline.epochs),
+                (Stage::Phase(Phase::Warmup), 1),
+                (Stage::Phase(Phase::Finetune), config.finetune.epochs),
+                (Stage::Phase(Phase::Baseline), config.baseline.epochs),
             ],
             last: Progress::default(),
             base,
@@ -78,14 +70,14 @@ impl Tracker {
         }
     }
 
-    fn share(&self, stage: &str) -> f64 {
+    fn share(&self, stage: Stage) -> f64 {
         self.shares
             .iter()
             .find(|(s, _)| *s == stage)
             .map_or(0.0, |s| s.1)
     }
 
-    fn enter(&mut self, stage: &'static str) {
+    fn enter(&mut self, stage: Stage) {
         if self.current == Some(stage) {
             return;
         }
@@ -98,18 +90,17 @@ impl Tracker {
         self.last.epochs_total = self.epochs_total(stage).map(|n| n as i64);
     }
 
-    fn epochs_total(&self, stage: &str) -> Option<usize> {
+    fn epochs_total(&self, stage: Stage) -> Option<usize> {
         self.epochs.iter().find(|(s, _)| *s == stage).map(|e| e.1)
     }
 
-    fn update(&mut self, stage: &'static str, within: f64) {
+    fn update(&mut self, stage: Stage, within: f64) {
         let percent = (self.done_before + self.share(stage) * within.clamp(0.0, 1.0)).min(1.0);
         let progressed = percent - self.base;
         let elapsed = self.started.elapsed().as_secs_f64();
         self.last.percent = percent * 100.0;
         self.last.eta_seconds = (progressed > 0.01).then(|| elapsed * (1.0 - percent) / progressed);
-        self.last.phase = Some(stage.to_string());
-        self.last.stage = Some(stage.to_string());
+        self.last.stage = Some(stage);
     }
 
     /// Steps per second of the current stage, given `done` steps of its current epoch (or
@@ -122,8 +113,7 @@ impl Tracker {
     }
 
     /// A step of `stage` finished.
-    pub(crate) fn step(&mut self, stage: &str, done: usize, total: usize) {
-        let stage = stage_name(stage);
+    pub(crate) fn step(&mut self, stage: Stage, done: usize, total: usize) {
         self.enter(stage);
         let fraction = done as f64 / total.max(1) as f64;
         let within = match self.epochs_total(stage) {
@@ -136,8 +126,8 @@ impl Tracker {
     }
 
     /// Epoch `epoch` (1-based) of `phase` finished.
-    pub(crate) fn epoch(&mut self, phase: &str, epoch: usize) {
-        let stage = stage_name(phase);
+    pub(crate) fn epoch(&mut self, phase: Phase, epoch: usize) {
+        let stage = Stage::Phase(phase);
         self.enter(stage);
         let total = self.epochs_total(stage).unwrap_or(epoch).max(1);
         self.last.epoch = Some(epoch as i64);
@@ -146,8 +136,8 @@ impl Tracker {
     }
 
     /// A phase finished (possibly early).
-    pub(crate) fn phase_done(&mut self, phase: &str) {
-        let stage = stage_name(phase);
+    pub(crate) fn phase_done(&mut self, phase: Phase) {
+        let stage = Stage::Phase(phase);
         self.enter(stage);
         self.update(stage, 1.0);
     }
@@ -161,17 +151,17 @@ mod tests {
     fn percent_grows_through_the_stages() {
         let config = TrainConfig::default();
         let mut t = Tracker::new(&config, None);
-        t.step("frozen_pass", 50, 100);
+        t.step(Stage::FrozenPass, 50, 100);
         assert!((t.last.percent - 25.0).abs() < 1e-9, "{}", t.last.percent);
-        t.step("frozen_pass", 100, 100);
+        t.step(Stage::FrozenPass, 100, 100);
         // The head's progress is its walk along the penalty grid.
-        t.step("warmup", 3, 11);
+        t.step(Stage::Phase(Phase::Warmup), 3, 11);
         let mid = t.last.percent;
         assert!(mid > 50.0 && mid < 55.0, "{mid}");
-        t.phase_done("warmup");
+        t.phase_done(Phase::Warmup);
         assert!((t.last.percent - 55.0).abs() < 1e-9);
-        t.step("finetune", 10, 10);
-        t.epoch("finetune", 4);
+        t.step(Stage::Phase(Phase::Finetune), 10, 10);
+        t.epoch(Phase::Finetune, 4);
         assert!((t.last.percent - 100.0).abs() < 1e-9);
         assert!(t.last.eta_seconds.is_some_and(|e| e < 1.0));
     }

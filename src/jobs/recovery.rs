@@ -4,6 +4,8 @@
 use sqlx::SqlitePool;
 
 use crate::db;
+use crate::db::status::{RunStatus, resumes_after_warmup};
+use crate::ml::events::Phase;
 use crate::storage::Storage;
 
 /// The message of a run that cannot resume.
@@ -13,16 +15,12 @@ pub const INTERRUPTED: &str = "interrupted: the server stopped while this run wa
 pub async fn recover(pool: &SqlitePool, storage: &Storage) -> Result<(usize, usize), sqlx::Error> {
     let (mut requeued, mut failed) = (0, 0);
     for run in db::runs::running(pool).await? {
-        let warm_done = run
-            .phases
-            .iter()
-            .any(|p| p.phase == "warmup" && p.status == "succeeded");
-        if warm_done && storage.warmup_checkpoint(&run.id).is_file() {
-            db::runs::requeue(pool, &run.id, "finetune").await?;
+        if resumes_after_warmup(&run.phase_states(), &storage.warmup_checkpoint(&run.id)) {
+            db::runs::requeue(pool, &run.id, Phase::Finetune).await?;
             tracing::warn!(run_id = %run.id, "run interrupted by a restart: re-queued after its warm-up");
             requeued += 1;
         } else {
-            db::runs::finish(pool, &run.id, "failed", Some(INTERRUPTED)).await?;
+            db::runs::finish(pool, &run.id, RunStatus::Failed, Some(INTERRUPTED)).await?;
             tracing::warn!(run_id = %run.id, "run interrupted by a restart: marked failed");
             failed += 1;
         }
@@ -33,9 +31,10 @@ pub async fn recover(pool: &SqlitePool, storage: &Storage) -> Result<(usize, usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::status::PhaseStatus;
     use crate::ingest::Ingested;
     use crate::ml::config::TrainConfig;
-    use crate::ml::train::PhaseSummary;
+    use crate::ml::events::PhaseSummary;
 
     #[sqlx::test]
     async fn interrupted_runs_resume_after_the_warmup_or_fail(pool: SqlitePool) {
@@ -68,7 +67,7 @@ mod tests {
             "oldest first"
         );
         let summary = PhaseSummary {
-            phase: "warmup".into(),
+            phase: Phase::Warmup,
             epochs_run: 3,
             best_epoch: 2,
             best_val_loss: 0.1,
@@ -84,24 +83,23 @@ mod tests {
 
         assert_eq!(recover(&pool, &storage).await.unwrap(), (1, 1));
         let early = db::runs::get(&pool, "early").await.unwrap().unwrap();
-        assert_eq!(early.status, "failed");
+        assert_eq!(early.status, RunStatus::Failed);
         assert_eq!(early.error.as_deref(), Some(INTERRUPTED));
         let late = db::runs::get(&pool, "late").await.unwrap().unwrap();
-        assert_eq!(late.status, "queued");
-        let phases: Vec<_> = late
-            .phases
-            .iter()
-            .map(|p| (p.phase.as_str(), p.status.as_str()))
-            .collect();
+        assert_eq!(late.status, RunStatus::Queued);
         assert_eq!(
-            phases,
+            late.phase_states(),
             vec![
-                ("warmup", "succeeded"),
-                ("finetune", "pending"),
-                ("baseline", "skipped")
+                (Phase::Warmup, PhaseStatus::Succeeded),
+                (Phase::Finetune, PhaseStatus::Pending),
+                (Phase::Baseline, PhaseStatus::Skipped)
             ]
         );
         let waiting = db::runs::get(&pool, "waiting").await.unwrap().unwrap();
-        assert_eq!(waiting.status, "queued", "queued runs are untouched");
+        assert_eq!(
+            waiting.status,
+            RunStatus::Queued,
+            "queued runs are untouched"
+        );
     }
 }

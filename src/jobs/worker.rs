@@ -14,10 +14,11 @@ use super::Jobs;
 use super::compute::{Stopped, compute};
 use super::events::{EventKind, RunEvent};
 use super::progress::Tracker;
+use crate::db::status::{RunStatus, resumes_after_warmup};
 use crate::db::{self, models::Success, runs::Claimed};
 use crate::ml::config::TrainConfig;
 use crate::ml::data::{FolderDataset, Sample};
-use crate::ml::train::{Cancel, PhaseSummary, TrainEvent};
+use crate::ml::events::{Cancel, Phase, PhaseSummary, Stage, TrainEvent};
 use crate::storage::Storage;
 
 /// Least time between two progress writes of one run.
@@ -78,11 +79,12 @@ async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
             tracing::error!(run_id = %id, error = format!("{e:#}"), "run aborted by an internal error");
             ctx.jobs.unregister(&id);
             let message = "internal error while training; see the server log";
-            if db::runs::finish(&ctx.db, &id, "failed", Some(message))
+            if db::runs::finish(&ctx.db, &id, RunStatus::Failed, Some(message))
                 .await
                 .is_ok()
             {
-                ctx.jobs.publish_status(&id, "failed", Some(message.into()));
+                ctx.jobs
+                    .publish_status(&id, RunStatus::Failed, Some(message.into()));
             }
         }
     }
@@ -119,7 +121,7 @@ async fn execute(
 ) -> anyhow::Result<()> {
     let id = run.id.clone();
     tracing::info!("run started");
-    ctx.jobs.publish_status(&id, "running", None);
+    ctx.jobs.publish_status(&id, RunStatus::Running, None);
     let config: TrainConfig = serde_json::from_str(&run.config).context("stored run config")?;
     let dataset = match run.dataset_id.as_deref() {
         Some(d) => load_dataset(ctx, d).await,
@@ -135,20 +137,16 @@ async fn execute(
     let before = db::runs::get(&ctx.db, &id)
         .await?
         .context("claimed run vanished")?;
-    let warm_done = before
-        .phases
-        .iter()
-        .any(|p| p.phase == "warmup" && p.status == "succeeded");
-    let resume = warm_done && checkpoint.is_file();
+    let resume = resumes_after_warmup(&before.phase_states(), &checkpoint);
     let (prior_metrics, prior_phases) = if resume {
         tracing::info!("resuming after the warm-up from its checkpoint");
         let metrics = db::epochs::metrics(&ctx.db, &id).await?;
         let phases = before
             .phases
             .iter()
-            .filter(|p| p.phase == "warmup")
+            .filter(|p| p.phase == Phase::Warmup)
             .map(|p| PhaseSummary {
-                phase: p.phase.clone(),
+                phase: p.phase,
                 epochs_run: p.epochs_run as usize,
                 best_epoch: p.best_epoch.unwrap_or(0) as usize,
                 best_val_loss: p.best_val_loss.unwrap_or(f64::NAN),
@@ -158,7 +156,7 @@ async fn execute(
             .collect();
         (metrics, phases)
     } else {
-        db::runs::reset_phases_from(&ctx.db, &id, "warmup").await?;
+        db::runs::reset_phases_from(&ctx.db, &id, Phase::Warmup).await?;
         (Vec::new(), Vec::new())
     };
 
@@ -174,13 +172,14 @@ async fn execute(
         let id = id.clone();
         let cancel = cancel.clone();
         let config = config.clone();
+        let warm_start = resume.then(|| checkpoint.clone());
         tokio::task::spawn_blocking(move || {
             compute(
                 &ctx,
                 &id,
                 &dataset,
                 &config,
-                resume.then_some(checkpoint),
+                warm_start,
                 (prior_metrics, prior_phases),
                 tx,
                 &cancel,
@@ -188,7 +187,7 @@ async fn execute(
         })
     };
 
-    let mut tracker = Tracker::new(&config, resume.then_some("finetune"));
+    let mut tracker = Tracker::new(&config, resume.then_some(Phase::Finetune));
     let mut last_write = Instant::now() - PROGRESS_EVERY;
     let mut stopping_for_shutdown = false;
     loop {
@@ -228,24 +227,30 @@ async fn execute(
             .await?;
             let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
             tracing::info!(val_accuracy = done.accuracy, "run succeeded");
-            ctx.jobs.publish_status(&id, "succeeded", None);
+            ctx.jobs.publish_status(&id, RunStatus::Succeeded, None);
         }
         Ok(Err(Stopped::Cancelled)) => {
             let user = db::runs::cancel_requested(&ctx.db, &id).await?;
             if stopping_for_shutdown && !user {
-                let warm_saved = ctx.storage.warmup_checkpoint(&id).is_file();
-                let from = if warm_saved { "finetune" } else { "warmup" };
+                let now = db::runs::get(&ctx.db, &id)
+                    .await?
+                    .context("running run vanished")?;
+                let from = if resumes_after_warmup(&now.phase_states(), &checkpoint) {
+                    Phase::Finetune
+                } else {
+                    Phase::Warmup
+                };
                 db::runs::requeue(&ctx.db, &id, from).await?;
                 tracing::info!(
-                    resume_from = from,
+                    resume_from = %from,
                     "run left queued to resume at the next start"
                 );
-                ctx.jobs.publish_status(&id, "queued", None);
+                ctx.jobs.publish_status(&id, RunStatus::Queued, None);
             } else {
-                db::runs::finish(&ctx.db, &id, "cancelled", None).await?;
+                db::runs::finish(&ctx.db, &id, RunStatus::Cancelled, None).await?;
                 let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
                 tracing::info!("run cancelled");
-                ctx.jobs.publish_status(&id, "cancelled", None);
+                ctx.jobs.publish_status(&id, RunStatus::Cancelled, None);
             }
         }
         Ok(Err(Stopped::Failed(e))) => fail(ctx, &id, &e).await?,
@@ -259,10 +264,10 @@ async fn execute(
 
 async fn fail(ctx: &WorkerContext, id: &str, message: &str) -> anyhow::Result<()> {
     tracing::warn!(error = message, "run failed");
-    db::runs::finish(&ctx.db, id, "failed", Some(message)).await?;
+    db::runs::finish(&ctx.db, id, RunStatus::Failed, Some(message)).await?;
     let _ = std::fs::remove_dir_all(ctx.storage.run_dir(id));
     ctx.jobs
-        .publish_status(id, "failed", Some(message.to_string()));
+        .publish_status(id, RunStatus::Failed, Some(message.to_string()));
     Ok(())
 }
 
@@ -280,21 +285,21 @@ async fn on_event(
             tracker.step(stage, done, total);
             if let Some(per_second) = tracker.rate(done) {
                 // Frozen-pass steps are views; training steps are batches.
-                let images = if stage == "frozen_pass" {
+                let images = if stage == Stage::FrozenPass {
                     1
                 } else {
                     batch_size
                 };
-                metrics::gauge!("transferd_training_images_per_second", "stage" => stage)
+                metrics::gauge!("transferd_training_images_per_second", "stage" => stage.as_str())
                     .set(per_second * images as f64);
             }
         }
         TrainEvent::Epoch(m) => {
-            metrics::counter!("transferd_training_epochs_total", "phase" => m.phase.clone())
+            metrics::counter!("transferd_training_epochs_total", "phase" => m.phase.as_str())
                 .increment(1);
             tracing::info!(phase = %m.phase, epoch = m.epoch, train_loss = m.train_loss,
                 val_loss = m.val_loss, val_accuracy = m.val_accuracy, seconds = m.seconds, "epoch");
-            tracker.epoch(&m.phase, m.epoch);
+            tracker.epoch(m.phase, m.epoch);
             db::epochs::add_epoch(&ctx.db, id, &m).await?;
             ctx.jobs.publish(RunEvent {
                 run_id: id.to_string(),
@@ -303,7 +308,7 @@ async fn on_event(
             force = true;
         }
         TrainEvent::PhaseDone(summary) => {
-            tracker.phase_done(&summary.phase);
+            tracker.phase_done(summary.phase);
             db::epochs::phase_done(&ctx.db, id, &summary).await?;
             tracing::info!(phase = %summary.phase, best_epoch = summary.best_epoch,
                 val_accuracy = summary.best_val_accuracy, "phase finished");
@@ -321,7 +326,7 @@ async fn on_event(
         ctx.jobs.publish(RunEvent {
             run_id: id.to_string(),
             kind: EventKind::Progress {
-                phase: p.phase.clone().unwrap_or_default(),
+                phase: p.stage.map_or("", Stage::as_str).to_string(),
                 step: p.step.unwrap_or(0) as usize,
                 steps_total: p.steps_total.unwrap_or(0) as usize,
                 epoch: p.epoch.map(|e| e as usize),

@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::backbone::Backbone;
 use super::config::TrainConfig;
 use super::evaluate::Evaluation;
+use super::events::{EpochMetrics, PhaseSummary};
 use super::head::{TransferModel, TransferModelConfig};
 use super::preprocess::Preprocessing;
-use super::train::{EpochMetrics, PhaseSummary, TrainOutcome};
+use super::train::TrainOutcome;
 use super::weights;
 
 /// Version of the directory layout; bumped on incompatible changes.

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::backbone::EfficientNetLite;
 use super::data::{InputBatch, SampleError, TensorBatcher, ViewDataset};
-use super::train::{Cancel, TrainError};
+use super::events::{Cancel, TrainError};
 
 /// Rows of equal shape, with the label and sample index of each.
 #[derive(Debug, Clone, Default)]

@@ -9,10 +9,10 @@ use burn::prelude::*;
 
 use super::cache::RowCache;
 use super::config::TrainConfig;
+use super::events::{Cancel, EpochMetrics, Phase, TrainError};
 use super::head_fit::{self, L2_GRID, PathPoint, Standardizer};
 use super::phases::rows_into;
 use super::plan::EstimateMethod;
-use super::train::{Cancel, EpochMetrics, Prepared, TrainError};
 
 /// What the head phase hands on.
 pub(crate) struct HeadOutcome {
@@ -29,9 +29,19 @@ pub(crate) struct HeadOutcome {
     pub started: Instant,
 }
 
+/// The frozen pass's features the head is solved on.
+pub(crate) struct HeadInput<'a> {
+    pub train: &'a RowCache,
+    /// Empty under a k-fold estimate.
+    pub val: &'a RowCache,
+    /// Whether each training photo's first view is its clean one.
+    pub train_clean_first: bool,
+    pub estimate: EstimateMethod,
+}
+
 /// Solves the head; see the module header.
 pub(crate) fn head_phase(
-    prepared: &Prepared,
+    input: HeadInput<'_>,
     config: &TrainConfig,
     class_weights: Option<&[f32]>,
     classes: usize,
@@ -40,10 +50,10 @@ pub(crate) fn head_phase(
     cancel: &Cancel,
 ) -> Result<HeadOutcome, TrainError> {
     let started = Instant::now();
-    let (train, val) = (&prepared.train.features, &prepared.val.features);
+    let (train, val) = (input.train, input.val);
     let st = Standardizer::fit(&[train, val]);
     let rows = st.rows(
-        &[(train, prepared.train_clean_first), (val, true)],
+        &[(train, input.train_clean_first), (val, true)],
         class_weights,
     );
     let fixed;
@@ -56,7 +66,7 @@ pub(crate) fn head_phase(
     };
     let stop = || cancel.is_cancelled();
     let train_rows: Vec<usize> = (0..train.len()).collect();
-    let (selection, linear, fitted_rows) = match prepared.plan.estimate {
+    let (selection, linear, fitted_rows) = match input.estimate {
         EstimateMethod::Kfold => {
             let folds = config.warmup.folds;
             let sel =
@@ -98,7 +108,7 @@ pub(crate) fn head_phase(
         .expect("the chosen penalty is on the path")
         .clone();
     let metrics = EpochMetrics {
-        phase: "warmup".into(),
+        phase: Phase::Warmup,
         epoch: 1,
         train_loss,
         train_accuracy,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod evaluate;
+pub mod events;
 pub mod frozen_bn;
 pub mod head;
 pub mod head_fit;

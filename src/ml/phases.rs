@@ -14,8 +14,8 @@ use super::backbone::FEATURES;
 use super::cache::RowCache;
 use super::config::TrainConfig;
 use super::evaluate::argmax;
+use super::events::{Cancel, EpochMetrics, Phase, PhaseSummary, TrainError, TrainEvent};
 use super::head::{TransferModel, dropout_mask};
-use super::train::{Cancel, EpochMetrics, PhaseSummary, TrainError, TrainEvent};
 
 pub(crate) struct Trainer<'a> {
     pub(crate) config: &'a TrainConfig,
@@ -119,7 +119,7 @@ impl Trainer<'_> {
 
     pub(crate) fn finish_phase(
         &mut self,
-        phase: &str,
+        phase: Phase,
         epochs_run: usize,
         best: Option<(usize, f64, f64)>,
         start: Instant,
@@ -127,7 +127,7 @@ impl Trainer<'_> {
         let (best_epoch, best_val_loss, best_val_accuracy) =
             best.unwrap_or((0, f64::NAN, f64::NAN));
         let summary = PhaseSummary {
-            phase: phase.into(),
+            phase,
             epochs_run,
             best_epoch,
             best_val_loss,
@@ -248,7 +248,7 @@ impl Trainer<'_> {
     /// `epoch_batches` runs one epoch of steps and returns (loss sum, correct, seen).
     pub(crate) fn train_phase(
         &mut self,
-        phase: &'static str,
+        phase: Phase,
         model: TransferModel,
         keep_incoming: bool,
         epochs: usize,
@@ -335,7 +335,7 @@ impl<M> EarlyStopping<M> {
 
 /// The row of a finished epoch: `train` is (loss sum, correct, seen), `val` (loss, accuracy).
 fn epoch_metrics(
-    phase: &str,
+    phase: Phase,
     epoch: usize,
     train: (f64, usize, usize),
     val: (f64, f64),
@@ -344,7 +344,7 @@ fn epoch_metrics(
 ) -> EpochMetrics {
     let (loss_sum, correct, seen) = train;
     EpochMetrics {
-        phase: phase.into(),
+        phase,
         epoch: epoch + 1,
         train_loss: loss_sum / seen.max(1) as f64,
         train_accuracy: correct as f64 / seen.max(1) as f64,

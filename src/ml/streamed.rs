@@ -11,9 +11,9 @@ use rand::seq::SliceRandom;
 use super::cache::stream_views;
 use super::config::cosine;
 use super::data::{TensorBatcher, ViewDataset};
+use super::events::{Phase, Stage, TrainError, TrainEvent};
 use super::head::{TransferModel, TransferModelConfig};
 use super::phases::{Trainer, loss_and_accuracy, rows_into};
-use super::train::{TrainError, TrainEvent};
 
 /// One epoch over freshly decoded and augmented views.
 pub(crate) fn stream_epoch(
@@ -23,7 +23,7 @@ pub(crate) fn stream_epoch(
     loss_fn: &CrossEntropyLoss,
     ds: &ViewDataset<'_>,
     lr: f64,
-    stage: &'static str,
+    phase: Phase,
 ) -> Result<(TransferModel, f64, usize, usize), TrainError> {
     let size = ds.pre.input_size;
     let batcher = TensorBatcher {
@@ -54,7 +54,7 @@ pub(crate) fn stream_epoch(
         slot = Some(m);
         (loss_sum, correct, seen) = (loss_sum + l, correct + c, seen + n);
         (t.events)(TrainEvent::Progress {
-            stage,
+            stage: Stage::Phase(phase),
             done: seen,
             total,
         });
@@ -93,7 +93,7 @@ pub(crate) fn baseline<'d>(
         .max_seconds
         .map(|s| Instant::now() + std::time::Duration::from_secs_f64(s));
     let result = t.train_phase(
-        "baseline",
+        Phase::Baseline,
         model,
         false,
         cfg.epochs,
@@ -106,7 +106,7 @@ pub(crate) fn baseline<'d>(
                 false,
                 seed.wrapping_add(1000 + epoch as u64),
             );
-            stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "baseline")
+            stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, Phase::Baseline)
         },
         |t, m| {
             let size = val.pre.input_size;

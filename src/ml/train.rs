@@ -3,8 +3,6 @@
 //! callback and stops at the next step boundary when cancelled.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::nn::Linear;
@@ -12,66 +10,20 @@ use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use super::backbone::{Backbone, EfficientNetLite};
 use super::cache::{FrozenPass, frozen_pass};
 use super::config::{ClassWeighting, TrainConfig};
 use super::data::{FolderDataset, Skipped, ViewDataset, imbalanced, stratified_split};
 use super::evaluate::{Evaluation, evaluate};
+use super::events::{Cancel, EpochMetrics, Phase, PhaseSummary, Stage, TrainError, TrainEvent};
 use super::head::{TransferModel, TransferModelConfig};
 use super::head_fit::{self, Standardizer};
-use super::head_phase::{head_logits, head_phase};
+use super::head_phase::{HeadInput, head_logits, head_phase};
 use super::phases::{Trainer, features_of, logits_of, loss_and_accuracy};
 use super::plan::{EstimateMethod, FinetuneDecision, HeadReport, Plan, TrainingReport};
 use super::preprocess::Preprocessing;
 use super::streamed::{baseline, stream_epoch};
-
-/// Shared stop flag, checked at every step boundary.
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    pub fn check(&self) -> Result<(), TrainError> {
-        if self.is_cancelled() {
-            Err(TrainError::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// Why a run stopped without a model.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error(transparent)]
-    Config(#[from] super::config::ConfigError),
-    #[error("cancelled")]
-    Cancelled,
-    #[error("the compute device failed even at batch size 1: {0}")]
-    Device(String),
-    /// Internal: a phase's time budget ran out mid-epoch (never escapes `fit`).
-    #[error("time budget spent")]
-    BudgetSpent,
-    #[error(
-        "the frozen pass was prepared for another plan (cut before block {prepared}; this config cuts before block {config}, or differs in estimate, fine-tuning or input size)"
-    )]
-    CutMismatch { prepared: usize, config: usize },
-    #[error(
-        "after skipping unreadable images, class '{0}' has no training or validation image left"
-    )]
-    EmptyClass(String),
-    #[error("could not checkpoint the warm-up: {0}")]
-    Checkpoint(String),
-    #[error("the run plans backbone {planned} but was given {given}")]
-    WrongBackbone { planned: Backbone, given: Backbone },
-}
 
 /// Called with the warm-up's head so the caller can checkpoint it.
 pub type OnWarmup<'h> = &'h mut dyn FnMut(&Linear) -> Result<(), TrainError>;
@@ -87,63 +39,6 @@ pub struct Resume<'h> {
     pub warm_head: Option<Linear>,
     /// Called with the head as soon as the warm-up is finished.
     pub on_warmup: Option<OnWarmup<'h>>,
-}
-
-/// One row per epoch, as stored and plotted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, sqlx::FromRow)]
-pub struct EpochMetrics {
-    /// `warmup`, `finetune` or `baseline`.
-    pub phase: String,
-    /// 1-based.
-    #[sqlx(try_from = "i64")]
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub val_loss: f64,
-    pub val_accuracy: f64,
-    pub learning_rate: f64,
-    pub seconds: f64,
-}
-
-impl std::fmt::Display for EpochMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:<8} epoch {:>3}  train loss {:.4} acc {:.4}  val loss {:.4} acc {:.4}  lr {:.2e}  {:.1}s",
-            self.phase,
-            self.epoch,
-            self.train_loss,
-            self.train_accuracy,
-            self.val_loss,
-            self.val_accuracy,
-            self.learning_rate,
-            self.seconds
-        )
-    }
-}
-
-/// What a phase ended with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PhaseSummary {
-    pub phase: String,
-    pub epochs_run: usize,
-    pub best_epoch: usize,
-    pub best_val_loss: f64,
-    pub best_val_accuracy: f64,
-    pub seconds: f64,
-}
-
-/// Progress reports.
-#[derive(Debug, Clone)]
-pub enum TrainEvent {
-    /// `done` of `total` units (views or steps) of a stage.
-    Progress {
-        stage: &'static str,
-        done: usize,
-        total: usize,
-    },
-    Epoch(EpochMetrics),
-    PhaseDone(PhaseSummary),
 }
 
 /// A finished run.
@@ -280,7 +175,7 @@ pub fn prepare(
     let mut report = |n: usize, events: &mut dyn FnMut(TrainEvent)| {
         done += n;
         events(TrainEvent::Progress {
-            stage: "frozen_pass",
+            stage: Stage::FrozenPass,
             done,
             total,
         });
@@ -397,13 +292,19 @@ pub fn fit(
     let head = if config.warmup.enabled {
         let mut progress = |done, total| {
             events(TrainEvent::Progress {
-                stage: "warmup",
+                stage: Stage::Phase(Phase::Warmup),
                 done,
                 total,
             })
         };
+        let input = HeadInput {
+            train: &prepared.train.features,
+            val: &prepared.val.features,
+            train_clean_first: prepared.train_clean_first,
+            estimate: prepared.plan.estimate,
+        };
         Some(head_phase(
-            prepared,
+            input,
             config,
             weights.as_deref(),
             n_classes,
@@ -431,7 +332,7 @@ pub fn fit(
     };
     if let Some(h) = &head {
         trainer.record(h.metrics.clone());
-        trainer.finish_phase("warmup", 1, Some(h.best), h.started);
+        trainer.finish_phase(Phase::Warmup, 1, Some(h.best), h.started);
         top.head = match resume.warm_head {
             Some(warm) => warm,
             None => h.linear.clone(),
@@ -480,7 +381,7 @@ pub fn fit(
         let metrics_before = trainer.metrics.len();
         top = if let Some(train_cache) = prepared.train.activations.as_ref() {
             trainer.train_phase(
-                "finetune",
+                Phase::Finetune,
                 top,
                 true,
                 epochs,
@@ -497,7 +398,7 @@ pub fn fit(
                             t.step(model, &mut optim, &loss_fn, b.inputs, b.targets, lr)?;
                         (model, loss_sum, correct) = (m, loss_sum + l, correct + c);
                         (t.events)(TrainEvent::Progress {
-                            stage: "finetune",
+                            stage: Stage::Phase(Phase::Finetune),
                             done: s + 1,
                             total: steps,
                         });
@@ -508,7 +409,7 @@ pub fn fit(
             )?
         } else {
             trainer.train_phase(
-                "finetune",
+                Phase::Finetune,
                 top,
                 true,
                 epochs,
@@ -521,7 +422,7 @@ pub fn fit(
                         false,
                         config.seed.wrapping_add(1 + epoch as u64),
                     );
-                    stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, "finetune")
+                    stream_epoch(t, model, &mut optim, &loss_fn, &ds, lr, Phase::Finetune)
                 },
                 validate,
             )?
