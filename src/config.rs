@@ -46,6 +46,15 @@ pub struct ServeArgs {
     /// Most images predicted in one forward pass when requests are micro-batched.
     #[arg(long, env = "TRANSFERD_PREDICT_BATCH", default_value_t = 32)]
     pub predict_batch: usize,
+    /// Most images waiting for, or in, a forward pass; a prediction that does not fit is
+    /// refused at once with 503 and `Retry-After`. Default: 4 × `--predict-batch`, and at
+    /// least the 64 images one request may carry.
+    #[arg(long, env = "TRANSFERD_PREDICT_QUEUE")]
+    pub predict_queue: Option<usize>,
+    /// Seconds a request may take before it is answered 503 (every route except uploads and
+    /// the live event stream, which run as long as the data takes).
+    #[arg(long, env = "TRANSFERD_REQUEST_TIMEOUT", default_value_t = 30.0)]
+    pub request_timeout: f64,
     /// `auto` uses wgpu on a real GPU and the flex CPU backend otherwise.
     #[arg(long, env = "TRANSFERD_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -90,6 +99,10 @@ pub struct Settings {
     pub concurrent_runs: usize,
     pub model_cache: usize,
     pub predict_batch: usize,
+    /// Images the prediction queue holds.
+    pub predict_queue: usize,
+    /// How long a (non-streaming) request may take.
+    pub request_timeout: std::time::Duration,
     pub device: DeviceChoice,
     /// Folder served at `/`.
     pub static_dir: PathBuf,
@@ -119,6 +132,10 @@ impl Settings {
             concurrent_runs: args.concurrent_runs.max(1),
             model_cache: args.model_cache.max(1),
             predict_batch: args.predict_batch.max(1),
+            predict_queue: args.predict_queue.unwrap_or_else(|| {
+                (4 * args.predict_batch.max(1)).max(crate::api::predict::MAX_IMAGES)
+            }),
+            request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.001)),
             device: args.device,
             static_dir: args.static_dir.clone(),
             weights: args.weights.clone(),

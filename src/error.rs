@@ -9,6 +9,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::ingest::IngestError;
+use crate::jobs::inference::InferenceError;
 
 /// What a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,11 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Overloaded: try again after `retry_after` seconds (sent as `Retry-After`).
+    #[error("{message}")]
+    Busy { message: String, retry_after: u64 },
+    #[error("{0}")]
+    TimedOut(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error("{0}")]
@@ -85,9 +91,25 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Database(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
+        }
+    }
+}
+
+impl From<InferenceError> for ApiError {
+    fn from(err: InferenceError) -> Self {
+        match err {
+            // The queue drains in about one forward pass; a second is a fair wait.
+            InferenceError::Full { .. } => Self::Busy {
+                message: err.to_string(),
+                retry_after: 1,
+            },
+            InferenceError::TooMany { .. } => Self::TooLarge(err.to_string()),
+            InferenceError::Stopped | InferenceError::Model(_) => Self::internal("predicting", err),
         }
     }
 }
@@ -105,6 +127,10 @@ impl From<IngestError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry_after = match &self {
+            Self::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let (message, field) = match self {
             Self::Database(ref e) => {
                 tracing::error!(error = %e, "database error");
@@ -124,6 +150,11 @@ impl IntoResponse for ApiError {
                 field,
             },
         };
-        (status, Json(body)).into_response()
+        let mut res = (status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            res.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        res
     }
 }

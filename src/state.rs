@@ -91,6 +91,7 @@ impl Service {
             selected.device.clone(),
             settings.model_cache,
             settings.predict_batch,
+            settings.predict_queue,
         );
         let workers = spawn_workers(
             WorkerContext {
@@ -133,6 +134,7 @@ impl AppState {
                 burn::prelude::Device::flex(),
                 settings.model_cache,
                 settings.predict_batch,
+                settings.predict_queue,
             ),
             device: Arc::new(DeviceInfo {
                 backend: "flex".into(),

@@ -672,3 +672,138 @@ async fn a_failed_write_leaves_no_half_dataset(pool: SqlitePool) {
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+/// A body that never finishes: a client that stalls mid-request.
+fn stalled_body() -> Body {
+    Body::from_stream(futures_util::stream::pending::<
+        Result<Vec<u8>, std::io::Error>,
+    >())
+}
+
+#[sqlx::test]
+async fn slow_requests_time_out_with_json_but_uploads_and_streams_do_not(pool: SqlitePool) {
+    let h = harness(pool, |s| {
+        s.request_timeout = std::time::Duration::from_millis(300)
+    });
+    let started = std::time::Instant::now();
+    let (status, v) = h
+        .send(
+            Request::post("/api/runs")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(stalled_body())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    // An upload runs as long as its data takes: still waiting well past the timeout.
+    let upload = app(h.state.clone()).oneshot(
+        Request::post("/api/datasets")
+            .header(header::CONTENT_TYPE, "application/zip")
+            .body(stalled_body())
+            .unwrap(),
+    );
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(1500), upload)
+            .await
+            .is_err(),
+        "an upload is not cut off by the request timeout"
+    );
+}
+
+#[sqlx::test]
+async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePool) {
+    let h = harness(pool.clone(), |s| s.predict_queue = 2);
+    // A model row to predict with (its files are never reached: admission comes first).
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let (status, run) = h
+        .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    transferd::db::runs::claim_next(&pool)
+        .await
+        .unwrap()
+        .unwrap();
+    let classes = vec!["cat".to_string(), "dog".to_string()];
+    transferd::db::models::record_success(
+        &pool,
+        &transferd::db::models::Success {
+            run_id: run["id"].as_str().unwrap(),
+            dataset_id: ds["id"].as_str(),
+            classes: &classes,
+            input_size: 224,
+            val_accuracy: 0.9,
+            evaluation: "{}",
+        },
+    )
+    .await
+    .unwrap();
+    let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
+
+    // The queue is full: refused at once, with Retry-After and the JSON body.
+    let held = h.state.inference.admit(2).unwrap();
+    let res = app(h.state.clone())
+        .oneshot(
+            Request::post("/api/predict")
+                .body(Body::from(jpg.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "busy", "{v}");
+    assert!(error_message(&v).contains("queue is full"), "{v}");
+    let res = app(h.state.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("transferd_predict_refused_total") && !l.ends_with(" 0")),
+        "refusals are counted: {text}"
+    );
+    drop(held);
+    assert_eq!(
+        h.state.inference.queued(),
+        0,
+        "the refused request took no place"
+    );
+
+    // More images than the whole queue holds can never fit: 413, not a retry.
+    let boundary = "b0undary";
+    let mut body = Vec::new();
+    for i in 0..3 {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{i}.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&jpg);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let (status, v) = h
+        .send(
+            Request::post("/api/predict")
+                .header(
+                    header::CONTENT_TYPE,
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert!(
+        error_message(&v).contains("more than the prediction queue holds"),
+        "{v}"
+    );
+}

@@ -28,9 +28,12 @@ pub fn reads() -> Router<AppState> {
 
 /// Routes that change state.
 pub fn writes() -> Router<AppState> {
-    Router::new()
-        .route("/datasets", routing::post(upload))
-        .route("/datasets/{id}", routing::delete(delete))
+    Router::new().route("/datasets/{id}", routing::delete(delete))
+}
+
+/// The upload: it changes state, and runs as long as the upload takes (no request timeout).
+pub fn uploads() -> Router<AppState> {
+    Router::new().route("/datasets", routing::post(upload))
 }
 
 /// Query of a raw upload.

@@ -17,8 +17,8 @@ use crate::db;
 use crate::error::{ApiError, ErrorBody};
 use crate::state::AppState;
 
-/// Routes that read.
-pub fn reads() -> Router<AppState> {
+/// The live stream: it reads, and lasts as long as the run (no request timeout).
+pub fn streams() -> Router<AppState> {
     Router::new().route("/runs/{id}/events", get(events))
 }
 

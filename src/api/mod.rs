@@ -9,6 +9,7 @@ pub mod health;
 pub mod models;
 pub mod predict;
 pub mod runs;
+mod timeout;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -60,19 +61,28 @@ pub fn app(state: AppState) -> Router {
     let reads = Router::new()
         .merge(datasets::reads())
         .merge(runs::reads())
-        .merge(events::reads())
         .merge(models::reads());
-    let api = Router::new()
+    // Every route answers within the request timeout, except those that last as long as
+    // their data: uploads and the live event stream.
+    let timeout =
+        axum::middleware::from_fn_with_state(state.settings.request_timeout, timeout::within);
+    let timed = Router::new()
         .merge(guarded(writes, Guard::Write))
         .merge(guarded(reads, Guard::Read))
         .merge(guarded(predict::router(), Guard::Predict))
         .route("/openapi.json", axum::routing::get(health::openapi))
+        .route_layer(timeout.clone());
+    let untimed = Router::new()
+        .merge(guarded(datasets::uploads(), Guard::Write))
+        .merge(guarded(events::streams(), Guard::Read));
+    let api = timed
+        .merge(untimed)
         .fallback(|| async { crate::error::ApiError::NotFound("no such API route".into()) })
         // Handlers enforce their own, configurable limits while streaming.
         .layer(DefaultBodyLimit::disable());
     let router = Router::new()
         .nest("/api", api)
-        .merge(health::router())
+        .merge(health::router().route_layer(timeout))
         .fallback_service(ServeDir::new(&state.settings.static_dir))
         .layer(axum::middleware::from_fn(crate::telemetry::http_metrics))
         .layer(

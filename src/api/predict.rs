@@ -129,6 +129,7 @@ async fn receive(
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "No model exists yet", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 503, description = "The prediction queue is full (see `Retry-After`), or the request timed out", body = ErrorBody),
     ))]
 pub async fn predict(
     State(state): State<AppState>,
@@ -149,6 +150,8 @@ pub async fn predict(
     }
     let started = std::time::Instant::now();
     let images = receive(&state, &headers, request).await?;
+    // A place in the queue before decoding: a refused request costs no decode.
+    let admitted = state.inference.admit(images.len())?;
     let max_dim = state.settings.limits.max_image_dimension;
     let pre = Preprocessing::for_size(model.input_size as usize);
     let names: Vec<Option<String>> = images.iter().map(|(n, _)| n.clone()).collect();
@@ -170,9 +173,8 @@ pub async fn predict(
     .map_err(|e| ApiError::internal("decoding images", e))??;
     let probabilities = state
         .inference
-        .predict(&model.id, state.storage.model(&model.id), views)
-        .await
-        .map_err(|e| ApiError::internal("predicting", e))?;
+        .predict(admitted, &model.id, state.storage.model(&model.id), views)
+        .await?;
     let k = q.top_k.unwrap_or(5).min(model.classes.len());
     let predictions = probabilities
         .into_iter()

@@ -1,14 +1,18 @@
 //! The inference thread: trained models stay loaded in a small LRU cache, and requests that
-//! arrive while the thread is busy are answered together, in one forward pass per model
-//! (micro-batching). Decoding happens before, on the blocking pool, so this thread only runs
-//! the network.
+//! arrive while the thread is busy are answered together, in forward passes of at most
+//! `--predict-batch` images per model (micro-batching). Decoding happens before, on the
+//! blocking pool, so this thread only runs the network.
+//!
+//! The queue to the thread is bounded by images (`--predict-queue`): a request is admitted
+//! only when its images fit, and is refused at once otherwise, so overload turns into fast
+//! refusals instead of an ever longer wait and ever more memory.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
 use burn::prelude::Device;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::ml::infer::Predictor;
 
@@ -18,37 +22,108 @@ struct Job {
     dir: PathBuf,
     views: Vec<Vec<f32>>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    /// The request's place in the queue, given back when it is answered.
+    _admitted: Admitted,
 }
 
 /// Handle to the inference thread.
 #[derive(Clone)]
 pub struct Inference {
     tx: mpsc::Sender<Job>,
+    queue: Queue,
 }
 
-/// Why a prediction failed on the server side.
+/// Why a prediction was not made.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     #[error("the inference thread has stopped")]
     Stopped,
     #[error("loading the model failed: {0}")]
     Model(String),
+    #[error("the prediction queue is full ({capacity} images); retry shortly or send fewer images")]
+    Full { capacity: usize },
+    #[error(
+        "{images} images are more than the prediction queue holds ({capacity}); send fewer per request"
+    )]
+    TooMany { images: usize, capacity: usize },
+}
+
+/// The bounded queue: one permit per image waiting for, or in, a forward pass.
+#[derive(Clone)]
+pub struct Queue {
+    permits: Arc<Semaphore>,
+    capacity: usize,
+}
+
+/// Images admitted to the queue; dropping it frees their places.
+pub struct Admitted(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Queue {
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Admits `images` now, or says why not; never waits.
+    pub fn admit(&self, images: usize) -> Result<Admitted, InferenceError> {
+        if images > self.capacity {
+            return Err(InferenceError::TooMany {
+                images,
+                capacity: self.capacity,
+            });
+        }
+        let n = u32::try_from(images).expect("bounded by the capacity");
+        match self.permits.clone().try_acquire_many_owned(n) {
+            Ok(permit) => Ok(Admitted(permit)),
+            Err(_) => {
+                metrics::counter!("transferd_predict_refused_total", "reason" => "queue_full")
+                    .increment(1);
+                Err(InferenceError::Full {
+                    capacity: self.capacity,
+                })
+            }
+        }
+    }
+
+    /// Images queued or being predicted now.
+    pub fn queued(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
 }
 
 impl Inference {
-    /// Starts the thread. It ends when every handle is dropped.
-    pub fn start(device: Device, cache_size: usize, max_batch: usize) -> Self {
+    /// Starts the thread, with forward passes of at most `max_batch` images and a queue of
+    /// at most `queue` images. It ends when every handle is dropped.
+    pub fn start(device: Device, cache_size: usize, max_batch: usize, queue: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("inference".into())
             .spawn(move || serve(rx, device, cache_size.max(1), max_batch.max(1)))
             .expect("spawning the inference thread");
-        Self { tx }
+        Self {
+            tx,
+            queue: Queue::new(queue),
+        }
+    }
+
+    /// Takes places in the queue for `images` images, before they are decoded: a refused
+    /// request costs no decoding.
+    pub fn admit(&self, images: usize) -> Result<Admitted, InferenceError> {
+        self.queue.admit(images)
+    }
+
+    /// Images queued or being predicted now.
+    pub fn queued(&self) -> usize {
+        self.queue.queued()
     }
 
     /// Calibrated probabilities of `views` under the model in `dir`.
     pub async fn predict(
         &self,
+        admitted: Admitted,
         model_id: &str,
         dir: PathBuf,
         views: Vec<Vec<f32>>,
@@ -60,6 +135,7 @@ impl Inference {
                 dir,
                 views,
                 reply,
+                _admitted: admitted,
             })
             .map_err(|_| InferenceError::Stopped)?;
         answer
@@ -114,7 +190,8 @@ fn serve(rx: mpsc::Receiver<Job>, device: Device, capacity: usize, max_batch: us
     tracing::info!("inference thread stopped");
 }
 
-/// Runs the jobs of one model together, at most `max_batch` images per forward pass.
+/// Runs the jobs of one model together in forward passes of at most `max_batch` images
+/// (a job's images may span passes), answering each job as soon as its images are done.
 fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usize) {
     let predictor = match cache.get(&jobs[0].model_id, &jobs[0].dir, device) {
         Ok(p) => p,
@@ -125,28 +202,69 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
             return;
         }
     };
-    let mut pending: Vec<(Job, usize)> = Vec::new();
+    let mut waiting: VecDeque<(Job, usize)> = VecDeque::new();
     let mut views = Vec::new();
-    let flush = |pending: &mut Vec<(Job, usize)>, views: &mut Vec<Vec<f32>>| {
-        metrics::histogram!("transferd_predict_batch_size").record(views.len() as f64);
-        let mut probs = predictor
-            .probabilities_of_views(std::mem::take(views))
-            .into_iter();
-        for (job, n) in pending.drain(..) {
-            let mine: Vec<Vec<f32>> = probs.by_ref().take(n).collect();
-            // A requester that gave up is not an error.
-            let _ = job.reply.send(Ok(mine));
-        }
-    };
     for mut job in jobs {
         let n = job.views.len();
-        if !views.is_empty() && views.len() + n > max_batch {
-            flush(&mut pending, &mut views);
-        }
         views.append(&mut job.views);
-        pending.push((job, n));
+        waiting.push_back((job, n));
     }
-    if !pending.is_empty() {
-        flush(&mut pending, &mut views);
+    let mut done: VecDeque<Vec<f32>> = VecDeque::with_capacity(views.len());
+    for pass in forward_passes(views.len(), max_batch) {
+        metrics::histogram!("transferd_predict_batch_size").record(pass.len() as f64);
+        done.extend(predictor.probabilities_of_views(&views[pass], max_batch));
+        while waiting.front().is_some_and(|(_, n)| *n <= done.len()) {
+            let (job, n) = waiting.pop_front().expect("checked");
+            // A requester that gave up is not an error.
+            let _ = job.reply.send(Ok(done.drain(..n).collect()));
+        }
+    }
+    debug_assert!(waiting.is_empty());
+}
+
+/// The forward passes of `images` queued images: consecutive ranges of at most `max_batch`.
+fn forward_passes(images: usize, max_batch: usize) -> Vec<std::ops::Range<usize>> {
+    let step = max_batch.max(1);
+    (0..images)
+        .step_by(step)
+        .map(|start| start..(start + step).min(images))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_passes_never_exceed_the_batch() {
+        assert_eq!(forward_passes(70, 32), vec![0..32, 32..64, 64..70]);
+        assert_eq!(forward_passes(3, 32), vec![0..3]);
+        assert!(forward_passes(0, 32).is_empty());
+        assert_eq!(forward_passes(2, 1), vec![0..1, 1..2]);
+    }
+
+    #[test]
+    fn the_queue_admits_what_fits_refuses_the_rest_and_frees_on_drop() {
+        let q = Queue::new(4);
+        let a = q.admit(3).unwrap();
+        assert_eq!(q.queued(), 3);
+        assert!(matches!(
+            q.admit(2),
+            Err(InferenceError::Full { capacity: 4 })
+        ));
+        let b = q.admit(1).unwrap();
+        assert_eq!(q.queued(), 4);
+        assert!(matches!(q.admit(1), Err(InferenceError::Full { .. })));
+        drop(a);
+        assert_eq!(q.queued(), 1);
+        assert!(q.admit(3).is_ok(), "freed places are reused");
+        drop(b);
+        assert!(matches!(
+            q.admit(5),
+            Err(InferenceError::TooMany {
+                images: 5,
+                capacity: 4
+            })
+        ));
     }
 }

@@ -156,6 +156,8 @@ pub struct FrozenPass {
     /// Activations entering block `k` per view, when asked for.
     pub activations: Option<RowCache>,
     pub failures: Vec<SampleError>,
+    /// How many times a batch was halved because the device could not allocate it.
+    pub splits: usize,
 }
 
 /// Runs the pretrained backbone over every view of `dataset`: bottom up to block `k`, then
@@ -186,12 +188,21 @@ pub fn frozen_pass(
     let mut activations = keep_activations.then(|| RowCache::new(&act_shape));
     // The largest batch the device has accepted; lowered when an allocation fails.
     let mut limit = batch_size;
+    let mut splits = 0;
     let failures = stream_views(dataset, batch_size, cancel, |rows| {
         let n = rows.len();
         let labels: Vec<usize> = rows.iter().map(|r| r.1).collect();
         let samples: Vec<usize> = rows.iter().map(|r| r.2).collect();
         let views: Vec<&[f32]> = rows.iter().map(|r| r.0.as_slice()).collect();
-        let (acts, feats) = forward_adaptive(backbone, k, &batcher, &views, &mut limit, device)?;
+        let (acts, feats) = forward_adaptive(
+            backbone,
+            k,
+            &batcher,
+            &views,
+            &mut limit,
+            &mut splits,
+            device,
+        )?;
         if let Some(cache) = activations.as_mut() {
             cache.push_rows(&acts, &labels, &samples);
         }
@@ -203,6 +214,7 @@ pub fn frozen_pass(
         features,
         activations,
         failures,
+        splits,
     })
 }
 
@@ -215,6 +227,7 @@ fn forward_adaptive(
     batcher: &TensorBatcher,
     views: &[&[f32]],
     limit: &mut usize,
+    splits: &mut usize,
     device: &Device,
 ) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
     let (mut acts, mut feats) = (Vec::new(), Vec::new());
@@ -246,6 +259,7 @@ fn forward_adaptive(
                     return Err(TrainError::Device(e.to_string()));
                 }
                 *limit = (*limit / 2).max(1);
+                *splits += 1;
                 tracing::warn!(batch = end - start, retry_with = *limit, error = %e, "device could not run the batch; splitting it");
             }
         }

@@ -15,8 +15,9 @@ use super::preprocess::{self, ImageRejection};
 
 /// Images decoded larger than this on either side are refused.
 pub const MAX_DIMENSION: u32 = preprocess::DEFAULT_MAX_DIMENSION;
-/// Largest batch sent through the network at once.
-const MAX_BATCH: usize = 32;
+/// Largest batch [`Predictor::predict_bytes`] sends through the network at once (the service
+/// passes its own `--predict-batch` to [`Predictor::probabilities_of_views`]).
+pub const DEFAULT_MAX_BATCH: usize = 32;
 
 /// A trained classifier ready to predict.
 pub struct Predictor {
@@ -41,16 +42,17 @@ impl Predictor {
         }
     }
 
-    /// Calibrated class probabilities of preprocessed `[3, s, s]` views.
-    pub fn probabilities_of_views(&self, views: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
+    /// Calibrated class probabilities of preprocessed `[3, s, s]` views, at most `max_batch`
+    /// views per forward pass.
+    pub fn probabilities_of_views(&self, views: &[Vec<f32>], max_batch: usize) -> Vec<Vec<f32>> {
         let s = self.config.preprocessing.input_size;
         let batcher = TensorBatcher { shape: [3, s, s] };
         let lanes = lanes::lanes(&self.device);
         // Training on this process takes one lane until this prediction is done.
-        let _predicting = lanes::Predicting::begin();
+        let _predicting = lanes::predicting();
         let c = self.config.classes.len();
         let mut out = Vec::with_capacity(views.len());
-        for batch in views.chunks(MAX_BATCH) {
+        for batch in views.chunks(max_batch.max(1)) {
             let logits = lanes::map_slices(batch, lanes, |slice| {
                 let slice: Vec<&[f32]> = slice.iter().map(Vec::as_slice).collect();
                 self.model
@@ -77,7 +79,9 @@ impl Predictor {
                 Ok(())
             })
             .collect();
-        let mut probs = self.probabilities_of_views(views).into_iter();
+        let mut probs = self
+            .probabilities_of_views(&views, DEFAULT_MAX_BATCH)
+            .into_iter();
         decoded
             .into_iter()
             .map(|r| r.map(|()| probs.next().expect("one result per view")))

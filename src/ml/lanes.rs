@@ -32,32 +32,51 @@ pub fn lanes(device: &Device) -> usize {
     }
 }
 
-/// Predictions running now, in this process.
-static PREDICTING: AtomicUsize = AtomicUsize::new(0);
+/// Who is predicting: training reads it to step aside. One per process ([`ACTIVITY`]);
+/// tests make their own.
+#[derive(Debug, Default)]
+pub struct Activity {
+    predicting: AtomicUsize,
+}
+
+/// The process's predictions.
+static ACTIVITY: Activity = Activity {
+    predicting: AtomicUsize::new(0),
+};
 
 /// Marks a prediction as running until it is dropped.
-pub struct Predicting(());
+pub struct Predicting<'a>(&'a Activity);
 
-impl Predicting {
-    pub fn begin() -> Self {
-        PREDICTING.fetch_add(1, Ordering::Relaxed);
-        Self(())
+impl Activity {
+    pub fn begin(&self) -> Predicting<'_> {
+        self.predicting.fetch_add(1, Ordering::Relaxed);
+        Predicting(self)
+    }
+
+    /// `lanes` for background work (training): one while any prediction is running.
+    pub fn background(&self, lanes: usize) -> usize {
+        if self.predicting.load(Ordering::Relaxed) > 0 {
+            1
+        } else {
+            lanes
+        }
     }
 }
 
-impl Drop for Predicting {
+impl Drop for Predicting<'_> {
     fn drop(&mut self) {
-        PREDICTING.fetch_sub(1, Ordering::Relaxed);
+        self.0.predicting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// `lanes` for background work (training): one while any prediction is running.
+/// Marks a prediction of this process as running until the guard is dropped.
+pub fn predicting() -> Predicting<'static> {
+    ACTIVITY.begin()
+}
+
+/// [`Activity::background`] for this process.
 pub fn background(lanes: usize) -> usize {
-    if PREDICTING.load(Ordering::Relaxed) > 0 {
-        1
-    } else {
-        lanes
-    }
+    ACTIVITY.background(lanes)
 }
 
 /// Calls `f` on consecutive slices of `items` and returns the results in order. With more
@@ -123,18 +142,47 @@ mod tests {
     }
 
     #[test]
-    fn background_work_steps_aside_while_a_prediction_runs() {
-        // No other unit test predicts, so this guard is the only one in the process.
-        assert_eq!(background(4), 4);
-        let guard = Predicting::begin();
-        assert_eq!(background(4), 1);
-        drop(guard);
-        assert_eq!(background(4), 4);
+    fn background_work_steps_aside_while_any_prediction_runs() {
+        // Its own activity: other tests predicting in this process cannot disturb it.
+        let activity = Activity::default();
+        assert_eq!(activity.background(4), 4);
+        let first = activity.begin();
+        let second = activity.begin();
+        assert_eq!(activity.background(4), 1);
+        drop(first);
+        assert_eq!(activity.background(4), 1, "one prediction still runs");
+        drop(second);
+        assert_eq!(activity.background(4), 4);
     }
 
     #[test]
-    fn the_cpu_backend_gets_a_lane_per_core() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-        assert_eq!(lanes(&Device::flex()), cores);
+    fn a_cpu_forward_pass_runs_its_lanes_at_the_same_time() {
+        // Each thread's first slice waits until every lane has started one (or 10 s pass):
+        // with `lanes` threads really running together, all arrive and `lanes` distinct
+        // threads are seen.
+        let lanes = lanes(&Device::flex());
+        assert!((1..=8).contains(&lanes));
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+            assert!(lanes >= 2, "a multi-core CPU gets more than one lane");
+        }
+        let items: Vec<usize> = (0..lanes * SLICE * 2).collect();
+        let arrived = AtomicUsize::new(0);
+        let threads = Mutex::new(std::collections::HashSet::new());
+        thread_local!(static FIRST: std::cell::Cell<bool> = const { std::cell::Cell::new(true) });
+        let out = map_slices(&items, lanes, |s| {
+            threads.lock().unwrap().insert(std::thread::current().id());
+            if FIRST.with(|f| f.replace(false)) {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while arrived.load(Ordering::SeqCst) < lanes && std::time::Instant::now() < deadline
+                {
+                    std::thread::yield_now();
+                }
+            }
+            s.len()
+        });
+        assert_eq!(out.iter().sum::<usize>(), items.len());
+        assert_eq!(arrived.load(Ordering::SeqCst), lanes);
+        assert_eq!(threads.lock().unwrap().len(), lanes);
     }
 }
