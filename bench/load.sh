@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Load test of POST /api/predict (not part of the test suite):
-#   1. 10,000 requests at concurrency 32 from wrk (a second process, loopback) against a
-#      trained model: errors, p50/p99, throughput, server RSS before and after;
-#   2. predict latency while a default run trains on the tutorial's photos (if present).
+#   1. $REQUESTS (default 10,000) requests at concurrency 32 from wrk (a second process, loopback) against a
+#      trained model: errors, p50/p99, throughput, mean micro-batch, server RSS;
+#   2. overload: 30 s at concurrency 256 with the default --predict-queue and
+#      --request-timeout: answers by status, the slowest request, how fast a refusal comes,
+#      /healthz polled throughout, server RSS;
+#   3. predict latency while a default run trains on the tutorial's photos (if present).
 # Usage: bench/load.sh [DATASET_DIR]   (default ../shared/datasets/dogcat-sub)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +15,7 @@ cargo build --release --locked -q
 BIN="$CARGO_TARGET_DIR/release/transferd"
 WEIGHTS="$("$BIN" --data-dir data weights path | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')"
 DATASET="${1:-../shared/datasets/dogcat-sub}"
+REQUESTS="${REQUESTS:-10000}"
 WORK="$(mktemp -d)"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 BASE="http://127.0.0.1:$PORT"
@@ -49,24 +53,52 @@ RSS0=$(rss)
 served() { curl -s "$BASE/metrics" | awk '/^transferd_predict_images_total/ {print int($2)}'; }
 START_COUNT=$(served)
 # wrk keeps its threads' results until its duration ends, so it runs in the background and
-# is interrupted (it then prints its report) once the server has answered 10,000 requests.
-IMAGE="$IMAGE" wrk -t4 -c32 -d3600s --latency -s bench/predict.lua "$BASE/api/predict" >"$WORK/wrk.txt" &
+# is interrupted (it then prints its report) once the server has answered $REQUESTS requests.
+# Its timeout is raised from 2 s so that slow answers are measured, not cut off.
+IMAGE="$IMAGE" wrk -t4 -c32 -d3600s --timeout 60s --latency -s bench/predict.lua "$BASE/api/predict" >"$WORK/wrk.txt" &
 WRK=$!
 T0=$(date +%s.%N)
 : >"$WORK/rss.txt"
-while [ $(( $(served) - START_COUNT )) -lt 10000 ]; do rss >>"$WORK/rss.txt"; sleep 2; done
+while [ $(( $(served) - START_COUNT )) -lt "$REQUESTS" ]; do rss >>"$WORK/rss.txt"; sleep 2; done
 T1=$(date +%s.%N)
 kill -INT $WRK; wait $WRK || true
 RSS1=$(rss)
 RSS_MAX=$(sort -n "$WORK/rss.txt" | tail -1)
 # Memory over the run: the samples at each quarter of it.
 RSS_Q=$(awk '{a[NR]=$1} END {printf "%s / %s / %s / %s", a[int(NR/4)+1], a[int(NR/2)], a[int(3*NR/4)], a[NR]}' "$WORK/rss.txt")
-ACTIVE=$(python3 -c "print(f'{10000/($T1-$T0):.1f}')")
+ACTIVE=$(python3 -c "print(f'{$REQUESTS/($T1-$T0):.1f}')")
 cat "$WORK/wrk.txt"
 
 field() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
 REQS=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
 ERRS=$(awk '/Non-2xx/ {print $NF} /Socket errors/ {print}' "$WORK/wrk.txt")
+# Images per forward pass, from the server's own histogram.
+BATCH=$(curl -s "$BASE/metrics" | awk '/^transferd_predict_batch_size_sum/ {s=$2} /^transferd_predict_batch_size_count/ {c=$2} END {printf "%.1f", s/c}')
+
+# Overload: far more clients than the queue holds. Meanwhile /healthz is polled, and single
+# predictions probe how fast a refusal comes.
+REFUSED0=$(curl -s "$BASE/metrics" | awk '/^transferd_predict_refused_total/ {n+=$2} END {print n+0}')
+IMAGE="$IMAGE" wrk -t4 -c256 -d30s --timeout 60s --latency -s bench/predict.lua \
+    "$BASE/api/predict" >"$WORK/wrk256.txt" &
+WRK=$!
+: >"$WORK/health.txt"; : >"$WORK/probe.txt"; : >"$WORK/rss256.txt"
+sleep 2
+while kill -0 $WRK 2>/dev/null; do
+    curl -s -o /dev/null --max-time 10 -w '%{http_code} %{time_total}\n' "$BASE/healthz" >>"$WORK/health.txt" || echo "000 10" >>"$WORK/health.txt"
+    curl -s -o /dev/null --max-time 60 -w '%{http_code} %{time_total}\n' --data-binary @"$IMAGE" \
+        "$BASE/api/predict" >>"$WORK/probe.txt" || true
+    rss >>"$WORK/rss256.txt"
+    sleep 0.5
+done
+wait $WRK || true
+cat "$WORK/wrk256.txt"
+REFUSED=$(( $(curl -s "$BASE/metrics" | awk '/^transferd_predict_refused_total/ {n+=$2} END {print n+0}') - REFUSED0 ))
+STATUSES=$(awk -F': ' '/^statuses:/ {print $2}' "$WORK/wrk256.txt")
+MAXLAT=$(awk '$1 == "Latency" {print $4}' "$WORK/wrk256.txt")
+HEALTH=$(awk '{n++; if ($1 != 200) bad++; if ($2 > m) m = $2} END {printf "%d polls, %d failed, slowest %.0f ms", n, bad, m*1000}' "$WORK/health.txt")
+PROBES=$(wc -l <"$WORK/probe.txt")
+PROBE=$(awk '$1 == 503 {print $2}' "$WORK/probe.txt" | sort -n | awk -v all="$PROBES" '{t[NR]=$1} END {if (NR) printf "%d of %d probes refused: median %.1f ms, slowest %.1f ms", NR, all, t[int((NR+1)/2)]*1000, t[NR]*1000; else printf "no probe refused (%d sent)", all}')
+RSS256=$(sort -n "$WORK/rss256.txt" | tail -1)
 
 # Predict latency while a default run trains (the frozen pass keeps every core busy).
 TRAINING="n/a (no dataset at $DATASET)"
@@ -75,19 +107,28 @@ if [ -d "$DATASET" ]; then
     DS2=$(curl -sf -F file=@"$WORK/train.zip" "$BASE/api/datasets" | json '["id"]')
     RUN2=$(curl -sf -H 'content-type: application/json' -d "{\"dataset_id\":\"$DS2\"}" "$BASE/api/runs" | json '["id"]')
     sleep 10
-    IMAGE="$IMAGE" wrk -t2 -c4 -d20s --latency -s bench/predict.lua \
+    IMAGE="$IMAGE" wrk -t2 -c4 -d20s --timeout 60s --latency -s bench/predict.lua \
         "$BASE/api/predict?model=$RUN" >"$WORK/wrk-train.txt"
     PHASE=$(curl -s "$BASE/api/runs/$RUN2" | json '["phase"]')
     TRAINING="p50 $(field 50% "$WORK/wrk-train.txt"), p99 $(field 99% "$WORK/wrk-train.txt"), $(awk '/Requests\/sec/ {print $2}' "$WORK/wrk-train.txt") req/s at concurrency 4 (run in $PHASE)"
     curl -s -X POST "$BASE/api/runs/$RUN2/cancel" >/dev/null
 fi
 
+CPU="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(nproc) cores, $(grep -m1 '^flags' /proc/cpuinfo | grep -ow 'avx2\|fma\|avx512f' | sort -u | tr '\n' ' ')"
 echo
 echo "| measure | value |"
 echo "|---|---|"
+echo "| machine | $CPU|"
 echo "| requests | $REQS (concurrency 32, 4 wrk threads) |"
 echo "| errors (non-2xx, socket) | ${ERRS:-0} |"
+echo "| answers by status | $(awk -F': ' '/^statuses:/ {print $2}' "$WORK/wrk.txt") |"
 echo "| p50 / p90 / p99 latency | $(field 50% "$WORK/wrk.txt") / $(field 90% "$WORK/wrk.txt") / $(field 99% "$WORK/wrk.txt") |"
-echo "| throughput | $ACTIVE req/s (10,000 answers over the time they took) |"
+echo "| throughput | $ACTIVE req/s ($REQUESTS answers over the time they took) |"
+echo "| mean micro-batch (from /metrics) | $BATCH images per forward pass |"
 echo "| server RSS before, at each quarter of the run, peak, after | $RSS0 / $RSS_Q / $RSS_MAX / $RSS1 MiB |"
+echo "| overload, concurrency 256 for 30 s: answers | $STATUSES; refusals counted in /metrics: $REFUSED |"
+echo "| overload: slowest request (wrk) | $MAXLAT (request timeout 30 s) |"
+echo "| overload: a refusal's latency | $PROBE |"
+echo "| overload: /healthz throughout | $HEALTH |"
+echo "| overload: server RSS peak | $RSS256 MiB |"
 echo "| predict while a run trains | $TRAINING |"

@@ -318,7 +318,7 @@ fn train_cmd(
         ),
         TrainEvent::Progress { .. } => {}
     };
-    let outcome = train::train(
+    let mut outcome = train::train(
         &dataset,
         &config,
         &backbone,
@@ -326,6 +326,7 @@ fn train_cmd(
         &mut on_event,
         &Cancel::default(),
     )?;
+    name_originals(&mut outcome, &staged.ingested, data);
     artifact::save(out, &outcome, &config)?;
     let e = &outcome.evaluation;
     println_json(json!({
@@ -344,6 +345,28 @@ fn train_cmd(
         "total_seconds": started.elapsed().as_secs_f64(),
         "backend": dev.backend,
     }))
+}
+
+/// Reports name the user's own files, not the staged copies that vanish on exit.
+fn name_originals(outcome: &mut train::TrainOutcome, ingested: &ingest::Ingested, data: &Path) {
+    let original: std::collections::HashMap<String, &str> = ingested
+        .images
+        .iter()
+        .map(|i| {
+            let staged = ingested.dir.join(i.file_name());
+            (staged.display().to_string(), i.original_name.as_str())
+        })
+        .collect();
+    for m in &mut outcome.evaluation.misclassified {
+        if let Some(name) = original.get(&m.path) {
+            m.path = data.join(name).display().to_string();
+        }
+    }
+    for s in &mut outcome.skipped {
+        if let Some(name) = original.get(&s.name) {
+            s.name = name.to_string();
+        }
+    }
 }
 
 fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<()> {

@@ -10,6 +10,9 @@ use crate::ingest::Limits;
 use crate::keys::{Access, ApiKey};
 use crate::ml::device::DeviceChoice;
 
+/// Most images one prediction request may carry.
+pub const MAX_PREDICT_IMAGES: usize = 64;
+
 /// How `transferd serve` runs.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -53,8 +56,8 @@ pub struct ServeArgs {
     pub predict_queue: Option<usize>,
     /// Seconds a request may take before it is answered 503 (every route except uploads and
     /// the live event stream, which run as long as the data takes).
-    #[arg(long, env = "TRANSFERD_REQUEST_TIMEOUT", default_value_t = 30.0)]
-    pub request_timeout: f64,
+    #[arg(long, env = "TRANSFERD_REQUEST_TIMEOUT", default_value = "30", value_parser = seconds)]
+    pub request_timeout: std::time::Duration,
     /// `auto` uses wgpu on a real GPU and the flex CPU backend otherwise.
     #[arg(long, env = "TRANSFERD_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -132,10 +135,10 @@ impl Settings {
             concurrent_runs: args.concurrent_runs.max(1),
             model_cache: args.model_cache.max(1),
             predict_batch: args.predict_batch.max(1),
-            predict_queue: args.predict_queue.unwrap_or_else(|| {
-                (4 * args.predict_batch.max(1)).max(crate::api::predict::MAX_IMAGES)
-            }),
-            request_timeout: std::time::Duration::from_secs_f64(args.request_timeout.max(0.001)),
+            predict_queue: args
+                .predict_queue
+                .unwrap_or_else(|| (4 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
+            request_timeout: args.request_timeout,
             device: args.device,
             static_dir: args.static_dir.clone(),
             weights: args.weights.clone(),
@@ -163,4 +166,18 @@ impl Settings {
         let w = Wrapper::from_arg_matches(&matches).expect("defaults parse");
         Self::new(data_dir, &w.args)
     }
+}
+
+/// A positive, finite number of seconds (fractions allowed), at most a year.
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v <= 365.0 * 86_400.0) {
+        return Err(format!(
+            "{s:?}: give a number of seconds above 0 and at most a year"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }

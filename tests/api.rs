@@ -595,7 +595,11 @@ async fn every_documented_route_is_guarded_by_its_group(pool: SqlitePool) {
         s.access.protect_reads = true;
         s.access.protect_predict = true;
     });
-    let writes_only = harness(pool, |s| s.access.keys = vec![key.parse().unwrap()]);
+    let writes_only = harness(pool.clone(), |s| s.access.keys = vec![key.parse().unwrap()]);
+    let predict_too = harness(pool, |s| {
+        s.access.keys = vec![key.parse().unwrap()];
+        s.access.protect_predict = true;
+    });
     for (method, path) in &routes {
         let req = || {
             Request::builder()
@@ -610,12 +614,19 @@ async fn every_documented_route_is_guarded_by_its_group(pool: SqlitePool) {
             continue;
         }
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+        let is_predict = path == "/api/predict";
+        let is_write = method != "GET" && !is_predict;
         let (status, body) = writes_only.send(req()).await;
-        let is_write = method != "GET" && path != "/api/predict";
         assert_eq!(
             status == StatusCode::UNAUTHORIZED,
             is_write,
             "{method} {path} with keys but open reads and predictions: {status} {body}"
+        );
+        let (status, body) = predict_too.send(req()).await;
+        assert_eq!(
+            status == StatusCode::UNAUTHORIZED,
+            is_write || is_predict,
+            "{method} {path} with keys and protected predictions only: {status} {body}"
         );
     }
 }
@@ -681,7 +692,7 @@ fn stalled_body() -> Body {
 }
 
 #[sqlx::test]
-async fn slow_requests_time_out_with_json_but_uploads_and_streams_do_not(pool: SqlitePool) {
+async fn slow_requests_time_out_with_json_but_uploads_do_not(pool: SqlitePool) {
     let h = harness(pool, |s| {
         s.request_timeout = std::time::Duration::from_millis(300)
     });

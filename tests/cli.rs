@@ -19,9 +19,11 @@ fn train_then_predict_prints_json() {
     config.finetune.enabled = transferd::ml::config::When::Off;
     std::fs::write(&config_path, serde_json::to_string(&config).unwrap()).unwrap();
     let model = work.path().join("model");
+    let pets = common::pets_copy();
+    std::fs::write(pets.path().join("cat/notes.jpg"), b"not a photo").unwrap();
     let out = transferd()
         .args(["train", "--device", "cpu", "--data"])
-        .arg(common::fixtures().join("pets"))
+        .arg(pets.path())
         .arg("--out")
         .arg(&model)
         .arg("--config")
@@ -43,6 +45,22 @@ fn train_then_predict_prints_json() {
     );
     let summary: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     assert_eq!(summary["classes"], serde_json::json!(["cat", "dog"]));
+    // The folder is read as an upload of it would be: skips name the user's files.
+    assert_eq!(summary["skipped"][0]["name"], "cat/notes.jpg", "{summary}");
+    assert!(
+        summary["skipped"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not an image")
+    );
+    // Mistakes name the user's photos, not staged copies that are gone after the command.
+    let evaluation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("evaluation.json")).unwrap())
+            .unwrap();
+    for m in evaluation["misclassified"].as_array().unwrap() {
+        let path = std::path::Path::new(m["path"].as_str().unwrap());
+        assert!(path.starts_with(pets.path()) && path.is_file(), "{m}");
+    }
     assert!(
         summary["val_accuracy"].as_f64().unwrap() >= 0.8,
         "{summary}"

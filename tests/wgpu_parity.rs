@@ -18,16 +18,10 @@ fn wgpu() -> Device {
         .device
 }
 
-/// Whether the wgpu adapter is Mesa's software one (lavapipe/llvmpipe), with its 128 MiB
-/// limit on one buffer.
+/// Whether wgpu runs on a software adapter (Mesa's lavapipe, with its 128 MiB limit on one
+/// buffer): no hardware adapter is visible.
 fn software_adapter() -> bool {
-    let adapter = select(DeviceChoice::Wgpu)
-        .unwrap()
-        .adapter
-        .unwrap_or_default();
-    let name = adapter.to_lowercase();
-    // The description ends with the device type, `Cpu` for a software adapter.
-    name.contains("llvmpipe") || name.contains("lavapipe") || name.ends_with("cpu)")
+    !transferd::ml::device::adapters().iter().any(|a| a.hardware)
 }
 
 fn view(name: &str, size: usize) -> Vec<f32> {

@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::body::{check_length, media_type, read_limited, too_large};
 use crate::db;
 use crate::error::{ApiError, ErrorBody};
+use crate::jobs::inference::Admitted;
 use crate::ml::evaluate::argmax;
 use crate::ml::preprocess::{self, Preprocessing};
 use crate::state::AppState;
@@ -20,8 +21,7 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/predict", post(predict))
 }
 
-/// Most images in one request.
-pub const MAX_IMAGES: usize = 64;
+use crate::config::MAX_PREDICT_IMAGES as MAX_IMAGES;
 
 /// Which model, and how many top classes to list.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -61,11 +61,13 @@ pub struct Prediction {
     pub predictions: Vec<ImagePrediction>,
 }
 
-/// The images of a request: (file name, bytes).
+/// The images of a request: (file name, bytes). `admitted` holds a place for the first;
+/// each further image takes its place before it is read.
 async fn receive(
     state: &AppState,
     headers: &HeaderMap,
     request: Request,
+    admitted: &mut Admitted,
 ) -> Result<Vec<(Option<String>, Vec<u8>)>, ApiError> {
     let per_image = state.settings.limits.max_entry_bytes;
     let total = per_image.saturating_mul(MAX_IMAGES as u64);
@@ -87,6 +89,9 @@ async fn receive(
                 return Err(ApiError::TooLarge(format!(
                     "at most {MAX_IMAGES} images per request"
                 )));
+            }
+            if !images.is_empty() {
+                state.inference.grow(admitted, 1)?;
             }
             let name = field.file_name().map(str::to_string);
             let mut bytes = Vec::new();
@@ -149,9 +154,10 @@ pub async fn predict(
         return Err(ApiError::invalid("top_k", "must be at least 1"));
     }
     let started = std::time::Instant::now();
-    let images = receive(&state, &headers, request).await?;
-    // A place in the queue before decoding: a refused request costs no decode.
-    let admitted = state.inference.admit(images.len())?;
+    // A place in the queue before the body is read: under overload a refusal costs neither
+    // the upload's buffering nor a decode.
+    let mut admitted = state.inference.admit(1)?;
+    let images = receive(&state, &headers, request, &mut admitted).await?;
     let max_dim = state.settings.limits.max_image_dimension;
     let pre = Preprocessing::for_size(model.input_size as usize);
     let names: Vec<Option<String>> = images.iter().map(|(n, _)| n.clone()).collect();

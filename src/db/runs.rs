@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 use super::json;
 use super::status::{PhaseStatus, RunStatus};
 use crate::ml::config::{TrainConfig, When};
-use crate::ml::events::Phase;
+use crate::ml::events::{Phase, Stage};
 
 /// One phase of a run.
 #[derive(Debug, Clone, FromRow, Serialize, ToSchema)]
@@ -57,7 +57,8 @@ pub struct Run {
     pub config: TrainConfig,
     /// The phase running now (`warmup`, `finetune`, `baseline`), or the stage before them
     /// (`frozen_pass`).
-    pub phase: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub phase: Option<Stage>,
     /// Steps done and planned in the current stage.
     pub step: Option<i64>,
     pub steps_total: Option<i64>,
@@ -109,7 +110,12 @@ impl RunRow {
             id: self.id,
             dataset_id: self.dataset_id,
             status: self.status,
-            phase: self.phase.or(self.stage),
+            phase: self
+                .phase
+                .or(self.stage)
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
             step: self.step,
             steps_total: self.steps_total,
             epoch: self.epoch,

@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use super::names::is_litter;
 use super::pipeline::{Entry, ReadEntry, Source, ingest, too_many_entries};
 use super::{IngestError, Ingested, Limits};
 
@@ -31,10 +32,9 @@ impl FolderSource {
                 self.root.display()
             )));
         }
-        let mut children: Vec<PathBuf> = fs::read_dir(dir)?
+        let children: Vec<PathBuf> = fs::read_dir(dir)?
             .map(|e| e.map(|e| e.path()))
             .collect::<Result<_, _>>()?;
-        children.sort();
         for path in children {
             if out.len() >= self.limits.max_entries {
                 return Err(too_many_entries(out.len() + 1, &self.limits));
@@ -48,13 +48,15 @@ impl FolderSource {
                 .join("/");
             // `metadata` follows links; a dangling link is an unreadable file.
             let is_dir = fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+            // Hidden folders (`.git`, `__MACOSX`) are litter: not walked at all.
+            let litter = is_dir && is_litter(&[name.rsplit('/').next().unwrap_or("")]);
             out.push(Entry {
                 name,
                 is_dir,
                 is_symlink: false,
             });
             self.files.push(path.clone());
-            if is_dir {
+            if is_dir && !litter {
                 self.walk(&path, depth + 1, out)?;
             }
         }
@@ -67,15 +69,31 @@ impl Source for FolderSource {
         let mut out = Vec::new();
         let root = self.root.clone();
         self.walk(&root, 0, &mut out)?;
-        Ok(out)
+        // By full name, as a zip tool lists them sorted: the order decides which copy of a
+        // duplicate is kept, and the split.
+        let mut order: Vec<usize> = (0..out.len()).collect();
+        order.sort_by(|&a, &b| out[a].name.cmp(&out[b].name));
+        let mut entries: Vec<Option<Entry>> = out.into_iter().map(Some).collect();
+        let files = std::mem::take(&mut self.files);
+        self.files = order.iter().map(|&i| files[i].clone()).collect();
+        Ok(order
+            .into_iter()
+            .map(|i| entries[i].take().expect("each once"))
+            .collect())
     }
 
     fn read(&mut self, index: usize, cap: u64) -> ReadEntry {
+        let path = &self.files[index];
         let mut bytes = Vec::new();
-        let error = File::open(&self.files[index])
-            .and_then(|f| f.take(cap + 1).read_to_end(&mut bytes))
-            .err()
-            .map(|e| format!("unreadable file: {e}"));
+        // A FIFO or a device would block or never end: only regular files are read.
+        let error = match fs::metadata(path) {
+            Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
+            Ok(_) => File::open(path)
+                .and_then(|f| f.take(cap + 1).read_to_end(&mut bytes))
+                .err()
+                .map(|e| format!("unreadable file: {e}")),
+            Err(e) => Some(format!("unreadable file: {e}")),
+        };
         ReadEntry { bytes, error }
     }
 }
@@ -235,6 +253,45 @@ mod tests {
 
         let missing = ingest_folder(&tmp.path().join("nope"), &tmp.path().join("c"), &limits());
         assert!(matches!(missing, Err(IngestError::NotAFolder(_))));
+    }
+
+    #[test]
+    fn special_files_are_skipped_not_read_and_hidden_folders_not_walked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        folder_and_zip(
+            &root,
+            &[
+                ("cat/cat.0.jpg", pet("cat/cat.0.jpg")),
+                ("cat/cat.1.jpg", pet("cat/cat.1.jpg")),
+                ("dog/dog.0.jpg", pet("dog/dog.0.jpg")),
+                ("dog/dog.1.jpg", pet("dog/dog.1.jpg")),
+                (".git/objects/a", b"x".to_vec()),
+                (".git/objects/b", b"x".to_vec()),
+            ],
+        );
+        // Reading a FIFO would block for ever.
+        let fifo = root.join("dog/pipe.jpg");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let capped = Limits {
+            // The root's two class folders, four photos, the FIFO and `.git` itself: the
+            // `.git` contents are never walked, so they do not count.
+            max_entries: 8,
+            ..limits()
+        };
+        let got = ingest_folder(&root, &tmp.path().join("a"), &capped).unwrap();
+        assert_eq!(got.dataset().counts(), vec![2, 2]);
+        assert!(
+            got.skipped
+                .iter()
+                .any(|s| s.name == "dog/pipe.jpg" && s.reason == "not a regular file"),
+            "{:?}",
+            got.skipped
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::db::status::RunStatus;
-use crate::ml::events::{EpochMetrics, PhaseSummary};
+use crate::ml::events::{EpochMetrics, PhaseSummary, Stage};
 
 /// Something that happened to a run.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -21,7 +21,8 @@ pub enum EventKind {
     /// Steps done in the current stage, and the estimate for the whole run.
     Progress {
         /// The stage: `frozen_pass`, or the phase.
-        phase: String,
+        #[schema(value_type = Option<String>)]
+        phase: Option<Stage>,
         step: usize,
         steps_total: usize,
         epoch: Option<usize>,

@@ -56,7 +56,14 @@ pub struct Queue {
 }
 
 /// Images admitted to the queue; dropping it frees their places.
-pub struct Admitted(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Admitted(OwnedSemaphorePermit);
+
+impl Admitted {
+    /// How many images it holds places for.
+    pub fn images(&self) -> usize {
+        self.0.num_permits()
+    }
+}
 
 impl Queue {
     pub fn new(capacity: usize) -> Self {
@@ -69,15 +76,29 @@ impl Queue {
 
     /// Admits `images` now, or says why not; never waits.
     pub fn admit(&self, images: usize) -> Result<Admitted, InferenceError> {
-        if images > self.capacity {
+        self.permits(images, images).map(Admitted)
+    }
+
+    /// Takes places for `more` images on top of `admitted`, or says why not; never waits.
+    pub fn grow(&self, admitted: &mut Admitted, more: usize) -> Result<(), InferenceError> {
+        let permit = self.permits(more, admitted.images() + more)?;
+        admitted.0.merge(permit);
+        Ok(())
+    }
+
+    /// `images` more permits for a request that would then hold `total`.
+    fn permits(&self, images: usize, total: usize) -> Result<OwnedSemaphorePermit, InferenceError> {
+        if total > self.capacity {
+            metrics::counter!("transferd_predict_refused_total", "reason" => "too_many")
+                .increment(1);
             return Err(InferenceError::TooMany {
-                images,
+                images: total,
                 capacity: self.capacity,
             });
         }
         let n = u32::try_from(images).expect("bounded by the capacity");
         match self.permits.clone().try_acquire_many_owned(n) {
-            Ok(permit) => Ok(Admitted(permit)),
+            Ok(permit) => Ok(permit),
             Err(_) => {
                 metrics::counter!("transferd_predict_refused_total", "reason" => "queue_full")
                     .increment(1);
@@ -109,10 +130,15 @@ impl Inference {
         }
     }
 
-    /// Takes places in the queue for `images` images, before they are decoded: a refused
-    /// request costs no decoding.
+    /// Takes places in the queue for `images` images before they are read and decoded: a
+    /// refused request costs neither.
     pub fn admit(&self, images: usize) -> Result<Admitted, InferenceError> {
         self.queue.admit(images)
+    }
+
+    /// Places for `more` images of a request already admitted (the next multipart image).
+    pub fn grow(&self, admitted: &mut Admitted, more: usize) -> Result<(), InferenceError> {
+        self.queue.grow(admitted, more)
     }
 
     /// Images queued or being predicted now.
@@ -193,6 +219,11 @@ fn serve(rx: mpsc::Receiver<Job>, device: Device, capacity: usize, max_batch: us
 /// Runs the jobs of one model together in forward passes of at most `max_batch` images
 /// (a job's images may span passes), answering each job as soon as its images are done.
 fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usize) {
+    // A requester that gave up (timed out, disconnected) frees its places unpredicted.
+    let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+    if jobs.is_empty() {
+        return;
+    }
     let predictor = match cache.get(&jobs[0].model_id, &jobs[0].dir, device) {
         Ok(p) => p,
         Err(e) => {
@@ -259,6 +290,19 @@ mod tests {
         assert_eq!(q.queued(), 1);
         assert!(q.admit(3).is_ok(), "freed places are reused");
         drop(b);
+        let mut c = q.admit(1).unwrap();
+        q.grow(&mut c, 2).unwrap();
+        assert_eq!((c.images(), q.queued()), (3, 3));
+        assert!(matches!(
+            q.grow(&mut c, 2),
+            Err(InferenceError::TooMany { images: 5, .. })
+        ));
+        let d = q.admit(1).unwrap();
+        assert!(matches!(
+            q.grow(&mut c, 1),
+            Err(InferenceError::Full { .. })
+        ));
+        drop((c, d));
         assert!(matches!(
             q.admit(5),
             Err(InferenceError::TooMany {

@@ -326,7 +326,7 @@ async fn on_event(
         ctx.jobs.publish(RunEvent {
             run_id: id.to_string(),
             kind: EventKind::Progress {
-                phase: p.stage.map_or("", Stage::as_str).to_string(),
+                phase: p.stage,
                 step: p.step.unwrap_or(0) as usize,
                 steps_total: p.steps_total.unwrap_or(0) as usize,
                 epoch: p.epoch.map(|e| e as usize),

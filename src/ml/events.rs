@@ -188,3 +188,21 @@ impl Stage {
         }
     }
 }
+
+impl FromStr for Stage {
+    type Err = UnknownPhase;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "frozen_pass" => Ok(Stage::FrozenPass),
+            phase => phase.parse().map(Stage::Phase),
+        }
+    }
+}
+
+/// As its name: `frozen_pass`, `warmup`, `finetune` or `baseline`.
+impl Serialize for Stage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}

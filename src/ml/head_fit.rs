@@ -16,9 +16,9 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 use super::cache::RowCache;
+use super::plan::PathPoint;
 use super::softmax::{self, Problem, Softmax};
 
 /// Penalties tried, strongest first, so each fit warm-starts from the previous optimum. In
@@ -29,15 +29,6 @@ pub const L2_GRID: [f64; 11] = [
 /// The path stops once held-out loss has been worse than its best for this many penalties in
 /// a row: the curve has one minimum, and the weakest penalties are the slowest to fit.
 const PATH_PATIENCE: usize = 2;
-
-/// One point of the regularisation path, as measured on held-out photos.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct PathPoint {
-    pub l2: f64,
-    /// Mean cross-entropy of the held-out photos' clean views.
-    pub nll: f64,
-    pub accuracy: f64,
-}
 
 /// Cached feature rows prepared for the solver.
 pub struct Rows {

@@ -10,9 +10,10 @@ use burn::prelude::*;
 use super::cache::RowCache;
 use super::config::TrainConfig;
 use super::events::{Cancel, EpochMetrics, Phase, TrainError};
-use super::head_fit::{self, L2_GRID, PathPoint, Standardizer};
+use super::head_fit::{self, L2_GRID, Standardizer};
 use super::phases::rows_into;
 use super::plan::EstimateMethod;
+use super::plan::PathPoint;
 
 /// What the head phase hands on.
 pub(crate) struct HeadOutcome {

@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use super::backbone::Backbone;
 use super::config::{BackboneChoice, TrainConfig, Unfreeze, When};
-use super::head_fit::PathPoint;
 
 /// Below this many photos in its smallest class a set is "small": a held-out fifth of it is
 /// too few photos to choose or judge a model on, so every photo is used for training and the
@@ -108,6 +107,16 @@ impl Plan {
             cut,
         }
     }
+}
+
+/// One point of the head's regularisation path (`head_fit` walks it), as measured on
+/// held-out photos.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PathPoint {
+    pub l2: f64,
+    /// Mean cross-entropy of the held-out photos' clean views.
+    pub nll: f64,
+    pub accuracy: f64,
 }
 
 /// How the served head was chosen.
