@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Fewest usable images a class needs for a dataset to be accepted.
     #[arg(long, env = "TRANSFERD_MIN_IMAGES_PER_CLASS", default_value_t = Limits::DEFAULT.min_images_per_class)]
     pub min_images_per_class: usize,
+    /// Most classes (class folders) a dataset may have.
+    #[arg(long, env = "TRANSFERD_MAX_CLASSES", default_value_t = Limits::DEFAULT.max_classes)]
+    pub max_classes: usize,
     /// Runs that train at the same time.
     #[arg(long, env = "TRANSFERD_CONCURRENT_RUNS", default_value_t = 1)]
     pub concurrent_runs: usize,
@@ -50,14 +53,28 @@ pub struct ServeArgs {
     #[arg(long, env = "TRANSFERD_PREDICT_BATCH", default_value_t = 32)]
     pub predict_batch: usize,
     /// Most images waiting for, or in, a forward pass; a prediction that does not fit is
-    /// refused at once with 503 and `Retry-After`. Default: 4 × `--predict-batch`, and at
+    /// refused at once with 503 and `Retry-After`. Default: 2 × `--predict-batch`, and at
     /// least the 64 images one request may carry.
     #[arg(long, env = "TRANSFERD_PREDICT_QUEUE")]
     pub predict_queue: Option<usize>,
+    /// Most bytes one image sent for prediction may have.
+    #[arg(long, env = "TRANSFERD_MAX_PREDICT_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_predict_image_bytes: u64,
+    /// Most pixels (width × height, from the header, before decoding) of an image sent for
+    /// prediction.
+    #[arg(
+        long,
+        env = "TRANSFERD_MAX_PREDICT_PIXELS",
+        default_value_t = 40_000_000
+    )]
+    pub max_predict_pixels: u64,
     /// Seconds a request may take before it is answered 503 (every route except uploads and
     /// the live event stream, which run as long as the data takes).
     #[arg(long, env = "TRANSFERD_REQUEST_TIMEOUT", default_value = "30", value_parser = seconds)]
     pub request_timeout: std::time::Duration,
+    /// Seconds an upload may send nothing before it is abandoned (408).
+    #[arg(long, env = "TRANSFERD_UPLOAD_STALL_TIMEOUT", default_value = "60", value_parser = seconds)]
+    pub upload_stall_timeout: std::time::Duration,
     /// `auto` uses wgpu on a real GPU and the flex CPU backend otherwise.
     #[arg(long, env = "TRANSFERD_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -90,12 +107,24 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// Host names this server answers to besides loopback ones (comma-separated). Bound to
+    /// loopback, other `Host` headers are refused (DNS rebinding); bound elsewhere, the list
+    /// (when given) is enforced.
+    #[arg(
+        long = "public-host",
+        env = "TRANSFERD_PUBLIC_HOSTS",
+        value_delimiter = ','
+    )]
+    pub public_hosts: Vec<String>,
 }
 
 /// Everything the running service needs to know, resolved from [`ServeArgs`].
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    /// The address `serve` listens on.
+    pub addr: SocketAddr,
+    pub public_hosts: Vec<String>,
     pub database_url: String,
     pub limits: Limits,
     pub max_upload_bytes: u64,
@@ -104,8 +133,12 @@ pub struct Settings {
     pub predict_batch: usize,
     /// Images the prediction queue holds.
     pub predict_queue: usize,
+    pub max_predict_image_bytes: u64,
+    pub max_predict_pixels: u64,
     /// How long a (non-streaming) request may take.
     pub request_timeout: std::time::Duration,
+    /// How long an upload may stall.
+    pub upload_stall_timeout: std::time::Duration,
     pub device: DeviceChoice,
     /// Folder served at `/`.
     pub static_dir: PathBuf,
@@ -123,6 +156,8 @@ impl Settings {
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("transferd.db").display()));
         Self {
             data_dir: data_dir.to_path_buf(),
+            addr: args.addr,
+            public_hosts: args.public_hosts.clone(),
             database_url,
             limits: Limits {
                 max_entries: args.max_zip_entries,
@@ -130,6 +165,7 @@ impl Settings {
                 max_entry_bytes: args.max_entry_bytes,
                 max_image_dimension: args.max_image_dimension,
                 min_images_per_class: args.min_images_per_class,
+                max_classes: args.max_classes,
             },
             max_upload_bytes: args.max_upload_bytes,
             concurrent_runs: args.concurrent_runs.max(1),
@@ -137,8 +173,11 @@ impl Settings {
             predict_batch: args.predict_batch.max(1),
             predict_queue: args
                 .predict_queue
-                .unwrap_or_else(|| (4 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
+                .unwrap_or_else(|| (2 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
+            max_predict_image_bytes: args.max_predict_image_bytes,
+            max_predict_pixels: args.max_predict_pixels,
             request_timeout: args.request_timeout,
+            upload_stall_timeout: args.upload_stall_timeout,
             device: args.device,
             static_dir: args.static_dir.clone(),
             weights: args.weights.clone(),

@@ -27,6 +27,11 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
+    Forbidden(String),
+    /// The `Host` header names a host this server does not serve (DNS rebinding).
+    #[error("{0}")]
+    MisdirectedHost(String),
+    #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     TooLarge(String),
@@ -39,6 +44,9 @@ pub enum ApiError {
     Busy { message: String, retry_after: u64 },
     #[error("{0}")]
     TimedOut(String),
+    /// The client stopped sending its request.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     #[error("{0}")]
@@ -85,6 +93,8 @@ impl ApiError {
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::MisdirectedHost(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::UnsupportedMediaType(_) => {
@@ -93,6 +103,7 @@ impl ApiError {
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Database(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

@@ -2,7 +2,8 @@
 //! a pretrained EfficientNet-Lite, then serves predictions.
 //!
 //! - [`api`]: the HTTP routes, one module per resource; [`error`]: their error type.
-//! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir.
+//! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir;
+//!   [`durable`]: renames that survive a power cut.
 //! - [`jobs`]: the training queue's workers, live events and the inference thread.
 //! - [`ml`]: the learning core (backbone, data, training, evaluation, inference).
 //! - [`cli`] and [`config`]: the command line and the service's settings; [`keys`]: API keys.
@@ -11,6 +12,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod durable;
 pub mod error;
 pub mod ingest;
 pub mod jobs;
@@ -38,7 +40,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let service = Service::start(settings, shutdown.clone()).await?;
     let router: Router = app(service.state.clone());
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    if !addr.ip().is_loopback() && service.state.settings.access.keys.is_empty() {
+        tracing::warn!(
+            %addr,
+            "listening beyond this machine with no API keys: anyone who can reach it can \
+             upload, train and delete; set --api-key"
+        );
+    }
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

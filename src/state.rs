@@ -18,7 +18,7 @@ use crate::jobs::{Jobs, WorkerContext, recover, spawn_workers};
 use crate::ml::backbone::Backbone;
 use crate::ml::backbones::Backbones;
 use crate::ml::device;
-use crate::storage::Storage;
+use crate::storage::{Orphans, Storage};
 
 /// The compute device in use, as `/readyz` shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -72,11 +72,22 @@ impl Service {
         tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
         let pool = db::connect(&settings.database_url).await?;
         let known = db::datasets::ids(&pool).await?;
-        let orphans = storage
-            .remove_orphan_datasets(&known)
-            .context("removing orphaned dataset folders")?;
-        if orphans > 0 {
-            tracing::warn!(orphans, "removed dataset folders no database row points at");
+        match storage
+            .quarantine_orphan_datasets(&known)
+            .context("quarantining orphaned dataset folders")?
+        {
+            Orphans::None => {}
+            Orphans::Quarantined(ids) => tracing::warn!(
+                ?ids,
+                to = %storage.quarantine().display(),
+                "moved dataset folders no database row points at to the quarantine folder"
+            ),
+            Orphans::LeftAlone(ids) => tracing::warn!(
+                ?ids,
+                database = %settings.database_url,
+                "the database has no dataset but the data directory has dataset folders: \
+                 is this the right database? The folders are left as they are"
+            ),
         }
         let (requeued, failed) = recover(&pool, &storage).await?;
         if requeued + failed > 0 {

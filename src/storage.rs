@@ -7,6 +7,7 @@
 //! <data-dir>/models/<id>/            a trained model (config, weights, metrics, evaluation)
 //! <data-dir>/runs/<id>/              checkpoints that let a run resume after a restart
 //! <data-dir>/tmp/                    uploads and staging folders, emptied at start-up
+//! <data-dir>/quarantine/datasets/    dataset folders no database row pointed at (kept)
 //! ```
 //!
 //! Folders appear under their final name only by `rename`, so a crash never leaves a half
@@ -70,18 +71,86 @@ impl Storage {
         Ok(())
     }
 
-    /// Removes dataset folders the database does not know (a crash between the folder's
-    /// rename and the insert's commit). Returns how many went.
-    pub fn remove_orphan_datasets(&self, known: &[String]) -> io::Result<usize> {
-        let mut removed = 0;
+    /// Where orphaned dataset folders are moved.
+    pub fn quarantine(&self) -> PathBuf {
+        self.root.join("quarantine").join("datasets")
+    }
+
+    /// Moves dataset folders the database does not know (a crash between the folder's
+    /// rename and the insert's commit) to the quarantine folder; nothing is deleted. When the
+    /// database knows no dataset at all but folders exist, it is more likely the wrong
+    /// database (a mistyped `DATABASE_URL`) than a crash, so nothing is moved.
+    pub fn quarantine_orphan_datasets(&self, known: &[String]) -> io::Result<Orphans> {
+        let mut orphans = Vec::new();
         for entry in std::fs::read_dir(self.datasets())? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&name) {
-                std::fs::remove_dir_all(entry.path())?;
-                removed += 1;
+                orphans.push(name);
             }
         }
-        Ok(removed)
+        orphans.sort();
+        if orphans.is_empty() {
+            return Ok(Orphans::None);
+        }
+        if known.is_empty() {
+            return Ok(Orphans::LeftAlone(orphans));
+        }
+        let quarantine = self.quarantine();
+        std::fs::create_dir_all(&quarantine)?;
+        for name in &orphans {
+            let to = quarantine.join(name);
+            if to.exists() {
+                std::fs::remove_dir_all(&to)?;
+            }
+            std::fs::rename(self.dataset(name), to)?;
+        }
+        Ok(Orphans::Quarantined(orphans))
+    }
+}
+
+/// What start-up did with dataset folders the database does not know.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Orphans {
+    None,
+    /// Moved to [`Storage::quarantine`].
+    Quarantined(Vec<String>),
+    /// Left in place: the database has no dataset at all.
+    LeftAlone(Vec<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphans_are_quarantined_never_deleted_and_an_empty_database_touches_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let storage = Storage::new(tmp.path());
+        storage.prepare().unwrap();
+        for id in ["a", "b"] {
+            std::fs::create_dir_all(storage.dataset(id)).unwrap();
+            std::fs::write(storage.dataset(id).join("x.jpeg"), b"photo").unwrap();
+        }
+        assert_eq!(
+            storage.quarantine_orphan_datasets(&[]).unwrap(),
+            Orphans::LeftAlone(vec!["a".into(), "b".into()])
+        );
+        assert!(storage.dataset("a").is_dir() && storage.dataset("b").is_dir());
+
+        assert_eq!(
+            storage.quarantine_orphan_datasets(&["a".into()]).unwrap(),
+            Orphans::Quarantined(vec!["b".into()])
+        );
+        assert!(storage.dataset("a").is_dir());
+        assert!(!storage.dataset("b").exists());
+        assert_eq!(
+            std::fs::read(storage.quarantine().join("b").join("x.jpeg")).unwrap(),
+            b"photo"
+        );
+        assert_eq!(
+            storage.quarantine_orphan_datasets(&["a".into()]).unwrap(),
+            Orphans::None
+        );
     }
 }

@@ -264,7 +264,7 @@ async fn hostile_and_malformed_uploads_are_refused_and_lose_nothing(pool: Sqlite
             Request::post("/api/datasets")
                 .header(header::CONTENT_TYPE, "multipart/form-data; boundary=B")
                 .body(Body::from(
-                    "--B\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--B--\r\n",
+                    "--B\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nx\r\n--B--\r\n",
                 ))
                 .unwrap(),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -722,6 +722,85 @@ async fn slow_requests_time_out_with_json_but_uploads_do_not(pool: SqlitePool) {
             .is_err(),
         "an upload is not cut off by the request timeout"
     );
+    // But an upload that stalls past --upload-stall-timeout is abandoned with a 408.
+    let impatient = harness(h.state.db.clone(), |s| {
+        s.upload_stall_timeout = std::time::Duration::from_millis(300)
+    });
+    let (status, v) = impatient
+        .send(
+            Request::post("/api/datasets")
+                .header(header::CONTENT_TYPE, "application/zip")
+                .body(stalled_body())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{v}");
+    assert_eq!(v["error"]["code"], "request_timeout");
+    assert_eq!(impatient.dataset_dirs(), 0);
+}
+
+/// A multipart body of (field name, file name, bytes) parts.
+fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> Request<Body> {
+    let boundary = "x-b0undary";
+    let mut body = Vec::new();
+    for (name, file, bytes) in parts {
+        let file = file.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Request::post("/api/datasets")
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(Body::from(body))
+        .unwrap()
+}
+
+#[sqlx::test]
+async fn multipart_fields_are_bounded_and_unknown_ones_refused(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let zip = common::pets_zip();
+    let (status, v) = h
+        .send(multipart(&[
+            ("file", Some("a.zip"), zip.clone()),
+            ("extra", None, b"x".to_vec()),
+        ]))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_message(&v).contains("\"extra\""), "{v}");
+    let (status, v) = h
+        .send(multipart(&[
+            ("file", Some("a.zip"), zip.clone()),
+            ("file", Some("b.zip"), zip.clone()),
+        ]))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_message(&v).contains("more than one `file`"), "{v}");
+    let (status, v) = h
+        .send(multipart(&[
+            ("name", None, vec![b'n'; 2048]),
+            ("file", Some("a.zip"), zip.clone()),
+        ]))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["field"], "name");
+    assert_eq!(h.dataset_dirs(), 0, "nothing refused was stored");
+    let (status, v) = h
+        .send(multipart(&[
+            ("name", None, b"pets".to_vec()),
+            ("file", Some("a.zip"), zip),
+        ]))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "pets");
 }
 
 #[sqlx::test]
@@ -817,4 +896,110 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
         error_message(&v).contains("more than the prediction queue holds"),
         "{v}"
     );
+}
+
+#[sqlx::test]
+async fn forged_cross_site_requests_rebinding_and_headers(pool: SqlitePool) {
+    let h = harness(pool.clone(), |_| {});
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let body = json!({"dataset_id": ds["id"]}).to_string();
+    // A form on another site posting text/plain: refused for where it comes from...
+    let (status, v) = h
+        .send(
+            Request::post("/api/runs")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .header(header::ORIGIN, "https://evil.example")
+                .header("sec-fetch-site", "cross-site")
+                .body(Body::from(body.clone()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "forbidden");
+    // ...and, from anywhere, for its type.
+    let (status, v) = h
+        .send(
+            Request::post("/api/runs")
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from(body.clone()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
+    let (_, runs) = h.get("/api/runs").await;
+    assert_eq!(runs, json!([]), "nothing was queued");
+    // A delete from another site, even without a body, is refused; the dataset stays.
+    let (status, _) = h
+        .send(
+            Request::delete(format!("/api/datasets/{}", ds["id"].as_str().unwrap()))
+                .header(header::ORIGIN, "https://evil.example")
+                .header(header::HOST, "127.0.0.1:8080")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(h.get("/api/datasets").await.1.as_array().unwrap().len(), 1);
+    // DNS rebinding: a hostile name pointed at 127.0.0.1.
+    let (status, v) = h
+        .send(
+            Request::get("/api/datasets")
+                .header(header::HOST, "rebind.evil.example:8080")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{v}");
+
+    // Headers: never sniffed, the page confined; images cached publicly only when reads
+    // are open.
+    let res = app(h.state.clone())
+        .oneshot(Request::get("/api/datasets").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    assert!(
+        res.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("frame-ancestors 'none'")
+    );
+    let key = "s3cret-key-for-tests-0001";
+    let strict = harness(pool, |s| {
+        // The same data directory, so the stored image is there to serve.
+        s.data_dir = h.dir.path().to_path_buf();
+        s.access.keys = vec![key.parse().unwrap()];
+        s.access.protect_reads = true;
+    });
+    let image = |h: &common::harness::Harness, auth: bool| {
+        let mut req = Request::get(format!(
+            "/api/datasets/{}/files/1",
+            ds["id"].as_str().unwrap()
+        ));
+        if auth {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        app(h.state.clone()).oneshot(req.body(Body::empty()).unwrap())
+    };
+    let open = image(&h, false).await.unwrap();
+    assert_eq!(open.status(), StatusCode::OK);
+    assert!(
+        open.headers()[header::CACHE_CONTROL]
+            .to_str()
+            .unwrap()
+            .starts_with("public")
+    );
+    let private = image(&strict, true).await.unwrap();
+    assert_eq!(private.status(), StatusCode::OK);
+    assert_eq!(
+        private.headers()[header::CACHE_CONTROL],
+        "private, no-store"
+    );
+    assert_eq!(private.headers()[header::VARY], "Authorization");
+    // /metrics reads like the API: behind the key under --protect-reads.
+    let metrics = app(strict.state.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), StatusCode::UNAUTHORIZED);
 }

@@ -483,5 +483,19 @@ async fn a_run_whose_images_vanished_fails_and_the_next_one_runs() {
     let error = r["error"].as_str().unwrap();
     assert!(error.contains("image"), "a useful message: {error}");
     wait_status(&base, &next, "succeeded").await;
+
+    // A model that cannot be written (the models folder replaced by a file): the run fails
+    // with a plain message; the path and the OS error go to the log only.
+    let models = dir.path().join("models");
+    std::fs::remove_dir_all(&models).unwrap();
+    std::fs::write(&models, b"not a folder").unwrap();
+    let unsaved = start_run(&base, &fine, tiny(1)).await;
+    let r = wait_status(&base, &unsaved, "failed").await;
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("saving the model"), "{error}");
+    assert!(
+        !error.contains(dir.path().to_str().unwrap()) && !error.contains("os error"),
+        "no server paths or OS errors reach clients: {error}"
+    );
     server.stop().await;
 }

@@ -156,6 +156,33 @@ fn tiny_run_learns_saves_and_round_trips() {
     ] {
         assert!(model_dir.join(f).is_file(), "{f}");
     }
+
+    // The service's inference thread: a forward pass that panics (views of the wrong size
+    // for this model) fails its own request only; the thread lives on and answers the next.
+    {
+        use transferd::jobs::inference::{Inference, InferenceError};
+        let inference = Inference::start(device.clone(), 1, 32, 64);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let predict = |views: Vec<Vec<f32>>| {
+            let admitted = inference.admit(views.len()).unwrap();
+            rt.block_on(inference.predict(admitted, "m", model_dir.clone(), views))
+        };
+        let broken = predict(vec![vec![0.0; 10]]);
+        assert!(
+            matches!(broken, Err(InferenceError::Model(ref m)) if m.contains("crashed")),
+            "{broken:?}"
+        );
+        assert!(inference.is_alive());
+        let s = saved.preprocessing.input_size;
+        let fine = predict(vec![vec![0.0; 3 * s * s]]).unwrap();
+        assert_eq!(fine.len(), 1);
+        assert!((fine[0].iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert_eq!(
+            inference.queued(),
+            0,
+            "answered requests give their places back"
+        );
+    }
     // An unreadable image fails alone.
     let mixed = loaded.predict_bytes(&[b"garbage".to_vec(), images[0].clone()]);
     assert!(mixed[0].is_err() && mixed[1].is_ok());

@@ -93,3 +93,19 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
     })
 }
+
+/// Reads and throws away a refused request's body, up to `limit` bytes and while it keeps
+/// coming: the client then reads its answer on a connection that stays open, instead of a
+/// reset from a server that stopped reading mid-upload. Nothing is kept.
+pub async fn discard(body: Body, limit: u64) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    while let Ok(Some(Ok(chunk))) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), stream.next()).await
+    {
+        seen += chunk.len() as u64;
+        if seen > limit {
+            break;
+        }
+    }
+}

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::body::{check_length, media_type, write_chunk};
+use super::body::{check_length, media_type, too_large, write_chunk};
 use crate::db::{self, datasets::Dataset};
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest::ingest_zip;
@@ -44,6 +44,29 @@ pub struct UploadQuery {
 }
 
 const MAX_NAME: usize = 200;
+/// Bytes the multipart `name` field may carry (read no further).
+const MAX_NAME_FIELD: usize = 1024;
+
+/// Awaits the next piece of an upload's body, unless the client stalls longer than
+/// `--upload-stall-timeout` (408) or the server is shutting down (503): a slow upload never
+/// holds a connection or a shutdown for ever.
+async fn stalled<T>(
+    state: &AppState,
+    next: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    let limit = state.settings.upload_stall_timeout;
+    tokio::select! {
+        got = tokio::time::timeout(limit, next) => got.map_err(|_| {
+            ApiError::RequestTimeout(format!(
+                "the upload sent nothing for {:.0} s; it was abandoned",
+                limit.as_secs_f64()
+            ))
+        }),
+        _ = state.shutdown.cancelled() => Err(ApiError::Unavailable(
+            "the server is shutting down; upload again once it is back".into(),
+        )),
+    }
+}
 const ZIP_TYPES: [&str; 4] = [
     "application/zip",
     "application/x-zip-compressed",
@@ -75,34 +98,67 @@ async fn receive(
             let mut multipart = Multipart::from_request(request, state)
                 .await
                 .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-            let mut got_file = false;
-            while let Some(mut field) = multipart
-                .next_field()
-                .await
+            let (mut got_file, mut got_name) = (false, false);
+            // Every byte of every field counts against the upload limit.
+            let mut counted = 0u64;
+            while let Some(mut field) = stalled(state, multipart.next_field())
+                .await?
                 .map_err(|e| ApiError::BadRequest(format!("reading the multipart body: {e}")))?
             {
-                match field.name() {
-                    Some("file") if !got_file => {
+                let field_name = field.name().unwrap_or("").to_string();
+                match field_name.as_str() {
+                    "file" if !got_file => {
                         got_file = true;
                         if name.is_none() {
                             *name = field
                                 .file_name()
                                 .map(|f| f.trim_end_matches(".zip").to_string());
                         }
-                        while let Some(chunk) = field.chunk().await.map_err(|e| {
-                            ApiError::BadRequest(format!("reading the `file` field: {e}"))
-                        })? {
+                        while let Some(chunk) =
+                            stalled(state, field.chunk()).await?.map_err(|e| {
+                                ApiError::BadRequest(format!("reading the `file` field: {e}"))
+                            })?
+                        {
+                            counted += chunk.len() as u64;
                             write_chunk(&mut out, &mut written, &chunk, limit, "the upload")
                                 .await?;
                         }
                     }
-                    Some("name") => {
-                        let text = field.text().await.map_err(|e| {
-                            ApiError::BadRequest(format!("reading the `name` field: {e}"))
-                        })?;
+                    "name" if !got_name => {
+                        got_name = true;
+                        let mut text = Vec::new();
+                        while let Some(chunk) =
+                            stalled(state, field.chunk()).await?.map_err(|e| {
+                                ApiError::BadRequest(format!("reading the `name` field: {e}"))
+                            })?
+                        {
+                            counted += chunk.len() as u64;
+                            if text.len() + chunk.len() > MAX_NAME_FIELD {
+                                return Err(ApiError::invalid(
+                                    "name",
+                                    format!("longer than {MAX_NAME_FIELD} bytes"),
+                                ));
+                            }
+                            text.extend_from_slice(&chunk);
+                        }
+                        let text = String::from_utf8(text)
+                            .map_err(|_| ApiError::invalid("name", "not UTF-8 text"))?;
                         *name = Some(text);
                     }
-                    _ => {} // other fields are ignored
+                    "file" | "name" => {
+                        return Err(ApiError::BadRequest(format!(
+                            "the multipart body has more than one `{field_name}` field"
+                        )));
+                    }
+                    _ => {
+                        return Err(ApiError::BadRequest(format!(
+                            "unknown multipart field {field_name:?}; send `file` (the zip) \
+                             and optionally `name`"
+                        )));
+                    }
+                }
+                if counted > limit {
+                    return Err(too_large("the upload", limit));
                 }
             }
             if !got_file {
@@ -114,7 +170,7 @@ async fn receive(
         }
         Some(t) if ZIP_TYPES.contains(&t) => {
             let mut stream = request.into_body().into_data_stream();
-            while let Some(chunk) = stream.next().await {
+            while let Some(chunk) = stalled(state, stream.next()).await? {
                 let chunk =
                     chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
                 write_chunk(&mut out, &mut written, &chunk, limit, "the upload").await?;
@@ -186,7 +242,11 @@ pub async fn upload(
     // The folder gets its final name before the rows commit; a crash in between leaves an
     // orphan folder that start-up removes, never a row without its files.
     let dir = state.storage.dataset(&id);
-    if let Err(e) = tokio::fs::rename(&staging, &dir).await {
+    let (from, to) = (staging.clone(), dir.clone());
+    let moved = tokio::task::spawn_blocking(move || crate::durable::rename(&from, &to))
+        .await
+        .map_err(|e| ApiError::internal("moving an upload into place", e))?;
+    if let Err(e) = moved {
         let _ = tokio::fs::remove_dir_all(&staging).await;
         return Err(ApiError::internal("moving an upload into place", e));
     }
@@ -270,13 +330,19 @@ pub async fn file(
         .await
         .map_err(|e| ApiError::internal("reading a dataset image", e))?;
     let content_type = format!("image/{}", file.format);
+    // Content-addressed, so cacheable for ever; but under --protect-reads a shared cache
+    // must not hand it to someone without a key.
+    let access = &state.settings.access;
+    let cache = if access.needs_key(crate::keys::Guard::Read) {
+        "private, no-store"
+    } else {
+        "public, max-age=31536000, immutable"
+    };
     Ok((
         [
             (header::CONTENT_TYPE, content_type),
-            (
-                header::CACHE_CONTROL,
-                "public, max-age=31536000, immutable".to_string(),
-            ),
+            (header::CACHE_CONTROL, cache.to_string()),
+            (header::VARY, "Authorization".to_string()),
         ],
         Body::from(bytes),
     )

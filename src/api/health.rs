@@ -14,11 +14,16 @@ use crate::db::status::RunStatus;
 use crate::error::ApiError;
 use crate::state::{AppState, DeviceInfo};
 
+/// Liveness and readiness: always open, for probes.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+}
+
+/// `/metrics`, mounted in the read group.
+pub fn metrics_router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 /// Liveness.
@@ -44,10 +49,13 @@ pub struct Readiness {
     pub status: &'static str,
     pub database: bool,
     pub weights: bool,
+    /// The inference thread is running.
+    pub inference: bool,
     pub device: DeviceInfo,
 }
 
-/// Ready to train and predict: the database answers and the pretrained weights are present.
+/// Ready to train and predict: the database answers, the pretrained weights are present and
+/// the inference thread runs.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
@@ -56,11 +64,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .await
         .is_ok();
     let weights = state.weights.as_ref().is_some_and(|p| p.is_file());
-    let ready = database && weights;
+    let inference = state.inference.is_alive();
+    let ready = database && weights && inference;
     let body = Readiness {
         status: if ready { "ready" } else { "not_ready" },
         database,
         weights,
+        inference,
         device: (*state.device).clone(),
     };
     let code = if ready {

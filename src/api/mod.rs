@@ -5,8 +5,10 @@ pub mod access;
 mod body;
 pub mod datasets;
 pub mod events;
+mod headers;
 pub mod health;
 pub mod models;
+mod origin;
 pub mod predict;
 pub mod runs;
 mod timeout;
@@ -82,8 +84,15 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable());
     let router = Router::new()
         .nest("/api", api)
-        .merge(health::router().route_layer(timeout))
+        .merge(health::router().route_layer(timeout.clone()))
+        // Metrics read like the API: behind a key under --protect-reads.
+        .merge(guarded(health::metrics_router(), Guard::Read).route_layer(timeout))
         .fallback_service(ServeDir::new(&state.settings.static_dir))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::same_site,
+        ))
+        .layer(axum::middleware::from_fn(headers::secure))
         .layer(axum::middleware::from_fn(crate::telemetry::http_metrics))
         .layer(
             TraceLayer::new_for_http()

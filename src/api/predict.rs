@@ -69,7 +69,7 @@ async fn receive(
     request: Request,
     admitted: &mut Admitted,
 ) -> Result<Vec<(Option<String>, Vec<u8>)>, ApiError> {
-    let per_image = state.settings.limits.max_entry_bytes;
+    let per_image = state.settings.max_predict_image_bytes;
     let total = per_image.saturating_mul(MAX_IMAGES as u64);
     check_length(headers, total, "the request")?;
     let mut images = Vec::new();
@@ -156,21 +156,45 @@ pub async fn predict(
     let started = std::time::Instant::now();
     // A place in the queue before the body is read: under overload a refusal costs neither
     // the upload's buffering nor a decode.
-    let mut admitted = state.inference.admit(1)?;
+    let mut admitted = match state.inference.admit(1) {
+        Ok(a) => a,
+        Err(e) => {
+            super::body::discard(
+                request.into_body(),
+                2 * state.settings.max_predict_image_bytes,
+            )
+            .await;
+            return Err(e.into());
+        }
+    };
     let images = receive(&state, &headers, request, &mut admitted).await?;
     let max_dim = state.settings.limits.max_image_dimension;
+    let max_pixels = state.settings.max_predict_pixels;
     let pre = Preprocessing::for_size(model.input_size as usize);
     let names: Vec<Option<String>> = images.iter().map(|(n, _)| n.clone()).collect();
     let names_len = names.len();
+    // Decodes run a few at a time (one per core): a decoded photo can take hundreds of MB.
+    let decoding = state.inference.decode_permit().await;
     let views = tokio::task::spawn_blocking(move || {
+        let _decoding = decoding;
         images
             .iter()
             .enumerate()
             .map(|(i, (name, bytes))| {
-                let image = preprocess::decode(bytes, max_dim).map_err(|e| {
-                    let which = name.clone().unwrap_or_else(|| format!("#{}", i + 1));
-                    ApiError::invalid("image", format!("image {which}: {e}"))
-                })?;
+                let which = || name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+                let refuse =
+                    |e: String| ApiError::invalid("image", format!("image {}: {e}", which()));
+                // The header says how large the decode would be; refuse before allocating.
+                let (w, h) = preprocess::dimensions(bytes).map_err(|e| refuse(e.to_string()))?;
+                if u64::from(w) * u64::from(h) > max_pixels {
+                    return Err(refuse(format!(
+                        "{w}x{h} is {:.1} megapixels, more than the {:.1} megapixel limit",
+                        (u64::from(w) * u64::from(h)) as f64 / 1e6,
+                        max_pixels as f64 / 1e6
+                    )));
+                }
+                let image =
+                    preprocess::decode(bytes, max_dim).map_err(|e| refuse(e.to_string()))?;
                 Ok(preprocess::eval_view(&image, &pre))
             })
             .collect::<Result<Vec<_>, ApiError>>()

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::body::{parse_json, read_limited};
+use super::body::{media_type, parse_json, read_limited};
 use crate::db::status::RunStatus;
 use crate::db::{self, runs::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
@@ -59,12 +59,19 @@ fn not_found(id: &str) -> ApiError {
     responses(
         (status = 202, description = "Queued", body = Run),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 422, body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
+    // A form or a `no-cors` fetch cannot send this type: it keeps other sites out too.
+    if media_type(request.headers()).as_deref() != Some("application/json") {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the run as JSON, with Content-Type: application/json".into(),
+        ));
+    }
     let bytes = read_limited(request.into_body(), MAX_BODY, "the run request").await?;
     let req: CreateRun = parse_json(&bytes)?;
     req.config
@@ -208,15 +215,16 @@ pub async fn evaluation(
         Some(d) => db::datasets::files(&state.db, d).await?,
         None => Vec::new(),
     };
+    // Images are stored as <sha256>.<format>; the file name finds the row.
+    let by_name: std::collections::HashMap<String, &db::datasets::DatasetFile> =
+        files.iter().map(|f| (f.file_name(), f)).collect();
     let misclassified = eval
         .misclassified
         .into_iter()
         .map(|m| {
-            // Images are stored as <sha256>.<format>; the file name finds the row.
-            let name = std::path::Path::new(&m.path)
+            let file = std::path::Path::new(&m.path)
                 .file_name()
-                .map(|n| n.to_string_lossy().into_owned());
-            let file = files.iter().find(|f| Some(f.file_name()) == name);
+                .and_then(|n| by_name.get(n.to_string_lossy().as_ref()).copied());
             MisclassifiedImage {
                 file_id: file.map(|f| f.id),
                 image_url: file.map(|f| format!("/api/datasets/{}/files/{}", f.dataset_id, f.id)),

@@ -222,12 +222,15 @@ pub async fn list(pool: &SqlitePool, status: Option<RunStatus>) -> Result<Vec<Ru
     .bind(status)
     .fetch_all(pool)
     .await?;
-    let mut phases = phases_of(pool, None).await?;
+    // One pass over the phases, grouped by run (they come ordered by run and position).
+    let mut phases: std::collections::HashMap<String, Vec<RunPhase>> =
+        std::collections::HashMap::new();
+    for p in phases_of(pool, None).await? {
+        phases.entry(p.run_id.clone()).or_default().push(p);
+    }
     rows.into_iter()
         .map(|row| {
-            let mine = phases
-                .extract_if(.., |p| p.run_id == row.id)
-                .collect::<Vec<_>>();
+            let mine = phases.remove(&row.id).unwrap_or_default();
             row.into_run(mine)
         })
         .collect()

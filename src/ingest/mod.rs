@@ -27,6 +27,8 @@ pub struct Limits {
     pub max_entry_bytes: u64,
     pub max_image_dimension: u32,
     pub min_images_per_class: usize,
+    /// Most classes (class folders) a dataset may have.
+    pub max_classes: usize,
 }
 
 impl Limits {
@@ -37,6 +39,7 @@ impl Limits {
         max_entry_bytes: 64 << 20,
         max_image_dimension: crate::ml::preprocess::DEFAULT_MAX_DIMENSION,
         min_images_per_class: 5,
+        max_classes: 1_000,
     };
 
     /// Limits for a local folder trained with `config`: its image rules, the default caps.
@@ -72,6 +75,10 @@ pub enum IngestError {
         count: usize,
         min: usize,
     },
+    #[error("the dataset has {found} class folders, the limit is {max}")]
+    TooManyClasses { found: usize, max: usize },
+    #[error("class folder {folder:?} cannot be a class name: {why}")]
+    BadClassName { folder: String, why: String },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

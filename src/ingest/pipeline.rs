@@ -92,6 +92,7 @@ pub(super) fn ingest(
         .map(|(_, n)| check_entry_name(n).expect("checked above"))
         .collect();
     let layout = resolve(&parts)?;
+    check_classes(&layout.classes, limits)?;
 
     // Pass 2: read, check and store.
     fs::create_dir_all(dir)?;
@@ -141,6 +142,45 @@ pub(super) fn ingest(
     }
     store(pending, limits, &mut seen, &mut out)?;
     finish(out, limits)
+}
+
+/// Longest class name, in characters.
+pub const MAX_CLASS_NAME: usize = 100;
+
+/// Class names become labels on every page, API answer and export: before any byte is read,
+/// each must be printable and short, and there must not be more than `limits.max_classes`.
+fn check_classes(classes: &[Option<String>], limits: &Limits) -> Result<(), IngestError> {
+    let mut names: Vec<&str> = classes.iter().flatten().map(String::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.len() > limits.max_classes {
+        return Err(IngestError::TooManyClasses {
+            found: names.len(),
+            max: limits.max_classes,
+        });
+    }
+    for name in names {
+        let why = if name.chars().count() > MAX_CLASS_NAME {
+            Some(format!("longer than {MAX_CLASS_NAME} characters"))
+        } else if name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+            Some("it holds control or text-direction characters".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let shown: String = name.chars().take(40).filter(|c| !c.is_control()).collect();
+            return Err(IngestError::BadClassName {
+                folder: shown.escape_debug().to_string(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Characters that reorder text when shown (they can disguise one label as another).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn format_name(format: ImageFormat) -> &'static str {
@@ -279,6 +319,44 @@ impl Ingested {
             classes: self.classes.clone(),
             samples,
             skipped: self.skipped.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classes(names: &[&str]) -> Vec<Option<String>> {
+        names
+            .iter()
+            .map(|n| Some(n.to_string()))
+            .chain([None])
+            .collect()
+    }
+
+    #[test]
+    fn class_names_must_be_short_printable_and_few() {
+        let limits = Limits {
+            max_classes: 3,
+            ..Limits::DEFAULT
+        };
+        assert!(check_classes(&classes(&["cat", "dog", "cat", "hot dog 🌭"]), &limits).is_ok());
+        let many = check_classes(&classes(&["a", "b", "c", "d"]), &limits).unwrap_err();
+        assert!(
+            matches!(many, IngestError::TooManyClasses { found: 4, max: 3 }),
+            "{many}"
+        );
+        let long = "x".repeat(MAX_CLASS_NAME + 1);
+        let err = check_classes(&classes(&["cat", &long]), &limits).unwrap_err();
+        assert!(err.to_string().contains("longer than 100"), "{err}");
+        assert!(check_classes(&classes(&[&"x".repeat(MAX_CLASS_NAME)]), &limits).is_ok());
+        for bad in ["cat\u{202E}gpj", "dog\u{0007}", "a\nb", "\u{2066}x"] {
+            let err = check_classes(&classes(&["cat", bad]), &limits).unwrap_err();
+            assert!(
+                matches!(err, IngestError::BadClassName { ref why, .. } if why.contains("control")),
+                "{bad:?}: {err}"
+            );
         }
     }
 }

@@ -15,14 +15,48 @@ use crate::ml::train::{self, Resume};
 /// Why the compute thread stopped without a model.
 pub(super) enum Stopped {
     Cancelled,
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A run's failure: what clients see (stored in `runs.error`, sent over SSE), and the
+/// details with server paths and library errors, which only the log gets.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) public: String,
+    pub(crate) detail: Option<String>,
+}
+
+impl Failure {
+    /// A message that is safe and useful to show as it is.
+    pub(crate) fn plain(message: impl Into<String>) -> Self {
+        Self {
+            public: message.into(),
+            detail: None,
+        }
+    }
+
+    /// `what` failed inside the server: clients learn that, the log learns why.
+    pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> Self {
+        Self {
+            public: format!("{what} failed on the server; see the server log"),
+            detail: Some(format!("{what}: {err}")),
+        }
+    }
 }
 
 impl From<TrainError> for Stopped {
     fn from(e: TrainError) -> Self {
         match e {
             TrainError::Cancelled => Stopped::Cancelled,
-            other => Stopped::Failed(other.to_string()),
+            // Device and checkpoint errors carry library text and paths.
+            TrainError::Device(_) => Stopped::Failed(Failure::internal(
+                "the compute device (even at batch size 1)",
+                e,
+            )),
+            TrainError::Checkpoint(_) => {
+                Stopped::Failed(Failure::internal("checkpointing the warm-up", e))
+            }
+            other => Stopped::Failed(Failure::plain(other.to_string())),
         }
     }
 }
@@ -49,10 +83,12 @@ pub(super) fn compute(
 ) -> Result<Finished, Stopped> {
     let device = &ctx.device;
     let planned = train::plan(dataset, config).backbone;
-    let backbone = ctx
-        .backbones
-        .get(planned, device)
-        .map_err(|e| Stopped::Failed(format!("loading the pretrained {planned} weights: {e}")))?;
+    let backbone = ctx.backbones.get(planned, device).map_err(|e| {
+        Stopped::Failed(Failure::internal(
+            &format!("loading the pretrained {planned} weights"),
+            e,
+        ))
+    })?;
     let mut events = |e: TrainEvent| {
         // The receiver only goes away when the worker itself is gone.
         let _ = tx.send(e);
@@ -60,8 +96,9 @@ pub(super) fn compute(
     let prepared = train::prepare(dataset, config, &backbone, device, &mut events, cancel)?;
     let warm_head = match warm_checkpoint {
         Some(path) => Some(
-            artifact::load_head(&path, dataset.classes.len(), device)
-                .map_err(|e| Stopped::Failed(format!("reading the warm-up checkpoint: {e}")))?,
+            artifact::load_head(&path, dataset.classes.len(), device).map_err(|e| {
+                Stopped::Failed(Failure::internal("reading the warm-up checkpoint", e))
+            })?,
         ),
         None => None,
     };
@@ -88,7 +125,7 @@ pub(super) fn compute(
     outcome.phases.splice(0..0, prior_phases);
     cancel.check()?;
     artifact::save(&ctx.storage.model(id), &outcome, config)
-        .map_err(|e| Stopped::Failed(format!("saving the model: {e}")))?;
+        .map_err(|e| Stopped::Failed(Failure::internal("saving the model", e)))?;
     Ok(Finished {
         classes: outcome.classes.clone(),
         accuracy: outcome.evaluation.accuracy,

@@ -31,6 +31,10 @@ struct Job {
 pub struct Inference {
     tx: mpsc::Sender<Job>,
     queue: Queue,
+    /// False once the thread has ended for good (readiness reports it).
+    alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Decodes of photos to predict running at once: one per core.
+    decodes: Arc<Semaphore>,
 }
 
 /// Why a prediction was not made.
@@ -120,14 +124,37 @@ impl Inference {
     /// at most `queue` images. It ends when every handle is dropped.
     pub fn start(device: Device, cache_size: usize, max_batch: usize, queue: usize) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = alive.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || serve(rx, device, cache_size.max(1), max_batch.max(1)))
+            .spawn(move || {
+                supervise(&rx, &device, cache_size.max(1), max_batch.max(1));
+                flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            })
             .expect("spawning the inference thread");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             tx,
             queue: Queue::new(queue),
+            alive,
+            decodes: Arc::new(Semaphore::new(cores)),
         }
+    }
+
+    /// Waits for a decode slot; the request already holds its queue places, so the wait is
+    /// bounded by the queue.
+    pub async fn decode_permit(&self) -> OwnedSemaphorePermit {
+        self.decodes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Whether the inference thread is running (it ends only when every handle is gone).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Takes places in the queue for `images` images before they are read and decoded: a
@@ -194,7 +221,23 @@ impl Cache {
     }
 }
 
-fn serve(rx: mpsc::Receiver<Job>, device: Device, capacity: usize, max_batch: usize) {
+/// Runs [`serve`] again, with a fresh model cache, if it ever panics outside a batch.
+fn supervise(rx: &mpsc::Receiver<Job>, device: &Device, capacity: usize, max_batch: usize) {
+    loop {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve(rx, device, capacity, max_batch)
+        }));
+        match run {
+            Ok(()) => break,
+            Err(_) => {
+                metrics::counter!("transferd_inference_restarts_total").increment(1);
+                tracing::error!("the inference thread panicked; restarting it");
+            }
+        }
+    }
+}
+
+fn serve(rx: &mpsc::Receiver<Job>, device: &Device, capacity: usize, max_batch: usize) {
     let mut cache = Cache {
         models: VecDeque::new(),
         capacity,
@@ -210,7 +253,7 @@ fn serve(rx: mpsc::Receiver<Job>, device: Device, capacity: usize, max_batch: us
             let (mine, rest): (Vec<Job>, Vec<Job>) =
                 jobs.into_iter().partition(|j| j.model_id == model_id);
             jobs = rest;
-            run_batch(&mut cache, &device, mine, max_batch);
+            run_batch(&mut cache, device, mine, max_batch);
         }
     }
     tracing::info!("inference thread stopped");
@@ -243,7 +286,22 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
     let mut done: VecDeque<Vec<f32>> = VecDeque::with_capacity(views.len());
     for pass in forward_passes(views.len(), max_batch) {
         metrics::histogram!("transferd_predict_batch_size").record(pass.len() as f64);
-        done.extend(predictor.probabilities_of_views(&views[pass], max_batch));
+        // A panic in a forward pass fails this batch's requests, not every later one.
+        let probs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            predictor.probabilities_of_views(&views[pass], max_batch)
+        }));
+        let Ok(probs) = probs else {
+            metrics::counter!("transferd_inference_panics_total").increment(1);
+            tracing::error!(
+                requests = waiting.len(),
+                "a forward pass panicked; failing its batch"
+            );
+            for (job, _) in waiting {
+                let _ = job.reply.send(Err("the forward pass crashed".into()));
+            }
+            return;
+        };
+        done.extend(probs);
         while waiting.front().is_some_and(|(_, n)| *n <= done.len()) {
             let (job, n) = waiting.pop_front().expect("checked");
             // A requester that gave up is not an error.

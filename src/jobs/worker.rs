@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Jobs;
-use super::compute::{Stopped, compute};
+use super::compute::{Failure, Stopped, compute};
 use super::events::{EventKind, RunEvent};
 use super::progress::Tracker;
 use crate::db::status::{RunStatus, resumes_after_warmup};
@@ -91,16 +91,16 @@ async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
 }
 
 /// Builds the trainer's dataset from the database rows and the files on disk.
-async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDataset, String> {
+async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDataset, Failure> {
     let dataset = db::datasets::get(&ctx.db, dataset_id)
         .await
-        .map_err(|e| e.to_string())?
-        .ok_or("its dataset was deleted")?;
+        .map_err(|e| Failure::internal("reading the dataset", e))?
+        .ok_or_else(|| Failure::plain("its dataset was deleted"))?;
     let classes: Vec<String> = dataset.classes.iter().map(|c| c.name.clone()).collect();
     let dir = ctx.storage.dataset(dataset_id);
     let samples = db::datasets::files(&ctx.db, dataset_id)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Failure::internal("reading the dataset's files", e))?
         .into_iter()
         .map(|f| Sample {
             path: dir.join(f.file_name()),
@@ -125,7 +125,7 @@ async fn execute(
     let config: TrainConfig = serde_json::from_str(&run.config).context("stored run config")?;
     let dataset = match run.dataset_id.as_deref() {
         Some(d) => load_dataset(ctx, d).await,
-        None => Err("its dataset was deleted".into()),
+        None => Err(Failure::plain("its dataset was deleted")),
     };
     let dataset = match dataset {
         Ok(d) => d,
@@ -253,17 +253,26 @@ async fn execute(
                 ctx.jobs.publish_status(&id, RunStatus::Cancelled, None);
             }
         }
-        Ok(Err(Stopped::Failed(e))) => fail(ctx, &id, &e).await?,
+        Ok(Err(Stopped::Failed(f))) => fail(ctx, &id, &f).await?,
         Err(join) => {
             tracing::error!(error = %join, "training thread panicked");
-            fail(ctx, &id, "internal error: the training thread crashed").await?
+            fail(
+                ctx,
+                &id,
+                &Failure::plain("internal error: the training thread crashed"),
+            )
+            .await?
         }
     }
     Ok(())
 }
 
-async fn fail(ctx: &WorkerContext, id: &str, message: &str) -> anyhow::Result<()> {
-    tracing::warn!(error = message, "run failed");
+async fn fail(ctx: &WorkerContext, id: &str, failure: &Failure) -> anyhow::Result<()> {
+    match &failure.detail {
+        Some(detail) => tracing::error!(error = %detail, "run failed"),
+        None => tracing::warn!(error = %failure.public, "run failed"),
+    }
+    let message = failure.public.as_str();
     db::runs::finish(&ctx.db, id, RunStatus::Failed, Some(message)).await?;
     let _ = std::fs::remove_dir_all(ctx.storage.run_dir(id));
     ctx.jobs

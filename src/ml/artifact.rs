@@ -141,7 +141,7 @@ pub fn save(
         fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     let staged = staging.keep();
-    fs::rename(&staged, dir).map_err(io(dir))?;
+    crate::durable::rename(&staged, dir).map_err(io(dir))?;
     Ok(config)
 }
 
@@ -203,7 +203,7 @@ pub fn save_head(path: &Path, head: &burn::nn::Linear) -> Result<(), ArtifactErr
             path: tmp.clone(),
             message: e.to_string(),
         })?;
-    fs::rename(&tmp, path).map_err(io(path))
+    crate::durable::rename(&tmp, path).map_err(io(path))
 }
 
 /// Loads a head saved by [`save_head`] for `num_classes` classes.

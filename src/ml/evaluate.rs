@@ -43,6 +43,8 @@ pub struct Evaluation {
     pub confusion: Vec<Vec<usize>>,
     pub per_class: Vec<ClassReport>,
     pub calibration: Calibration,
+    /// The most confident mistakes, at most [`MAX_MISCLASSIFIED`] (the confusion matrix
+    /// counts every one).
     pub misclassified: Vec<Misclassified>,
     /// How these figures were measured and what the run decided (absent in evaluations
     /// stored before runs recorded it).
@@ -206,14 +208,49 @@ pub fn evaluate(
             nll_before: nll(logits, labels, 1.0),
             nll_after: nll(logits, labels, temperature),
         },
-        misclassified,
+        misclassified: most_confident_mistakes(misclassified),
         training: None,
     }
+}
+
+/// Mistakes an evaluation keeps: the list is for people to look at, and its size must not
+/// grow with the dataset (the confusion matrix counts them all).
+pub const MAX_MISCLASSIFIED: usize = 500;
+
+/// The [`MAX_MISCLASSIFIED`] mistakes made with the most confidence, most confident first.
+fn most_confident_mistakes(mut all: Vec<Misclassified>) -> Vec<Misclassified> {
+    let confidence = |m: &Misclassified| m.probabilities.iter().copied().fold(0.0, f32::max);
+    all.sort_by(|a, b| confidence(b).total_cmp(&confidence(a)));
+    all.truncate(MAX_MISCLASSIFIED);
+    all
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_mistakes_are_capped_most_confident_first() {
+        let mistake = |p: f32| Misclassified {
+            path: format!("{p}"),
+            true_label: "a".into(),
+            predicted: "b".into(),
+            probabilities: vec![1.0 - p, p],
+        };
+        let all: Vec<_> = (0..MAX_MISCLASSIFIED + 100)
+            .map(|i| mistake(0.5 + 0.4 * i as f32 / (MAX_MISCLASSIFIED + 100) as f32))
+            .collect();
+        let kept = most_confident_mistakes(all);
+        assert_eq!(kept.len(), MAX_MISCLASSIFIED);
+        assert!(
+            kept.windows(2)
+                .all(|w| w[0].probabilities[1] >= w[1].probabilities[1])
+        );
+        assert!(
+            kept[0].probabilities[1] > 0.89,
+            "the most confident mistake leads"
+        );
+    }
 
     #[test]
     fn confusion_and_scores() {

@@ -269,7 +269,7 @@ pub fn fetch(data_dir: &Path, backbone: Backbone) -> Result<PathBuf, WeightsErro
     }
     // Same filesystem (the temp dir is inside weights/), so the rename is atomic: a crash
     // never leaves a truncated file under the final name.
-    fs::rename(&partial, &target).map_err(io(&target))?;
+    crate::durable::rename(&partial, &target).map_err(io(&target))?;
     tracing::info!(path = %target.display(), "pretrained weights verified and cached");
     Ok(target)
 }
