@@ -31,7 +31,7 @@ pub struct ServeArgs {
     /// Most bytes a dataset zip may inflate to in total, counted as really inflated.
     #[arg(long, env = "TRANSFERD_MAX_UNCOMPRESSED_BYTES", default_value_t = Limits::DEFAULT.max_total_bytes)]
     pub max_uncompressed_bytes: u64,
-    /// Most bytes one zip entry (or one predicted image) may inflate to.
+    /// Most bytes one zip entry may inflate to.
     #[arg(long, env = "TRANSFERD_MAX_ENTRY_BYTES", default_value_t = Limits::DEFAULT.max_entry_bytes)]
     pub max_entry_bytes: u64,
     /// Images whose header declares a larger width or height are skipped or refused.
@@ -57,6 +57,21 @@ pub struct ServeArgs {
     /// least the 64 images one request may carry.
     #[arg(long, env = "TRANSFERD_PREDICT_QUEUE")]
     pub predict_queue: Option<usize>,
+    /// Bytes that must stay free on the data disk besides what an upload may take (it is
+    /// refused with 507 otherwise).
+    #[arg(long, env = "TRANSFERD_MIN_FREE_BYTES", default_value_t = 1 << 30)]
+    pub min_free_bytes: u64,
+    /// Most bytes datasets and models may take in the data directory (none by default).
+    #[arg(long, env = "TRANSFERD_DATA_QUOTA_BYTES")]
+    pub data_quota_bytes: Option<u64>,
+    /// Most runs waiting in the queue; more are refused with 429.
+    #[arg(long, env = "TRANSFERD_MAX_QUEUED_RUNS", default_value_t = 100)]
+    pub max_queued_runs: usize,
+    /// Most bytes a run's frozen pass may cache (features and activations, estimated from the
+    /// dataset and the config when the run is queued; over it, 422). Default: half the
+    /// machine's memory.
+    #[arg(long, env = "TRANSFERD_MAX_CACHE_BYTES")]
+    pub max_cache_bytes: Option<u64>,
     /// Most bytes one image sent for prediction may have.
     #[arg(long, env = "TRANSFERD_MAX_PREDICT_IMAGE_BYTES", default_value_t = 20 << 20)]
     pub max_predict_image_bytes: u64,
@@ -135,6 +150,11 @@ pub struct Settings {
     pub predict_queue: usize,
     pub max_predict_image_bytes: u64,
     pub max_predict_pixels: u64,
+    /// The frozen-pass cache budget of one run.
+    pub max_cache_bytes: u64,
+    pub min_free_bytes: u64,
+    pub data_quota_bytes: Option<u64>,
+    pub max_queued_runs: usize,
     /// How long a (non-streaming) request may take.
     pub request_timeout: std::time::Duration,
     /// How long an upload may stall.
@@ -174,6 +194,10 @@ impl Settings {
             predict_queue: args
                 .predict_queue
                 .unwrap_or_else(|| (2 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
+            max_cache_bytes: args.max_cache_bytes.unwrap_or_else(half_the_memory),
+            max_queued_runs: args.max_queued_runs,
+            min_free_bytes: args.min_free_bytes,
+            data_quota_bytes: args.data_quota_bytes,
             max_predict_image_bytes: args.max_predict_image_bytes,
             max_predict_pixels: args.max_predict_pixels,
             request_timeout: args.request_timeout,
@@ -219,4 +243,18 @@ fn seconds(s: &str) -> Result<std::time::Duration, String> {
         ));
     }
     Ok(std::time::Duration::from_secs_f64(v))
+}
+
+/// Half of `MemTotal` (8 GiB when it cannot be read): room for the cache next to the model,
+/// the batches and the other runs' and predictions' memory.
+fn half_the_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024 / 2)
 }

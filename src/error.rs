@@ -28,6 +28,11 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    /// No room on the data disk, or the data directory's quota is used up.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// The `Host` header names a host this server does not serve (DNS rebinding).
     #[error("{0}")]
     MisdirectedHost(String),
@@ -94,6 +99,10 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Self::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             Self::MisdirectedHost(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),

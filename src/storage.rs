@@ -71,6 +71,40 @@ impl Storage {
         Ok(())
     }
 
+    /// Bytes free for this process on the data directory's filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+
+    /// Bytes held by datasets and models (what a quota counts).
+    pub fn used_bytes(&self) -> io::Result<u64> {
+        fn walk(dir: &Path) -> io::Result<u64> {
+            let mut total = 0;
+            if !dir.exists() {
+                return Ok(0);
+            }
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    total += walk(&entry.path())?;
+                } else if kind.is_file() {
+                    total += entry.metadata()?.len();
+                }
+            }
+            Ok(total)
+        }
+        Ok(walk(&self.datasets())? + walk(&self.root.join("models"))?)
+    }
+
     /// Where orphaned dataset folders are moved.
     pub fn quarantine(&self) -> PathBuf {
         self.root.join("quarantine").join("datasets")

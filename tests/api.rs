@@ -896,6 +896,67 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
         error_message(&v).contains("more than the prediction queue holds"),
         "{v}"
     );
+
+    // Deleting models: never the default; another one goes, its run's record stays.
+    let first = run["id"].as_str().unwrap().to_string();
+    let (status, v) = h
+        .send(
+            Request::delete(format!("/api/models/{first}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the only model is the default: {v}"
+    );
+    let (_, second) = h
+        .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
+        .await;
+    transferd::db::runs::claim_next(&pool)
+        .await
+        .unwrap()
+        .unwrap();
+    transferd::db::models::record_success(
+        &pool,
+        &transferd::db::models::Success {
+            run_id: second["id"].as_str().unwrap(),
+            dataset_id: ds["id"].as_str(),
+            classes: &classes,
+            input_size: 224,
+            val_accuracy: 0.9,
+            evaluation: "{}",
+        },
+    )
+    .await
+    .unwrap();
+    std::fs::create_dir_all(h.state.storage.model(&first)).unwrap();
+    let (status, _) = h
+        .send(
+            Request::delete(format!("/api/models/{first}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        !h.state.storage.model(&first).exists(),
+        "its files went too"
+    );
+    let (_, models) = h.get("/api/models").await;
+    assert_eq!(models.as_array().unwrap().len(), 1);
+    let (status, old) = h.get(&format!("/api/runs/{first}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(old["model_id"].is_null(), "{old}");
+    let (status, _) = h
+        .send(
+            Request::delete(format!("/api/models/{first}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[sqlx::test]
@@ -1002,4 +1063,74 @@ async fn forged_cross_site_requests_rebinding_and_headers(pool: SqlitePool) {
         .await
         .unwrap();
     assert_eq!(metrics.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[sqlx::test]
+async fn a_run_too_big_for_memory_is_refused_before_it_starts(pool: SqlitePool) {
+    let h = harness(pool, |s| s.max_cache_bytes = 200 << 10);
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    // 24 photos (small data: head only, no activations) × 1,280 float features: 120 KiB a
+    // view, so one view fits in 200 KiB and two do not.
+    let (status, v) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds["id"], "config": {"views": 2}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(error_message(&v).contains("--max-cache-bytes"), "{v}");
+    let (status, v) = h
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds["id"], "config": {"views": 1, "input_size": 64}}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "a run that fits is queued: {v}"
+    );
+    let (_, runs) = h.get("/api/runs").await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "only the one that fits");
+
+    // The queue itself is bounded.
+    let full = harness(h.state.db.clone(), |s| s.max_queued_runs = 1);
+    let (status, v) = full
+        .json(
+            "POST",
+            "/api/runs",
+            json!({"dataset_id": ds["id"], "config": {"views": 1, "input_size": 64}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(error_message(&v).contains("--max-queued-runs"), "{v}");
+}
+
+#[sqlx::test]
+async fn uploads_need_room_on_the_disk_and_in_the_quota(pool: SqlitePool) {
+    let zip = common::pets_zip();
+    let sized = |zip: &Vec<u8>| {
+        let mut req = zip_request(zip.clone());
+        req.headers_mut().insert(
+            header::CONTENT_LENGTH,
+            zip.len().to_string().parse().unwrap(),
+        );
+        req
+    };
+    // More headroom asked for than any disk has.
+    let full = harness(pool.clone(), |s| s.min_free_bytes = u64::MAX / 4);
+    let (status, v) = full.send(sized(&zip)).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{v}");
+    assert!(error_message(&v).contains("MiB free"), "{v}");
+    assert_eq!(full.dataset_dirs(), 0);
+    // A quota: the first upload fits, the second would not.
+    let quota = (zip.len() as u64) * 3 / 2;
+    let h = harness(pool, |s| s.data_quota_bytes = Some(quota));
+    assert_eq!(h.send(sized(&zip)).await.0, StatusCode::CREATED);
+    let (status, v) = h.send(sized(&zip)).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{v}");
+    assert!(error_message(&v).contains("--data-quota-bytes"), "{v}");
+    assert_eq!(h.dataset_dirs(), 1, "the first dataset is intact");
 }

@@ -328,3 +328,38 @@ fn cancellation_stops_the_run() {
     );
     assert!(matches!(r, Err(TrainError::Cancelled)));
 }
+
+#[test]
+fn the_cache_estimate_is_what_the_frozen_pass_caches() {
+    // The service refuses a run whose estimate is over its budget; the estimate must be the
+    // real size, for a run that caches activations and for one that streams.
+    let pets = common::pets_copy();
+    let device = Device::flex();
+    let backbone = common::backbone(&device);
+    let (_staged, ds) = common::read_folder(pets.path(), &common::tiny_config());
+    let bytes = |c: &transferd::ml::cache::RowCache| (c.data.len() * 4) as u64;
+    for unfreeze in [
+        transferd::ml::config::Unfreeze::Top(1),
+        transferd::ml::config::Unfreeze::All,
+    ] {
+        let mut config = common::tiny_config();
+        config.input_size = Some(64);
+        config.finetune.unfreeze = unfreeze;
+        let prepared = transferd::ml::train::prepare(
+            &ds,
+            &config,
+            &backbone,
+            &device,
+            &mut |_| {},
+            &Cancel::default(),
+        )
+        .unwrap();
+        let cached: u64 = [&prepared.train, &prepared.val]
+            .iter()
+            .map(|p| bytes(&p.features) + p.activations.as_ref().map_or(0, bytes))
+            .sum();
+        let estimate = prepared.plan.cache_bytes(&config, &ds.counts());
+        assert_eq!(estimate, cached, "{unfreeze:?}");
+        assert!(cached > 0);
+    }
+}

@@ -74,6 +74,53 @@ const ZIP_TYPES: [&str; 4] = [
     "application/octet-stream",
 ];
 
+/// Refuses an upload the data disk or the quota has no room for (507), before a byte is
+/// stored: it may take its size as a temporary zip plus about as much again as images.
+async fn room_for_upload(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // A body of unknown length (chunked) is judged by the headroom alone; the upload limit
+    // still stops it while it streams.
+    let size = declared.unwrap_or(0);
+    let storage = state.storage.clone();
+    let quota = state.settings.data_quota_bytes;
+    let (free, used) = tokio::task::spawn_blocking(move || {
+        let used = quota.map(|_| storage.used_bytes()).transpose()?;
+        Ok::<_, std::io::Error>((storage.free_bytes()?, used))
+    })
+    .await
+    .map_err(|e| ApiError::internal("checking free space", e))?
+    .map_err(|e| ApiError::internal("checking free space", e))?;
+    let mib = |b: u64| b >> 20;
+    let need = size
+        .saturating_mul(2)
+        .saturating_add(state.settings.min_free_bytes);
+    if free < need {
+        return Err(ApiError::InsufficientStorage(format!(
+            "the data disk has {} MiB free; an upload of {} MiB needs about {} MiB (twice its \
+             size, plus the {} MiB kept free)",
+            mib(free),
+            mib(size),
+            mib(need),
+            mib(state.settings.min_free_bytes)
+        )));
+    }
+    if let (Some(quota), Some(used)) = (quota, used) {
+        if used.saturating_add(size) > quota {
+            return Err(ApiError::InsufficientStorage(format!(
+                "datasets and models use {} MiB of the data directory's {} MiB quota \
+                 (--data-quota-bytes); delete some before uploading {} MiB more",
+                mib(used),
+                mib(quota),
+                mib(size)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Streams the zip to a temporary file under the upload limit.
 async fn receive(
     state: &AppState,
@@ -210,6 +257,7 @@ pub async fn upload(
     request: Request,
 ) -> Result<(StatusCode, Json<Dataset>), ApiError> {
     let mut name = query.name;
+    room_for_upload(&state, &headers).await?;
     let zip = receive(&state, &headers, request, &mut name).await?;
     let name = name
         .map(|n| n.trim().to_string())

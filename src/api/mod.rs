@@ -30,7 +30,7 @@ use crate::state::AppState;
         datasets::upload, datasets::list, datasets::show, datasets::delete, datasets::file,
         runs::create, runs::default_config, runs::list, runs::show, runs::metrics, runs::evaluation, runs::cancel,
         events::events,
-        models::list, models::promote,
+        models::list, models::promote, models::remove,
         predict::predict,
         health::healthz, health::readyz,
     ),

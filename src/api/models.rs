@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 use crate::db::{self, models::Model};
 use crate::error::{ApiError, ErrorBody};
@@ -16,7 +16,37 @@ pub fn reads() -> Router<AppState> {
 
 /// Routes that change state.
 pub fn writes() -> Router<AppState> {
-    Router::new().route("/models/{id}/promote", post(promote))
+    Router::new()
+        .route("/models/{id}/promote", post(promote))
+        .route("/models/{id}", delete(remove))
+}
+
+/// Delete a model: its row and its files. The run that made it keeps its record. The
+/// default model cannot be deleted; promote another one first.
+#[utoipa::path(delete, path = "/api/models/{id}", tag = "models",
+    params(("id" = String, Path, description = "Model id")),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+        (status = 409, description = "It is the default model", body = ErrorBody)))]
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    match db::models::delete(&state.db, &id).await? {
+        db::models::DeleteModel::NotFound => {
+            Err(ApiError::NotFound(format!("model {id} not found")))
+        }
+        db::models::DeleteModel::IsDefault => Err(ApiError::Conflict(format!(
+            "model {id} is the default for predictions; promote another model first"
+        ))),
+        db::models::DeleteModel::Deleted => {
+            // The row is gone, so nothing serves it any more; the files follow.
+            if let Err(e) = tokio::fs::remove_dir_all(state.storage.model(&id)).await {
+                tracing::warn!(model_id = %id, error = %e, "model files not removed");
+            }
+            tracing::info!(model_id = %id, "model deleted");
+            Ok(axum::http::StatusCode::NO_CONTENT)
+        }
+    }
 }
 
 /// Every model, newest first; `is_default` marks the one predictions use.

@@ -15,6 +15,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::ml::config::TrainConfig;
 use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
 use crate::ml::events::EpochMetrics;
+use crate::ml::plan::Plan;
 use crate::ml::plan::TrainingReport;
 use crate::state::AppState;
 
@@ -60,7 +61,7 @@ fn not_found(id: &str) -> ApiError {
         (status = 202, description = "Queued", body = Run),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
-        (status = 422, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 429, description = "Too many runs queued", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -94,6 +95,33 @@ pub async fn create(
                 req.config.min_images_per_class.max(2)
             ),
         ));
+    }
+    // A run whose frozen pass cannot fit in memory is refused now, not left to abort the
+    // process (and, after the restart, the next one).
+    let counts: Vec<usize> = dataset.classes.iter().map(|c| c.count).collect();
+    let estimate = Plan::new(&req.config, &counts).cache_bytes(&req.config, &counts);
+    let budget = state.settings.max_cache_bytes;
+    if estimate > budget {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(ApiError::unprocessable(format!(
+            "this run would cache about {:.1} GiB of features and activations for {} photos; \
+             the server's budget is {:.1} GiB (--max-cache-bytes). Lower views, input_size \
+             or finetune.unfreeze",
+            gib(estimate),
+            dataset.total_images,
+            gib(budget)
+        )));
+    }
+    let queued = db::runs::count_by_status(&state.db)
+        .await?
+        .into_iter()
+        .find(|(s, _)| *s == RunStatus::Queued)
+        .map_or(0, |(_, n)| n);
+    if queued >= state.settings.max_queued_runs as i64 {
+        return Err(ApiError::TooManyRequests(format!(
+            "{queued} runs are already queued, the limit (--max-queued-runs); wait for some to \
+             finish or cancel them"
+        )));
     }
     let id = uuid::Uuid::new_v4().to_string();
     let run = db::runs::create(&state.db, &id, &dataset.id, &req.config).await?;

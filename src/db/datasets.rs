@@ -102,7 +102,7 @@ pub async fn insert(
         skipped: ingested.skipped.clone(),
         warnings: ingested.warnings.clone(),
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     sqlx::query(
         "INSERT INTO datasets (id, name, classes, image_count, report) VALUES (?, ?, ?, ?, ?)",
     )
@@ -113,21 +113,23 @@ pub async fn insert(
     .bind(serde_json::to_string(&report).expect("serialisable"))
     .execute(&mut *tx)
     .await?;
-    for image in &ingested.images {
-        sqlx::query(
+    // Many rows per statement (SQLite binds at most 32,766 values; 8 per row).
+    for chunk in ingested.images.chunks(500) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT INTO dataset_files (dataset_id, class, original_name, sha256, format, width, \
-             height, bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(&image.class)
-        .bind(&image.original_name)
-        .bind(&image.sha256)
-        .bind(image.format)
-        .bind(image.width as i64)
-        .bind(image.height as i64)
-        .bind(image.bytes as i64)
-        .execute(&mut *tx)
-        .await?;
+             height, bytes) ",
+        );
+        insert.push_values(chunk, |mut row, image| {
+            row.push_bind(id)
+                .push_bind(&image.class)
+                .push_bind(&image.original_name)
+                .push_bind(&image.sha256)
+                .push_bind(image.format)
+                .push_bind(image.width as i64)
+                .push_bind(image.height as i64)
+                .push_bind(image.bytes as i64);
+        });
+        insert.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
     get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
@@ -169,7 +171,7 @@ pub enum Delete {
 
 /// Deletes a dataset unless a queued or running run uses it; checked in the same transaction.
 pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Delete, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     let active: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE dataset_id = ? AND status IN (?, ?)")
             .bind(id)

@@ -45,7 +45,7 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(
 
 /// Records a finished epoch and marks its phase running.
 pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     sqlx::query(
         "INSERT OR REPLACE INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
          val_loss, val_accuracy, learning_rate, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -42,6 +42,15 @@ pub async fn connect(url: &str) -> anyhow::Result<SqlitePool> {
     Ok(pool)
 }
 
+/// A write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock at the start, so two
+/// writers wait for each other under the busy timeout instead of one failing with
+/// `SQLITE_BUSY` when its deferred transaction tries to upgrade.
+pub async fn write(
+    pool: &SqlitePool,
+) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
 /// Parses a JSON column written by this program.
 pub(crate) fn json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
     serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))

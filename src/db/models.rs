@@ -77,7 +77,7 @@ pub struct Success<'a> {
 
 /// Stores the evaluation and the model and marks the run succeeded, all in one transaction.
 pub async fn record_success(pool: &SqlitePool, s: &Success<'_>) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     sqlx::query("INSERT OR REPLACE INTO evaluations (run_id, accuracy, report) VALUES (?, ?, ?)")
         .bind(s.run_id)
         .bind(s.val_accuracy)
@@ -136,6 +136,36 @@ pub async fn promote(pool: &SqlitePool, id: &str) -> Result<bool, sqlx::Error> {
     .execute(pool)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// What deleting a model did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeleteModel {
+    Deleted,
+    NotFound,
+    /// It is the default model: promote another first.
+    IsDefault,
+}
+
+/// Deletes a model's row unless it is the default; checked in the same transaction.
+pub async fn delete(pool: &SqlitePool, id: &str) -> Result<DeleteModel, sqlx::Error> {
+    let mut tx = super::write(pool).await?;
+    let default: Option<String> = sqlx::query_scalar(&format!("SELECT {DEFAULT_ID}"))
+        .fetch_one(&mut *tx)
+        .await?;
+    if default.as_deref() == Some(id) {
+        return Ok(DeleteModel::IsDefault);
+    }
+    let done = sqlx::query("DELETE FROM models WHERE id = ?")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(if done.rows_affected() == 1 {
+        DeleteModel::Deleted
+    } else {
+        DeleteModel::NotFound
+    })
 }
 
 #[cfg(test)]

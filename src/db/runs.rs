@@ -45,7 +45,13 @@ struct RunRow {
     finished_at: Option<String>,
     created_at: String,
     updated_at: String,
+    /// Its model still exists (a model can be deleted; the run's record stays).
+    has_model: bool,
 }
+
+/// A run row and whether its model exists.
+const RUN_COLUMNS: &str =
+    "runs.*, EXISTS (SELECT 1 FROM models m WHERE m.id = runs.id) AS has_model";
 
 /// A training run as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -77,7 +83,7 @@ pub struct Run {
     /// How many times a worker has started it (more than 1 after a resumed restart).
     pub attempts: i64,
     pub phases: Vec<RunPhase>,
-    /// The model this run produced, once it succeeded.
+    /// The model this run produced, once it succeeded (and until the model is deleted).
     pub model_id: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
@@ -103,7 +109,7 @@ impl RunRow {
                     .unwrap()
             });
         Ok(Run {
-            model_id: (self.status == RunStatus::Succeeded).then(|| self.id.clone()),
+            model_id: self.has_model.then(|| self.id.clone()),
             best_val_accuracy: best.and_then(|p| p.best_val_accuracy),
             best_val_loss: best.and_then(|p| p.best_val_loss),
             config: json(&self.config)?,
@@ -162,7 +168,7 @@ pub async fn create(
     dataset_id: &str,
     config: &TrainConfig,
 ) -> Result<Run, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, ?, ?)")
         .bind(id)
         .bind(dataset_id)
@@ -203,10 +209,11 @@ async fn phases_of(pool: &SqlitePool, id: Option<&str>) -> Result<Vec<RunPhase>,
 }
 
 pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error> {
-    let Some(row) = sqlx::query_as::<_, RunRow>("SELECT * FROM runs WHERE id = ?")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
+    let Some(row) =
+        sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
     else {
         return Ok(None);
     };
@@ -216,9 +223,10 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error
 
 /// Runs, newest first, optionally only those of one status.
 pub async fn list(pool: &SqlitePool, status: Option<RunStatus>) -> Result<Vec<Run>, sqlx::Error> {
-    let rows = sqlx::query_as::<_, RunRow>(
-        "SELECT * FROM runs WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at DESC, id",
-    )
+    let rows = sqlx::query_as::<_, RunRow>(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) \
+             ORDER BY created_at DESC, id"
+    ))
     .bind(status)
     .fetch_all(pool)
     .await?;
@@ -268,7 +276,7 @@ pub async fn finish(
     status: RunStatus,
     error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     finish_in(&mut tx, id, status, error).await?;
     tx.commit().await
 }
@@ -313,7 +321,7 @@ pub async fn finish_in(
 /// Puts a run back in the queue, keeping the phases before `from_phase` (their metrics and
 /// status) and forgetting everything from it on.
 pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     sqlx::query(
         "UPDATE runs SET status = ?, phase = NULL, stage = NULL, step = NULL, \
          steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
@@ -334,7 +342,7 @@ pub async fn reset_phases_from(
     id: &str,
     from_phase: Phase,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     reset_phases_in(&mut tx, id, from_phase).await?;
     tx.commit().await
 }
@@ -382,7 +390,7 @@ pub enum CancelOutcome {
 
 pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<CancelOutcome, sqlx::Error> {
     // One transaction: a worker cannot claim the run between the check and the end.
-    let mut tx = pool.begin().await?;
+    let mut tx = super::write(pool).await?;
     let queued = sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = ?")
         .bind(id)
         .bind(RunStatus::Queued)

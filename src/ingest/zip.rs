@@ -2,7 +2,7 @@
 //! only bytes really inflated are counted.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use ::zip::ZipArchive;
@@ -58,7 +58,12 @@ impl Source for ZipSource {
 /// Checks `zip_path` and writes every usable image into `dir` (created if needed) as
 /// `<sha256>.<ext>`. On error the caller removes `dir`.
 pub fn ingest_zip(zip_path: &Path, dir: &Path, limits: &Limits) -> Result<Ingested, IngestError> {
-    let file = File::open(zip_path)?;
+    let mut file = File::open(zip_path)?;
+    // The zip reader loads the whole central directory before anything can be counted: 45
+    // million tiny entries would take gigabytes. Its end record says how big it is.
+    if let Some(directory) = directory_size(&mut file)? {
+        check_directory(directory, limits)?;
+    }
     let archive =
         ZipArchive::new(BufReader::new(file)).map_err(|e| IngestError::NotAZip(e.to_string()))?;
     let mut source = ZipSource {
@@ -66,4 +71,157 @@ pub fn ingest_zip(zip_path: &Path, dir: &Path, limits: &Limits) -> Result<Ingest
         limits: limits.clone(),
     };
     ingest(&mut source, dir, limits)
+}
+
+/// Bytes one central-directory entry may take on average (46 fixed, a long name, extras).
+const DIRECTORY_BYTES_PER_ENTRY: u64 = 512;
+
+/// What the end-of-central-directory record (zip64's when present) declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Directory {
+    entries: u64,
+    bytes: u64,
+}
+
+fn check_directory(d: Directory, limits: &Limits) -> Result<(), IngestError> {
+    if d.entries > limits.max_entries as u64 {
+        return Err(too_many_entries(
+            usize::try_from(d.entries).unwrap_or(usize::MAX),
+            limits,
+        ));
+    }
+    let max_bytes = limits.max_entries as u64 * DIRECTORY_BYTES_PER_ENTRY;
+    if d.bytes > max_bytes {
+        return Err(IngestError::TooLarge(format!(
+            "the archive's directory takes {} bytes, more than {max_bytes} for {} entries",
+            d.bytes, limits.max_entries
+        )));
+    }
+    Ok(())
+}
+
+fn u16_at(b: &[u8], i: usize) -> u64 {
+    u64::from(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+fn u32_at(b: &[u8], i: usize) -> u64 {
+    u64::from(u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes")))
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+/// Reads the end record from the file's tail (it sits in the last 64 KiB + 22 bytes, after
+/// an optional comment), and the zip64 record it points to when its fields are saturated.
+/// `None` when there is no end record: the zip reader then says the file is not a zip.
+fn directory_size(file: &mut File) -> std::io::Result<Option<Directory>> {
+    let len = file.metadata()?.len();
+    let tail_len = len.min(65_535 + 22);
+    file.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact(&mut tail)?;
+    let Some(at) = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| tail[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])
+    else {
+        return Ok(None);
+    };
+    let mut d = Directory {
+        entries: u16_at(&tail, at + 10),
+        bytes: u32_at(&tail, at + 12),
+    };
+    if d.entries == 0xFFFF || d.bytes == 0xFFFF_FFFF {
+        // The zip64 locator is the 20 bytes before the end record.
+        if at >= 20 && tail[at - 20..at - 16] == [0x50, 0x4b, 0x06, 0x07] {
+            let record = u64_at(&tail, at - 20 + 8);
+            let mut buf = [0u8; 56];
+            if record.checked_add(56).is_some_and(|end| end <= len) {
+                file.seek(SeekFrom::Start(record))?;
+                file.read_exact(&mut buf)?;
+                if buf[..4] == [0x50, 0x4b, 0x06, 0x06] {
+                    d = Directory {
+                        entries: u64_at(&buf, 32),
+                        bytes: u64_at(&buf, 40),
+                    };
+                }
+            }
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(Some(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn end_record(entries: u16, bytes: u32) -> Vec<u8> {
+        let mut r = vec![0x50, 0x4b, 0x05, 0x06, 0, 0, 0, 0];
+        r.extend_from_slice(&entries.to_le_bytes());
+        r.extend_from_slice(&entries.to_le_bytes());
+        r.extend_from_slice(&bytes.to_le_bytes());
+        r.extend_from_slice(&0u32.to_le_bytes()); // directory offset
+        r.extend_from_slice(&0u16.to_le_bytes()); // comment length
+        r
+    }
+
+    fn file_with(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.zip");
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn the_end_record_is_read_and_checked_before_the_directory() {
+        let limits = Limits {
+            max_entries: 100,
+            ..Limits::DEFAULT
+        };
+        let (_d, path) = file_with(&end_record(60_000, 3_000_000));
+        let mut f = File::open(&path).unwrap();
+        let d = directory_size(&mut f).unwrap().unwrap();
+        assert_eq!(
+            d,
+            Directory {
+                entries: 60_000,
+                bytes: 3_000_000
+            }
+        );
+        let err = ingest_zip(&path, &path.with_extension("out"), &limits).unwrap_err();
+        assert!(matches!(err, IngestError::TooLarge(_)), "{err}");
+        assert!(err.to_string().contains("60000 entries"), "{err}");
+
+        // Few entries, but a directory far too big for them.
+        let (_d, path) = file_with(&end_record(10, 0xFFFF_FFF0));
+        let err = ingest_zip(&path, &path.with_extension("out"), &limits).unwrap_err();
+        assert!(err.to_string().contains("directory takes"), "{err}");
+    }
+
+    #[test]
+    fn zip64_counts_are_read_from_the_zip64_record() {
+        // A zip64 end record (56 bytes), its locator (20), then a saturated end record.
+        let mut bytes = vec![0x50, 0x4b, 0x06, 0x06];
+        bytes.extend_from_slice(&44u64.to_le_bytes()); // record size
+        bytes.extend_from_slice(&[0u8; 4 + 4 + 4]); // versions, disk numbers
+        bytes.extend_from_slice(&45_000_000u64.to_le_bytes()); // entries on this disk
+        bytes.extend_from_slice(&45_000_000u64.to_le_bytes()); // entries
+        bytes.extend_from_slice(&(45_000_000u64 * 46).to_le_bytes()); // directory bytes
+        bytes.extend_from_slice(&0u64.to_le_bytes()); // directory offset
+        assert_eq!(bytes.len(), 56);
+        bytes.extend_from_slice(&[0x50, 0x4b, 0x06, 0x07, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&0u64.to_le_bytes()); // the zip64 record's offset
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&end_record(0xFFFF, 0xFFFF_FFFF));
+        let (_d, path) = file_with(&bytes);
+        let d = directory_size(&mut File::open(&path).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.entries, 45_000_000);
+        let err = ingest_zip(&path, &path.with_extension("out"), &Limits::DEFAULT).unwrap_err();
+        assert!(err.to_string().contains("45000000 entries"), "{err}");
+    }
 }

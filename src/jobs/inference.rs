@@ -271,7 +271,7 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
         Ok(p) => p,
         Err(e) => {
             for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+                answer(job, Err(e.clone()));
             }
             return;
         }
@@ -297,18 +297,27 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
                 "a forward pass panicked; failing its batch"
             );
             for (job, _) in waiting {
-                let _ = job.reply.send(Err("the forward pass crashed".into()));
+                answer(job, Err("the forward pass crashed".into()));
             }
             return;
         };
         done.extend(probs);
         while waiting.front().is_some_and(|(_, n)| *n <= done.len()) {
             let (job, n) = waiting.pop_front().expect("checked");
-            // A requester that gave up is not an error.
-            let _ = job.reply.send(Ok(done.drain(..n).collect()));
+            answer(job, Ok(done.drain(..n).collect()));
         }
     }
     debug_assert!(waiting.is_empty());
+}
+
+/// Frees the job's queue places, then replies (so a requester that has its answer sees
+/// its places given back). A requester that gave up is not an error.
+fn answer(job: Job, result: Result<Vec<Vec<f32>>, String>) {
+    let Job {
+        reply, _admitted, ..
+    } = job;
+    drop(_admitted);
+    let _ = reply.send(result);
 }
 
 /// The forward passes of `images` queued images: consecutive ranges of at most `max_batch`.

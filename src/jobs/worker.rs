@@ -213,18 +213,25 @@ async fn execute(
     ctx.jobs.unregister(&id);
     match result {
         Ok(Ok(done)) => {
-            db::models::record_success(
-                &ctx.db,
-                &Success {
-                    run_id: &id,
-                    dataset_id: run.dataset_id.as_deref(),
-                    classes: &done.classes,
-                    input_size: done.input_size,
-                    val_accuracy: done.accuracy,
-                    evaluation: &done.evaluation,
-                },
-            )
-            .await?;
+            let success = Success {
+                run_id: &id,
+                dataset_id: run.dataset_id.as_deref(),
+                classes: &done.classes,
+                input_size: done.input_size,
+                val_accuracy: done.accuracy,
+                evaluation: &done.evaluation,
+            };
+            // The model is on disk: a passing database fault must not orphan it.
+            let mut wait = Duration::from_millis(250);
+            let mut attempt = 1;
+            while let Err(e) = db::models::record_success(&ctx.db, &success).await {
+                if attempt == RECORD_ATTEMPTS {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, attempt, "recording the model failed; retrying");
+                tokio::time::sleep(wait).await;
+                (wait, attempt) = (wait * 2, attempt + 1);
+            }
             let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
             tracing::info!(val_accuracy = done.accuracy, "run succeeded");
             ctx.jobs.publish_status(&id, RunStatus::Succeeded, None);
@@ -309,7 +316,10 @@ async fn on_event(
             tracing::info!(phase = %m.phase, epoch = m.epoch, train_loss = m.train_loss,
                 val_loss = m.val_loss, val_accuracy = m.val_accuracy, seconds = m.seconds, "epoch");
             tracker.epoch(m.phase, m.epoch);
-            db::epochs::add_epoch(&ctx.db, id, &m).await?;
+            best_effort(
+                "recording an epoch",
+                db::epochs::add_epoch(&ctx.db, id, &m).await,
+            );
             ctx.jobs.publish(RunEvent {
                 run_id: id.to_string(),
                 kind: EventKind::Epoch { metrics: m },
@@ -318,7 +328,10 @@ async fn on_event(
         }
         TrainEvent::PhaseDone(summary) => {
             tracker.phase_done(summary.phase);
-            db::epochs::phase_done(&ctx.db, id, &summary).await?;
+            best_effort(
+                "recording a phase",
+                db::epochs::phase_done(&ctx.db, id, &summary).await,
+            );
             tracing::info!(phase = %summary.phase, best_epoch = summary.best_epoch,
                 val_accuracy = summary.best_val_accuracy, "phase finished");
             ctx.jobs.publish(RunEvent {
@@ -331,7 +344,10 @@ async fn on_event(
     if force || last_write.elapsed() >= PROGRESS_EVERY {
         *last_write = Instant::now();
         let p = &tracker.last;
-        db::epochs::set_progress(&ctx.db, id, p).await?;
+        best_effort(
+            "recording progress",
+            db::epochs::set_progress(&ctx.db, id, p).await,
+        );
         ctx.jobs.publish(RunEvent {
             run_id: id.to_string(),
             kind: EventKind::Progress {
@@ -346,4 +362,16 @@ async fn on_event(
         });
     }
     Ok(())
+}
+
+/// Tries to record a finished model before the run is given up (0.25 s, then doubling).
+const RECORD_ATTEMPTS: u32 = 6;
+
+/// Progress is worth recording, not worth a run: a write that fails (a busy or full disk)
+/// is logged and counted, and training goes on.
+fn best_effort(what: &'static str, result: Result<(), sqlx::Error>) {
+    if let Err(e) = result {
+        metrics::counter!("transferd_progress_write_failures_total").increment(1);
+        tracing::warn!(error = %e, what, "a progress write failed; the run goes on");
+    }
 }

@@ -64,12 +64,26 @@ impl RowCache {
         self.samples.extend_from_slice(samples);
     }
 
-    /// Appends flat rows (`labels.len()` of them, each of this cache's shape).
-    pub fn push_rows(&mut self, data: &[f32], labels: &[usize], samples: &[usize]) {
+    /// Appends flat rows (`labels.len()` of them, each of this cache's shape). Growing the cache is the one allocation a run makes that scales with
+    /// the data, so it is fallible: out of memory fails the run, not the process.
+    pub fn push_rows(
+        &mut self,
+        data: &[f32],
+        labels: &[usize],
+        samples: &[usize],
+    ) -> Result<(), TrainError> {
         debug_assert_eq!(data.len(), labels.len() * self.row_len());
+        self.data.try_reserve(data.len()).map_err(|_| {
+            TrainError::OutOfMemory(format!(
+                "caching {} more MiB of activations (already {} MiB)",
+                data.len() * 4 >> 20,
+                self.data.len() * 4 >> 20
+            ))
+        })?;
         self.data.extend_from_slice(data);
         self.labels.extend_from_slice(labels);
         self.samples.extend_from_slice(samples);
+        Ok(())
     }
 
     /// Rows `indices` as a `[n, c, h, w]` batch (the cache must hold 3-D rows).
@@ -204,9 +218,9 @@ pub fn frozen_pass(
             device,
         )?;
         if let Some(cache) = activations.as_mut() {
-            cache.push_rows(&acts, &labels, &samples);
+            cache.push_rows(&acts, &labels, &samples)?;
         }
-        features.push_rows(&feats, &labels, &samples);
+        features.push_rows(&feats, &labels, &samples)?;
         progress(n);
         Ok(())
     })?;

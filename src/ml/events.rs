@@ -113,6 +113,10 @@ pub enum TrainError {
     EmptyClass(String),
     #[error("could not checkpoint the warm-up: {0}")]
     Checkpoint(String),
+    #[error(
+        "out of memory while {0}: lower views, input_size or finetune.unfreeze, or train on a machine with more memory"
+    )]
+    OutOfMemory(String),
     #[error("the run plans backbone {planned} but was given {given}")]
     WrongBackbone { planned: Backbone, given: Backbone },
 }

@@ -427,7 +427,7 @@ mod tests {
                             + rand::Rng::random_range(&mut rng, -1.0..1.0f32)
                     })
                     .collect();
-                cache.push_rows(&row, &[y], &[photo]);
+                cache.push_rows(&row, &[y], &[photo]).unwrap();
             }
         }
         let st = Standardizer::fit(&[&cache]);

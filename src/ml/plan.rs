@@ -107,6 +107,40 @@ impl Plan {
             cut,
         }
     }
+
+    /// Bytes the frozen pass will cache for `counts` photos per class under `config`: the
+    /// pooled features of every view, and the activations at the cut when fine-tuning
+    /// trains from cached activations (the validation side keeps its own). Mirrors
+    /// `train::prepare`, so the service can refuse a run that cannot fit before it starts.
+    pub fn cache_bytes(&self, config: &TrainConfig, counts: &[usize]) -> u64 {
+        let labels: Vec<usize> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(class, &n)| std::iter::repeat_n(class, n))
+            .collect();
+        let (train, val) = match self.estimate {
+            EstimateMethod::Kfold => (labels.len(), 0),
+            EstimateMethod::Holdout => {
+                let (t, v) = super::data::stratified_split(&labels, config.val_fraction, 0);
+                (t.len(), v.len())
+            }
+        };
+        let train_views = (train * config.views) as u64;
+        let val_views = val as u64;
+        let feature = (super::backbone::FEATURES * 4) as u64;
+        let activation = if self.cut == 0 {
+            (3 * self.input_size * self.input_size * 4) as u64
+        } else {
+            let [c, h, w] =
+                super::backbone::activation_shape(self.backbone, self.cut, self.input_size);
+            (c * h * w * 4) as u64
+        };
+        let keep_train = self.finetune && self.cut != 0;
+        let keep_val = self.finetune;
+        (train_views + val_views) * feature
+            + u64::from(keep_train) * train_views * activation
+            + u64::from(keep_val) * val_views * activation
+    }
 }
 
 /// One point of the head's regularisation path (`head_fit` walks it), as measured on
@@ -160,6 +194,32 @@ pub struct TrainingReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_config_is_estimated_at_tens_of_gigabytes() {
+        // The hardening issue's kind of example: 512 px, 16 views, all but Lite0's first
+        // block trained from cached activations, on 1,000 photos. (Top(16) would unfreeze
+        // every block of Lite0, and a run with nothing frozen streams instead of caching.)
+        let mut config = TrainConfig {
+            input_size: Some(512),
+            views: 16,
+            backbone: BackboneChoice::Fixed(Backbone::Lite0),
+            ..Default::default()
+        };
+        config.finetune.unfreeze = Unfreeze::Top(15);
+        config.finetune.enabled = When::On;
+        let counts = [500, 500];
+        let plan = Plan::new(&config, &counts);
+        let gib = plan.cache_bytes(&config, &counts) as f64 / (1u64 << 30) as f64;
+        assert!(gib > 30.0, "{gib:.1} GiB");
+        let small = TrainConfig::default();
+        let gib =
+            Plan::new(&small, &counts).cache_bytes(&small, &counts) as f64 / (1u64 << 30) as f64;
+        assert!(
+            gib < 4.0,
+            "the default config on 1,000 photos: {gib:.1} GiB"
+        );
+    }
 
     #[test]
     fn small_sets_train_the_head_only_and_estimate_by_kfold() {

@@ -23,9 +23,14 @@ export async function modelsView(view) {
         el('td', { text: m.classes.join(', ') }),
         el('td', { text: pct(m.val_accuracy, 2) }),
         el('td', { text: when(m.created_at) }),
-        el('td', {}, m.is_default ? '' : el('button', { onclick: async () => {
-          try { await api(`/api/models/${m.id}/promote`, { method: 'POST' }); notice(`Model ${short(m.id)} is now the default`, 'ok'); await refresh(); } catch (e) { notice(e.message); }
-        } }, 'Make default')))))));
+        el('td', {}, m.is_default ? '' : [
+          el('button', { onclick: async () => {
+            try { await api(`/api/models/${m.id}/promote`, { method: 'POST' }); notice(`Model ${short(m.id)} is now the default`, 'ok'); await refresh(); } catch (e) { notice(e.message); }
+          } }, 'Make default'), ' ',
+          el('button.danger', { onclick: async () => {
+            if (!confirm(`Delete model ${short(m.id)}? Its run's record stays.`)) return;
+            try { await api(`/api/models/${m.id}`, { method: 'DELETE' }); notice(`Model ${short(m.id)} deleted`, 'ok'); await refresh(); } catch (e) { notice(e.message); }
+          } }, 'Delete')]))))));
     choice.replaceChildren(...models.map((m) => el('option', { value: m.id, selected: m.is_default, text: `${short(m.id)} – ${m.classes.join(', ')}${m.is_default ? ' (default)' : ''}` })));
   }
 
