@@ -64,6 +64,16 @@ pub struct ServeArgs {
     /// Most bytes datasets and models may take in the data directory (none by default).
     #[arg(long, env = "TRANSFERD_DATA_QUOTA_BYTES")]
     pub data_quota_bytes: Option<u64>,
+    /// Most open HTTP connections; more wait in the listen backlog until one closes.
+    #[arg(long, env = "TRANSFERD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; an idle connection is closed after
+    /// as long.
+    #[arg(long, env = "TRANSFERD_HEADER_READ_TIMEOUT", default_value = "10", value_parser = seconds)]
+    pub header_read_timeout: std::time::Duration,
+    /// Most live event streams (SSE) open at once; more are refused with 503.
+    #[arg(long, env = "TRANSFERD_MAX_EVENT_STREAMS", default_value_t = 256)]
+    pub max_event_streams: usize,
     /// Most runs waiting in the queue; more are refused with 429.
     #[arg(long, env = "TRANSFERD_MAX_QUEUED_RUNS", default_value_t = 100)]
     pub max_queued_runs: usize,
@@ -155,6 +165,9 @@ pub struct Settings {
     pub min_free_bytes: u64,
     pub data_quota_bytes: Option<u64>,
     pub max_queued_runs: usize,
+    pub header_read_timeout: std::time::Duration,
+    pub max_connections: usize,
+    pub max_event_streams: usize,
     /// How long a (non-streaming) request may take.
     pub request_timeout: std::time::Duration,
     /// How long an upload may stall.
@@ -196,6 +209,9 @@ impl Settings {
                 .unwrap_or_else(|| (2 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
             max_cache_bytes: args.max_cache_bytes.unwrap_or_else(half_the_memory),
             max_queued_runs: args.max_queued_runs,
+            max_connections: args.max_connections,
+            header_read_timeout: args.header_read_timeout,
+            max_event_streams: args.max_event_streams,
             min_free_bytes: args.min_free_bytes,
             data_quota_bytes: args.data_quota_bytes,
             max_predict_image_bytes: args.max_predict_image_bytes,

@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod keys;
 pub mod ml;
+pub mod server;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
@@ -49,10 +50,15 @@ pub async fn run(
              upload, train and delete; set --api-key"
         );
     }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving HTTP")?;
+    server::serve(
+        listener,
+        router,
+        service.state.settings.max_connections,
+        service.state.settings.header_read_timeout,
+        shutdown.clone(),
+    )
+    .await
+    .context("serving HTTP")?;
     tracing::info!("HTTP server stopped; waiting for the workers");
     for worker in service.workers {
         if let Err(e) = worker.await {

@@ -41,6 +41,8 @@ pub struct AppState {
     pub weights: Option<PathBuf>,
     /// Fires when the server shuts down; long-lived responses (SSE) end with it.
     pub shutdown: CancellationToken,
+    /// Places for live event streams (`--max-event-streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// A started service: its state and its background tasks.
@@ -125,6 +127,9 @@ impl Service {
                 adapter: selected.adapter,
             }),
             weights: Some(weights),
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_event_streams.max(1),
+            )),
             settings: Arc::new(settings),
             shutdown,
         };
@@ -152,6 +157,9 @@ impl AppState {
                 adapter: None,
             }),
             weights: None,
+            streams: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_event_streams.max(1),
+            )),
             settings: Arc::new(settings),
             shutdown: CancellationToken::new(),
         }

@@ -1134,3 +1134,30 @@ async fn uploads_need_room_on_the_disk_and_in_the_quota(pool: SqlitePool) {
     assert!(error_message(&v).contains("--data-quota-bytes"), "{v}");
     assert_eq!(h.dataset_dirs(), 1, "the first dataset is intact");
 }
+
+#[sqlx::test]
+async fn live_event_streams_are_capped(pool: SqlitePool) {
+    let h = harness(pool, |s| s.max_event_streams = 1);
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let (_, run) = h
+        .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
+        .await;
+    let stream = || {
+        Request::get(format!("/api/runs/{}/events", run["id"].as_str().unwrap()))
+            .body(Body::empty())
+            .unwrap()
+    };
+    // The run stays queued (no worker here), so the first stream stays open.
+    let first = app(h.state.clone()).oneshot(stream()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = app(h.state.clone()).oneshot(stream()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key(header::RETRY_AFTER));
+    drop(first);
+    let third = app(h.state.clone()).oneshot(stream()).await.unwrap();
+    assert_eq!(
+        third.status(),
+        StatusCode::OK,
+        "a closed stream gives its place back"
+    );
+}

@@ -28,10 +28,16 @@ fn settings(dir: &Path) -> Settings {
 }
 
 async fn start(dir: &Path) -> Server {
+    start_with(dir, |_| {}).await
+}
+
+async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Settings)) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let token = CancellationToken::new();
-    let handle = tokio::spawn(transferd::run(listener, settings(dir), token.clone()));
+    let mut settings = settings(dir);
+    tweak(&mut settings);
+    let handle = tokio::spawn(transferd::run(listener, settings, token.clone()));
     wait_healthy(&base).await;
     Server {
         base,
@@ -496,6 +502,61 @@ async fn a_run_whose_images_vanished_fails_and_the_next_one_runs() {
     assert!(
         !error.contains(dir.path().to_str().unwrap()) && !error.contains("os error"),
         "no server paths or OS errors reach clients: {error}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed_and_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |s| {
+        s.header_read_timeout = Duration::from_millis(800);
+        s.max_connections = 2;
+    })
+    .await;
+    let addr = server.base.trim_start_matches("http://").to_string();
+    // wait_healthy's connection may still be open; let it time out first.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // A client that sends half a request line and stops is cut off after the timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("the server closes the connection, it does not wait for ever")
+        .unwrap_or(0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(4),
+        "closed after the header timeout: {waited:?}"
+    );
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        !answer.contains("200 OK"),
+        "no answer to an unfinished request: {answer}"
+    );
+
+    // Two idle connections fill the cap: a third client waits for one of them to time out.
+    let _a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let health: Value = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "served only once an idle connection was closed: {waited:?}"
     );
     server.stop().await;
 }

@@ -27,11 +27,25 @@ pub fn streams() -> Router<AppState> {
     params(("id" = String, Path, description = "Run id")),
     responses(
         (status = 200, description = "text/event-stream: `snapshot`, then `progress`, `epoch`, `phase_finished` and `status` events (data: RunEvent JSON)", content_type = "text/event-stream", body = crate::jobs::RunEvent),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody),
+        (status = 503, description = "Too many streams open", body = ErrorBody)))]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Sse<KeepAliveStream<BoxStream<'static, Result<Event, Infallible>>>>, ApiError> {
+    // Each stream holds a place until it ends, so idle watchers cannot pile up.
+    let place = state
+        .streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Busy {
+            message: format!(
+                "{} live event streams are open, the limit (--max-event-streams); poll \
+             GET /api/runs/{{id}} instead, or retry later",
+                state.settings.max_event_streams
+            ),
+            retry_after: 5,
+        })?;
     // Subscribe before reading the snapshot so nothing falls between the two.
     let rx = state.jobs.subscribe();
     let run = db::runs::get(&state.db, &id)
@@ -65,7 +79,8 @@ pub async fn events(
                 }
             }
         })
-        .map(|e| {
+        .map(move |e| {
+            let _place = &place;
             Ok(Event::default()
                 .event(e.kind.name())
                 .json_data(&e)
