@@ -1161,3 +1161,59 @@ async fn live_event_streams_are_capped(pool: SqlitePool) {
         "a closed stream gives its place back"
     );
 }
+
+#[sqlx::test]
+async fn lists_come_a_page_at_a_time(pool: SqlitePool) {
+    let h = harness(pool, |_| {});
+    let zip = pets_with(vec![("cat/notes.jpg", b"not a photo".to_vec())], "");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, v) = h.upload(zip.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let page = |uri: String| {
+        let state = h.state.clone();
+        async move {
+            let res = app(state)
+                .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = res.status();
+            let next = res
+                .headers()
+                .get("x-next-cursor")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                next,
+                serde_json::from_slice::<Value>(&body).unwrap(),
+            )
+        }
+    };
+    let (status, next, first) = page("/api/datasets?limit=2".into()).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = first.as_array().unwrap().clone();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0]["id"], ids[2].as_str(), "newest first");
+    // The list carries counts, not every skipped file.
+    assert_eq!(first[0]["skipped_count"], 1);
+    assert_eq!(first[0]["skipped"], json!([]));
+    let cursor = next.expect("a third dataset follows");
+    let (_, next, rest) = page(format!("/api/datasets?limit=2&cursor={cursor}")).await;
+    assert_eq!(rest.as_array().unwrap().len(), 1);
+    assert_eq!(rest[0]["id"], ids[0].as_str());
+    assert!(next.is_none(), "the last page says so");
+    // The dataset's own route keeps the skipped files.
+    let (_, one) = h.get(&format!("/api/datasets/{}", ids[0])).await;
+    assert_eq!(one["skipped"][0]["name"], "cat/notes.jpg");
+    for bad in [
+        "/api/datasets?limit=0",
+        "/api/runs?limit=5000",
+        "/api/models?cursor=nonsense",
+    ] {
+        let (status, _, v) = page(bad.into()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {v}");
+    }
+}

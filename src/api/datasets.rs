@@ -13,6 +13,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::body::{check_length, media_type, too_large, write_chunk};
+use super::page::{self, PageQuery};
 use crate::db::{self, datasets::Dataset};
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest::ingest_zip;
@@ -311,11 +312,23 @@ pub async fn upload(
     }
 }
 
-/// Every dataset, newest first.
-#[utoipa::path(get, path = "/api/datasets", tag = "datasets",
-    responses((status = 200, body = Vec<Dataset>)))]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Dataset>>, ApiError> {
-    Ok(Json(db::datasets::list(&state.db).await?))
+/// Datasets, newest first, a page at a time (`X-Next-Cursor` when more follow). The list
+/// leaves out each upload's skipped files (`skipped_count` says how many); the dataset's
+/// own route has them.
+#[utoipa::path(get, path = "/api/datasets", tag = "datasets", params(PageQuery),
+    responses((status = 200, body = Vec<Dataset>), (status = 422, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    let page = q.page()?;
+    let mut rows = db::datasets::list(&state.db, &page).await?;
+    for d in &mut rows {
+        d.skipped.clear();
+    }
+    Ok(page::respond(rows, &page, |d| {
+        (d.created_at.as_str(), d.id.as_str())
+    }))
 }
 
 fn not_found(id: &str) -> ApiError {

@@ -9,6 +9,7 @@ mod headers;
 pub mod health;
 pub mod models;
 mod origin;
+pub mod page;
 pub mod predict;
 pub mod runs;
 mod timeout;

@@ -49,11 +49,19 @@ pub async fn remove(
     }
 }
 
-/// Every model, newest first; `is_default` marks the one predictions use.
-#[utoipa::path(get, path = "/api/models", tag = "models",
-    responses((status = 200, body = Vec<Model>)))]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Model>>, ApiError> {
-    Ok(Json(db::models::list(&state.db).await?))
+/// Models, newest first, a page at a time (`X-Next-Cursor` when more follow);
+/// `is_default` marks the one predictions use.
+#[utoipa::path(get, path = "/api/models", tag = "models", params(super::page::PageQuery),
+    responses((status = 200, body = Vec<Model>), (status = 422, body = ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<super::page::PageQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let page = q.page()?;
+    let rows = db::models::list(&state.db, &page).await?;
+    Ok(super::page::respond(rows, &page, |m| {
+        (m.created_at.as_str(), m.id.as_str())
+    }))
 }
 
 /// Make a model the default for predictions.

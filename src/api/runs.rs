@@ -144,13 +144,14 @@ pub struct ListQuery {
     pub status: Option<String>,
 }
 
-/// Every run, newest first.
-#[utoipa::path(get, path = "/api/runs", tag = "runs", params(ListQuery),
+/// Runs, newest first, a page at a time (`X-Next-Cursor` when more follow).
+#[utoipa::path(get, path = "/api/runs", tag = "runs", params(ListQuery, super::page::PageQuery),
     responses((status = 200, body = Vec<Run>), (status = 422, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<Run>>, ApiError> {
+    Query(paging): Query<super::page::PageQuery>,
+) -> Result<axum::response::Response, ApiError> {
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
@@ -158,7 +159,11 @@ pub async fn list(
             ApiError::invalid("status", format!("unknown status {s:?}; one of {names:?}"))
         })?),
     };
-    Ok(Json(db::runs::list(&state.db, status).await?))
+    let page = paging.page()?;
+    let rows = db::runs::list(&state.db, status, &page).await?;
+    Ok(super::page::respond(rows, &page, |r| {
+        (r.created_at.as_str(), r.id.as_str())
+    }))
 }
 
 /// One run: status, phase, progress, ETA, best metrics, error.

@@ -22,7 +22,10 @@ pub struct Dataset {
     pub name: String,
     pub classes: Vec<ClassCount>,
     pub total_images: usize,
-    /// Files of the upload that were left out, with the reason.
+    /// How many files of the upload were left out.
+    pub skipped_count: usize,
+    /// Those files, with the reason (empty in the dataset list; the dataset's own route has
+    /// them).
     pub skipped: Vec<Skipped>,
     pub warnings: Vec<String>,
     pub created_at: String,
@@ -61,6 +64,7 @@ impl DatasetRow {
                 .map(|(name, count)| ClassCount { name, count })
                 .collect(),
             total_images: self.image_count as usize,
+            skipped_count: report.skipped.len(),
             skipped: report.skipped,
             warnings: report.warnings,
             created_at: self.created_at,
@@ -135,8 +139,12 @@ pub async fn insert(
     get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
 }
 
-pub async fn list(pool: &SqlitePool) -> Result<Vec<Dataset>, sqlx::Error> {
-    sqlx::query_as::<_, DatasetRow>("SELECT * FROM datasets ORDER BY created_at DESC, id")
+pub async fn list(pool: &SqlitePool, page: &super::Page) -> Result<Vec<Dataset>, sqlx::Error> {
+    let sql = format!("SELECT * FROM datasets WHERE {}", super::Page::clause(1));
+    sqlx::query_as::<_, DatasetRow>(&sql)
+        .bind(page.time())
+        .bind(page.id())
+        .bind(page.limit())
         .fetch_all(pool)
         .await?
         .into_iter()

@@ -51,6 +51,46 @@ pub async fn write(
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 
+/// A page of a list, newest first: at most `limit` rows, created before the row `after`
+/// names (the last one of the previous page) when given. Keyset paging, so a page costs the
+/// same however deep it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub limit: usize,
+    /// (`created_at`, `id`) of the last row already seen.
+    pub after: Option<(String, String)>,
+}
+
+impl Page {
+    /// Every row (internal callers).
+    pub const ALL: Page = Page {
+        limit: i64::MAX as usize,
+        after: None,
+    };
+
+    /// The SQL for "after the cursor, newest first, one page", with parameters ?A (the
+    /// cursor's time), ?B (its id) and ?L (the limit) renumbered from `first`.
+    fn clause(first: usize) -> String {
+        let (t, i, l) = (first, first + 1, first + 2);
+        format!(
+            "(?{t} IS NULL OR (created_at, id) < (?{t}, ?{i})) \
+             ORDER BY created_at DESC, id DESC LIMIT ?{l}"
+        )
+    }
+
+    fn time(&self) -> Option<&str> {
+        self.after.as_ref().map(|(t, _)| t.as_str())
+    }
+
+    fn id(&self) -> Option<&str> {
+        self.after.as_ref().map(|(_, i)| i.as_str())
+    }
+
+    fn limit(&self) -> i64 {
+        i64::try_from(self.limit).unwrap_or(i64::MAX)
+    }
+}
+
 /// Parses a JSON column written by this program.
 pub(crate) fn json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
     serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))

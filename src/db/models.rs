@@ -99,8 +99,11 @@ pub async fn record_success(pool: &SqlitePool, s: &Success<'_>) -> Result<(), sq
     tx.commit().await
 }
 
-pub async fn list(pool: &SqlitePool) -> Result<Vec<Model>, sqlx::Error> {
-    sqlx::query_as::<_, ModelRow>(&select("ORDER BY created_at DESC, rowid DESC"))
+pub async fn list(pool: &SqlitePool, page: &super::Page) -> Result<Vec<Model>, sqlx::Error> {
+    sqlx::query_as::<_, ModelRow>(&select(&format!("WHERE {}", super::Page::clause(1))))
+        .bind(page.time())
+        .bind(page.id())
+        .bind(page.limit())
         .fetch_all(pool)
         .await?
         .into_iter()
@@ -220,7 +223,7 @@ mod tests {
             "first",
             "a promotion outlasts newer models"
         );
-        let listed: Vec<(String, bool)> = list(&pool)
+        let listed: Vec<(String, bool)> = list(&pool, &crate::db::Page::ALL)
             .await
             .unwrap()
             .into_iter()

@@ -197,13 +197,14 @@ pub async fn create(
     get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
 }
 
-async fn phases_of(pool: &SqlitePool, id: Option<&str>) -> Result<Vec<RunPhase>, sqlx::Error> {
+/// The phases of the runs `ids`.
+async fn phases_of_runs(pool: &SqlitePool, ids: &[&str]) -> Result<Vec<RunPhase>, sqlx::Error> {
     sqlx::query_as(
         "SELECT run_id, phase, status, epochs_planned, epochs_run, best_epoch, best_val_loss, \
-         best_val_accuracy, seconds FROM run_phases WHERE (?1 IS NULL OR run_id = ?1) \
-         ORDER BY run_id, position",
+         best_val_accuracy, seconds FROM run_phases \
+         WHERE run_id IN (SELECT value FROM json_each(?1)) ORDER BY run_id, position",
     )
-    .bind(id)
+    .bind(serde_json::to_string(ids).expect("serialisable"))
     .fetch_all(pool)
     .await
 }
@@ -217,23 +218,31 @@ pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error
     else {
         return Ok(None);
     };
-    let phases = phases_of(pool, Some(id)).await?;
+    let phases = phases_of_runs(pool, &[id]).await?;
     row.into_run(phases).map(Some)
 }
 
 /// Runs, newest first, optionally only those of one status.
-pub async fn list(pool: &SqlitePool, status: Option<RunStatus>) -> Result<Vec<Run>, sqlx::Error> {
+pub async fn list(
+    pool: &SqlitePool,
+    status: Option<RunStatus>,
+    page: &super::Page,
+) -> Result<Vec<Run>, sqlx::Error> {
     let rows = sqlx::query_as::<_, RunRow>(&format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) \
-             ORDER BY created_at DESC, id"
+        "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND {}",
+        super::Page::clause(2)
     ))
     .bind(status)
+    .bind(page.time())
+    .bind(page.id())
+    .bind(page.limit())
     .fetch_all(pool)
     .await?;
-    // One pass over the phases, grouped by run (they come ordered by run and position).
+    // The page's phases in one query, grouped by run (ordered by run and position).
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let mut phases: std::collections::HashMap<String, Vec<RunPhase>> =
         std::collections::HashMap::new();
-    for p in phases_of(pool, None).await? {
+    for p in phases_of_runs(pool, &ids).await? {
         phases.entry(p.run_id.clone()).or_default().push(p);
     }
     rows.into_iter()
@@ -430,7 +439,7 @@ pub async fn cancel_requested(pool: &SqlitePool, id: &str) -> Result<bool, sqlx:
 
 /// Runs left `running` (by a process that died), with their phases.
 pub async fn running(pool: &SqlitePool) -> Result<Vec<Run>, sqlx::Error> {
-    list(pool, Some(RunStatus::Running)).await
+    list(pool, Some(RunStatus::Running), &super::Page::ALL).await
 }
 
 /// How many runs are in each status (statuses with none are left out).

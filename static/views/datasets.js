@@ -54,7 +54,7 @@ export async function datasetsView(view) {
     list.replaceChildren(el('table.list', {},
       el('thead', {}, el('tr', {}, ['name', 'images', 'classes', 'uploaded', ''].map((h) => el('th', { text: h })))),
       el('tbody', {}, datasets.map((d) => el('tr', {},
-        el('td', {}, el('button.link', { onclick: () => result.replaceChildren(report(d)) }, d.name)),
+        el('td', {}, el('button.link', { onclick: async () => { try { result.replaceChildren(report(await api(`/api/datasets/${d.id}`))); } catch (e) { notice(e.message); } } }, d.name)),
         el('td', { text: d.total_images }),
         el('td', { text: d.classes.map((c) => `${c.name} (${c.count})`).join(', ') }),
         el('td', { text: when(d.created_at) }),
