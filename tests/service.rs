@@ -178,7 +178,9 @@ fn first_finetune_epoch(name: &str, v: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_train_follow_and_predict() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path()).await;
+    // A 64 MiB cache budget: the tiny runs fit, the oversized config at the end (about
+    // 200 MB of activations on these 24 photos) does not.
+    let server = start_with(dir.path(), |s| s.max_cache_bytes = 64 << 20).await;
     let base = server.base.clone();
     let ready = get(&base, "/readyz").await;
     assert_eq!(ready["device"]["backend"], "flex");
@@ -330,6 +332,55 @@ async fn upload_train_follow_and_predict() {
         .await
         .unwrap();
     assert_eq!(res.status(), 422);
+
+    // A forward pass that panics (the database says the model takes 64 px, its weights
+    // were trained at another size) fails that request with a JSON 500; the inference
+    // thread lives on, stays ready, and answers the next request.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("transferd.db").display()
+    ))
+    .await
+    .unwrap();
+    let size: i64 = sqlx::query_scalar("SELECT input_size FROM models WHERE id = ?")
+        .bind(&run)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let set_size = |s: i64| {
+        sqlx::query("UPDATE models SET input_size = ? WHERE id = ?")
+            .bind(s)
+            .bind(&run)
+            .execute(&db)
+    };
+    set_size(64).await.unwrap();
+    let predict = || {
+        reqwest::Client::new()
+            .post(format!("{base}/api/predict"))
+            .body(cat.clone())
+            .send()
+    };
+    let res = predict().await.unwrap();
+    assert_eq!(res.status(), 500);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal", "{body}");
+    set_size(size).await.unwrap();
+    assert_eq!(predict().await.unwrap().status(), 200);
+    let ready = get(&base, "/readyz").await;
+    assert_eq!(ready["inference"], true, "{ready}");
+
+    // A config whose frozen pass could never fit is refused when queued (it would abort the
+    // process, and after a restart the next one), and the server carries on.
+    let res = reqwest::Client::new()
+        .post(format!("{base}/api/runs"))
+        .json(&json!({"dataset_id": dataset["id"],
+            "config": {"input_size": 512, "views": 16, "finetune": {"enabled": true, "unfreeze": 15}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    assert!(res.text().await.unwrap().contains("--max-cache-bytes"));
+    assert_eq!(get(&base, "/healthz").await["status"], "ok");
 
     server.stop().await;
 }
