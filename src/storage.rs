@@ -133,9 +133,12 @@ impl Storage {
         let quarantine = self.quarantine();
         std::fs::create_dir_all(&quarantine)?;
         for name in &orphans {
-            let to = quarantine.join(name);
-            if to.exists() {
-                std::fs::remove_dir_all(&to)?;
+            // An earlier quarantine of the same id stays; this one gets a numbered name.
+            let mut to = quarantine.join(name);
+            let mut n = 1;
+            while to.exists() {
+                to = quarantine.join(format!("{name}.{n}"));
+                n += 1;
             }
             std::fs::rename(self.dataset(name), to)?;
         }

@@ -1217,3 +1217,23 @@ async fn lists_come_a_page_at_a_time(pool: SqlitePool) {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {v}");
     }
 }
+
+#[sqlx::test]
+async fn an_endless_multipart_header_is_cut_at_the_upload_limit(pool: SqlitePool) {
+    let h = harness(pool, |s| s.max_upload_bytes = 1 << 20);
+    // One part header line of 3 MB: no field data at all, so only a cap on the whole body
+    // stops it.
+    let mut body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; x=\"".to_vec();
+    body.extend(std::iter::repeat_n(b'a', 3 << 20));
+    body.extend_from_slice(b"\"\r\n\r\nPK\r\n--b--\r\n");
+    let (status, v) = h
+        .send(
+            Request::post("/api/datasets")
+                .header(header::CONTENT_TYPE, "multipart/form-data; boundary=b")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(h.dataset_dirs(), 0);
+}

@@ -172,7 +172,7 @@ fn tiny_run_learns_saves_and_round_trips() {
             matches!(broken, Err(InferenceError::Model(ref m)) if m.contains("crashed")),
             "{broken:?}"
         );
-        assert!(inference.is_alive());
+        assert!(rt.block_on(inference.responds(std::time::Duration::from_secs(5))));
         let s = saved.preprocessing.input_size;
         let fine = predict(vec![vec![0.0; 3 * s * s]]).unwrap();
         assert_eq!(fine.len(), 1);

@@ -109,3 +109,24 @@ pub async fn discard(body: Body, limit: u64) {
         }
     }
 }
+
+/// The request with its body capped at `limit` bytes in all, whatever reads it: multipart
+/// parsing buffers part headers with no limit of its own, so without this a single endless
+/// header line would grow until the client stopped.
+pub fn capped(request: axum::extract::Request, limit: u64) -> axum::extract::Request {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    request.map(|body| Body::new(http_body_util::Limited::new(body, limit)))
+}
+
+/// The answer to a failure while reading a capped multipart body: 413 when the cap was hit.
+pub fn multipart_error(
+    what: &str,
+    limit: u64,
+    e: axum::extract::multipart::MultipartError,
+) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        too_large(what, limit)
+    } else {
+        ApiError::BadRequest(format!("reading {what}: {}", e.body_text()))
+    }
+}

@@ -143,6 +143,7 @@ async fn receive(
     let mut written = 0u64;
     match media_type(headers).as_deref() {
         Some("multipart/form-data") => {
+            let request = super::body::capped(request, limit);
             let mut multipart = Multipart::from_request(request, state)
                 .await
                 .map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -151,7 +152,7 @@ async fn receive(
             let mut counted = 0u64;
             while let Some(mut field) = stalled(state, multipart.next_field())
                 .await?
-                .map_err(|e| ApiError::BadRequest(format!("reading the multipart body: {e}")))?
+                .map_err(|e| super::body::multipart_error("the upload", limit, e))?
             {
                 let field_name = field.name().unwrap_or("").to_string();
                 match field_name.as_str() {

@@ -49,7 +49,7 @@ pub struct Readiness {
     pub status: &'static str,
     pub database: bool,
     pub weights: bool,
-    /// The inference thread is running.
+    /// The inference thread answered a ping within 5 s.
     pub inference: bool,
     pub device: DeviceInfo,
 }
@@ -64,7 +64,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .await
         .is_ok();
     let weights = state.weights.as_ref().is_some_and(|p| p.is_file());
-    let inference = state.inference.is_alive();
+    let inference = state
+        .inference
+        .responds(std::time::Duration::from_secs(5))
+        .await;
     let ready = database && weights && inference;
     let body = Readiness {
         status: if ready { "ready" } else { "not_ready" },

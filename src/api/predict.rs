@@ -74,13 +74,16 @@ async fn receive(
     check_length(headers, total, "the request")?;
     let mut images = Vec::new();
     if media_type(headers).as_deref() == Some("multipart/form-data") {
+        // Room for every image plus their part headers.
+        let cap = total.saturating_add(1 << 20);
+        let request = super::body::capped(request, cap);
         let mut multipart = Multipart::from_request(request, state)
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
         while let Some(mut field) = multipart
             .next_field()
             .await
-            .map_err(|e| ApiError::BadRequest(format!("reading the multipart body: {e}")))?
+            .map_err(|e| super::body::multipart_error("the request", cap, e))?
         {
             if !matches!(field.name(), Some("image" | "images" | "file")) {
                 continue;

@@ -26,12 +26,19 @@ struct Job {
     _admitted: Admitted,
 }
 
+/// What the inference thread is sent.
+enum Message {
+    Predict(Job),
+    /// Answered at once: the thread is alive and taking messages.
+    Ping(oneshot::Sender<()>),
+}
+
 /// Handle to the inference thread.
 #[derive(Clone)]
 pub struct Inference {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Message>,
     queue: Queue,
-    /// False once the thread has ended for good (readiness reports it).
+    /// False once the thread has ended for good.
     alive: Arc<std::sync::atomic::AtomicBool>,
     /// Decodes of photos to predict running at once: one per core.
     decodes: Arc<Semaphore>,
@@ -123,7 +130,7 @@ impl Inference {
     /// Starts the thread, with forward passes of at most `max_batch` images and a queue of
     /// at most `queue` images. It ends when every handle is dropped.
     pub fn start(device: Device, cache_size: usize, max_batch: usize, queue: usize) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<Message>();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let flag = alive.clone();
         std::thread::Builder::new()
@@ -152,9 +159,18 @@ impl Inference {
             .expect("the semaphore is never closed")
     }
 
-    /// Whether the inference thread is running (it ends only when every handle is gone).
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(std::sync::atomic::Ordering::SeqCst)
+    /// Whether the inference thread answers a ping within `within`: it is running and not
+    /// stuck (it takes messages between forward passes, so a busy one answers within a
+    /// pass).
+    pub async fn responds(&self, within: std::time::Duration) -> bool {
+        if !self.alive.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Message::Ping(tx)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
     }
 
     /// Takes places in the queue for `images` images before they are read and decoded: a
@@ -183,13 +199,13 @@ impl Inference {
     ) -> Result<Vec<Vec<f32>>, InferenceError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Message::Predict(Job {
                 model_id: model_id.to_string(),
                 dir,
                 views,
                 reply,
                 _admitted: admitted,
-            })
+            }))
             .map_err(|_| InferenceError::Stopped)?;
         answer
             .await
@@ -222,7 +238,7 @@ impl Cache {
 }
 
 /// Runs [`serve`] again, with a fresh model cache, if it ever panics outside a batch.
-fn supervise(rx: &mpsc::Receiver<Job>, device: &Device, capacity: usize, max_batch: usize) {
+fn supervise(rx: &mpsc::Receiver<Message>, device: &Device, capacity: usize, max_batch: usize) {
     loop {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve(rx, device, capacity, max_batch)
@@ -237,16 +253,23 @@ fn supervise(rx: &mpsc::Receiver<Job>, device: &Device, capacity: usize, max_bat
     }
 }
 
-fn serve(rx: &mpsc::Receiver<Job>, device: &Device, capacity: usize, max_batch: usize) {
+fn serve(rx: &mpsc::Receiver<Message>, device: &Device, capacity: usize, max_batch: usize) {
     let mut cache = Cache {
         models: VecDeque::new(),
         capacity,
     };
+    let mut jobs = Vec::new();
+    let take = |m: Message, jobs: &mut Vec<Job>| match m {
+        Message::Predict(job) => jobs.push(job),
+        Message::Ping(reply) => {
+            let _ = reply.send(());
+        }
+    };
     while let Ok(first) = rx.recv() {
         // Everything already waiting joins this round.
-        let mut jobs = vec![first];
+        take(first, &mut jobs);
         while let Ok(more) = rx.try_recv() {
-            jobs.push(more);
+            take(more, &mut jobs);
         }
         while !jobs.is_empty() {
             let model_id = jobs[0].model_id.clone();
