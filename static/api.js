@@ -41,16 +41,35 @@ async function parse(res) {
   return body;
 }
 
-/** `fetch` with the key, JSON in and out; retries once after asking for a key on 401. */
-export async function api(path, { method = 'GET', json, body } = {}) {
+/** `fetch` with the key; retries once after asking for a key on 401. */
+async function send(path, { method = 'GET', json, body } = {}) {
   for (let attempt = 0; ; attempt++) {
     const init = { method, headers: headers(json !== undefined ? { 'Content-Type': 'application/json' } : {}) };
     if (json !== undefined) init.body = JSON.stringify(json);
     else if (body !== undefined) init.body = body;
     const res = await fetch(path, init);
     if (res.status === 401 && attempt === 0 && (await askForKey())) continue;
-    return parse(res);
+    return res;
   }
+}
+
+/** `fetch` with the key, JSON in and out. */
+export async function api(path, options = {}) {
+  return parse(await send(path, options));
+}
+
+/** Every row of a paged list (`/api/datasets`, `/api/runs`, `/api/models`), newest first,
+ *  following `X-Next-Cursor` a thousand rows at a time. */
+export async function apiAll(path) {
+  const rows = [];
+  let cursor = null;
+  do {
+    const sep = path.includes('?') ? '&' : '?';
+    const res = await send(`${path}${sep}limit=1000${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ''}`);
+    rows.push(...(await parse(res)));
+    cursor = res.headers.get('X-Next-Cursor');
+  } while (cursor);
+  return rows;
 }
 
 /** Uploads with progress (fetch cannot report upload progress; XHR can). */

@@ -56,6 +56,8 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
-            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+            // Browsers hide other headers from cross-origin callers; paging needs this one.
+            .expose_headers([super::page::NEXT_CURSOR, header::RETRY_AFTER]),
     )
 }

@@ -1,5 +1,5 @@
 // Datasets: upload a zip (drag and drop, with progress), read its report, list and delete.
-import { api, upload } from '../api.js';
+import { api, apiAll, upload } from '../api.js';
 import { barChart } from '../charts.js';
 import { el, notice, dropZone, when, short } from '../ui.js';
 
@@ -46,7 +46,7 @@ export async function datasetsView(view) {
   }
 
   async function refresh() {
-    const datasets = await api('/api/datasets');
+    const datasets = await apiAll('/api/datasets');
     if (!datasets.length) {
       list.replaceChildren(el('p.muted', { text: 'No dataset yet.' }));
       return;

@@ -1,6 +1,6 @@
 // Models and predict: the models with the default marked, promotion, and a drop zone that
 // shows each image with its probability bars.
-import { api, upload } from '../api.js';
+import { api, apiAll, upload } from '../api.js';
 import { el, notice, dropZone, pct, probabilityBars, short, when, badge } from '../ui.js';
 
 export async function modelsView(view) {
@@ -10,7 +10,7 @@ export async function modelsView(view) {
   const choice = el('select', { id: 'f-model', 'aria-label': 'model' });
 
   async function refresh() {
-    models = await api('/api/models');
+    models = await apiAll('/api/models');
     if (!models.length) {
       list.replaceChildren(el('p', {}, 'No model yet: a model appears when a run succeeds. ', el('a', { href: '#/train', text: 'Train one' })));
       choice.replaceChildren();

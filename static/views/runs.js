@@ -1,5 +1,5 @@
 // Runs: every run with its live status; refreshed while any is queued or running.
-import { api } from '../api.js';
+import { apiAll } from '../api.js';
 import { el, badge, pct, when, short, duration } from '../ui.js';
 
 export async function runsView(view) {
@@ -7,7 +7,7 @@ export async function runsView(view) {
   view.append(el('h2', { text: 'Runs' }), body);
   let timer = null;
   async function refresh() {
-    const runs = await api('/api/runs');
+    const runs = await apiAll('/api/runs');
     if (!runs.length) {
       body.replaceChildren(el('p', {}, 'No run yet. ', el('a', { href: '#/train', text: 'Train one' })));
       return;

@@ -1,6 +1,6 @@
 // Train: the run form, pre-filled with the server's defaults (GET /api/config). API
 // validation errors appear next to the field they name.
-import { api } from '../api.js';
+import { api, apiAll } from '../api.js';
 import { el, notice } from '../ui.js';
 
 const MAIN = {
@@ -109,7 +109,7 @@ function collect(form, defaults) {
 }
 
 export async function trainView(view, datasetId) {
-  const [datasets, defaults] = await Promise.all([api('/api/datasets'), api('/api/config')]);
+  const [datasets, defaults] = await Promise.all([apiAll('/api/datasets'), api('/api/config')]);
   if (!datasets.length) {
     view.append(el('h2', { text: 'Train' }), el('p', {}, 'Upload a dataset first: ', el('a', { href: '#/datasets', text: 'Datasets' })));
     return;
