@@ -112,19 +112,15 @@ pub async fn create(
             gib(budget)
         )));
     }
-    let queued = db::runs::count_by_status(&state.db)
-        .await?
-        .into_iter()
-        .find(|(s, _)| *s == RunStatus::Queued)
-        .map_or(0, |(_, n)| n);
-    if queued >= state.settings.max_queued_runs as i64 {
+    let id = uuid::Uuid::new_v4().to_string();
+    let max = state.settings.max_queued_runs;
+    let Some(run) = db::runs::create_bounded(&state.db, &id, &dataset.id, &req.config, max).await?
+    else {
         return Err(ApiError::TooManyRequests(format!(
-            "{queued} runs are already queued, the limit (--max-queued-runs); wait for some to \
+            "{max} runs are already queued, the limit (--max-queued-runs); wait for some to \
              finish or cancel them"
         )));
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let run = db::runs::create(&state.db, &id, &dataset.id, &req.config).await?;
+    };
     state.jobs.wake();
     tracing::info!(run_id = %id, dataset_id = %dataset.id, "run queued");
     Ok((StatusCode::ACCEPTED, Json(run)))

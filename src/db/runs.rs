@@ -168,7 +168,28 @@ pub async fn create(
     dataset_id: &str,
     config: &TrainConfig,
 ) -> Result<Run, sqlx::Error> {
+    create_bounded(pool, id, dataset_id, config, usize::MAX)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// Queues a new run unless `max_queued` runs already wait (`None` then); the count and the
+/// insert share one write transaction, so racing requests cannot both slip in.
+pub async fn create_bounded(
+    pool: &SqlitePool,
+    id: &str,
+    dataset_id: &str,
+    config: &TrainConfig,
+    max_queued: usize,
+) -> Result<Option<Run>, sqlx::Error> {
     let mut tx = super::write(pool).await?;
+    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE status = ?")
+        .bind(RunStatus::Queued)
+        .fetch_one(&mut *tx)
+        .await?;
+    if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
+        return Ok(None);
+    }
     sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, ?, ?)")
         .bind(id)
         .bind(dataset_id)
@@ -194,7 +215,7 @@ pub async fn create(
         .await?;
     }
     tx.commit().await?;
-    get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
+    get(pool, id).await
 }
 
 /// The phases of the runs `ids`.
