@@ -79,7 +79,7 @@ pub struct ServeArgs {
     pub max_queued_runs: usize,
     /// Most bytes a run's frozen pass may cache (features and activations, estimated from the
     /// dataset and the config when the run is queued; over it, 422). Default: half the
-    /// machine's memory.
+    /// machine's memory, shared by `--concurrent-runs`.
     #[arg(long, env = "TRANSFERD_MAX_CACHE_BYTES")]
     pub max_cache_bytes: Option<u64>,
     /// Most bytes one image sent for prediction may have.
@@ -207,7 +207,10 @@ impl Settings {
             predict_queue: args
                 .predict_queue
                 .unwrap_or_else(|| (2 * args.predict_batch.max(1)).max(MAX_PREDICT_IMAGES)),
-            max_cache_bytes: args.max_cache_bytes.unwrap_or_else(half_the_memory),
+            // Runs training at once share the default budget.
+            max_cache_bytes: args
+                .max_cache_bytes
+                .unwrap_or_else(|| half_the_memory() / args.concurrent_runs.max(1) as u64),
             max_queued_runs: args.max_queued_runs,
             max_connections: args.max_connections,
             header_read_timeout: args.header_read_timeout,

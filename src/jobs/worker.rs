@@ -226,6 +226,8 @@ async fn execute(
             let mut attempt = 1;
             while let Err(e) = db::models::record_success(&ctx.db, &success).await {
                 if attempt == RECORD_ATTEMPTS {
+                    // No row will ever point at the model: do not leave it behind.
+                    let _ = std::fs::remove_dir_all(ctx.storage.model(&id));
                     return Err(e.into());
                 }
                 tracing::warn!(error = %e, attempt, "recording the model failed; retrying");
