@@ -803,22 +803,20 @@ async fn multipart_fields_are_bounded_and_unknown_ones_refused(pool: SqlitePool)
     assert_eq!(v["name"], "pets");
 }
 
-#[sqlx::test]
-async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePool) {
-    let h = harness(pool.clone(), |s| s.predict_queue = 2);
-    // A model row to predict with (its files are never reached: admission comes first).
-    let (_, ds) = h.upload(common::pets_zip()).await;
+/// Queues a run on `ds` and records it as succeeded with a model row (no files): what the
+/// worker leaves behind, without training.
+async fn succeeded_run(h: &common::harness::Harness, pool: &SqlitePool, ds: &Value) -> String {
     let (status, run) = h
         .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
-    transferd::db::runs::claim_next(&pool)
+    transferd::db::runs::claim_next(pool)
         .await
         .unwrap()
         .unwrap();
     let classes = vec!["cat".to_string(), "dog".to_string()];
     transferd::db::models::record_success(
-        &pool,
+        pool,
         &transferd::db::models::Success {
             run_id: run["id"].as_str().unwrap(),
             dataset_id: ds["id"].as_str(),
@@ -830,6 +828,15 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
     )
     .await
     .unwrap();
+    run["id"].as_str().unwrap().to_string()
+}
+
+#[sqlx::test]
+async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePool) {
+    let h = harness(pool.clone(), |s| s.predict_queue = 2);
+    // A model row to predict with (its files are never reached: admission comes first).
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let first = succeeded_run(&h, &pool, &ds).await;
     let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
 
     // The queue is full: refused at once, with Retry-After and the JSON body.
@@ -898,7 +905,6 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
     );
 
     // Deleting models: never the default; another one goes, its run's record stays.
-    let first = run["id"].as_str().unwrap().to_string();
     let (status, v) = h
         .send(
             Request::delete(format!("/api/models/{first}"))
@@ -911,26 +917,7 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
         StatusCode::CONFLICT,
         "the only model is the default: {v}"
     );
-    let (_, second) = h
-        .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
-        .await;
-    transferd::db::runs::claim_next(&pool)
-        .await
-        .unwrap()
-        .unwrap();
-    transferd::db::models::record_success(
-        &pool,
-        &transferd::db::models::Success {
-            run_id: second["id"].as_str().unwrap(),
-            dataset_id: ds["id"].as_str(),
-            classes: &classes,
-            input_size: 224,
-            val_accuracy: 0.9,
-            evaluation: "{}",
-        },
-    )
-    .await
-    .unwrap();
+    succeeded_run(&h, &pool, &ds).await;
     std::fs::create_dir_all(h.state.storage.model(&first)).unwrap();
     let (status, _) = h
         .send(
