@@ -1,9 +1,16 @@
-//! The pretrained backbone is loaded completely and classifies ImageNet photos correctly.
+//! The pretrained backbone is loaded completely and classifies ImageNet photos correctly, and
+//! the fused CPU paths (`ml::fused`, `ml::depthwise_grad`) compute what burn's generic ops do.
 
 mod common;
 
+use burn::nn::LinearConfig;
+use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
-use transferd::ml::backbone::Backbone;
+use burn::tensor::Distribution;
+use transferd::ml::backbone::{Backbone, activation_shape};
+use transferd::ml::fused::generic_only;
+use transferd::ml::head::{TransferModel, TransferModelConfig};
+use transferd::ml::preprocess::{self, Preprocessing};
 use transferd::ml::{imagenet, weights};
 
 #[test]
@@ -120,4 +127,104 @@ fn a_wrong_file_is_refused_by_checksum() {
     );
     // The Lite0 file is not the Lite2 file either.
     assert!(weights::verify(&common::weights_path(), Backbone::Lite2).is_err());
+}
+
+fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+/// The two sample photos as a batch at `size` px.
+fn sample_batch(size: usize, device: &Device) -> Tensor<4> {
+    let mut data = Vec::new();
+    for name in ["test_cat.jpg", "test_dog.jpg"] {
+        let bytes = std::fs::read(common::fixtures().join("samples").join(name)).unwrap();
+        let image = preprocess::decode(&bytes, preprocess::DEFAULT_MAX_DIMENSION).unwrap();
+        data.extend(preprocess::eval_view(
+            &image,
+            &Preprocessing::for_size(size),
+        ));
+    }
+    Tensor::from_data(TensorData::new(data, [2, 3, size, size]), device)
+}
+
+#[test]
+fn folded_and_fused_logits_match_the_generic_ones_for_every_backbone() {
+    let device = Device::flex();
+    for backbone in Backbone::ALL {
+        let net = weights::load_backbone(&common::weights_of(backbone), backbone, &device)
+            .unwrap()
+            .0;
+        let x = sample_batch(backbone.input_size(), &device);
+        let generic = generic_only(|| net.forward(x.clone()));
+        let fused = net.clone().folded().forward(x);
+        let scale = generic.clone().abs().max().into_scalar::<f32>();
+        assert!(scale > 1.0, "{backbone}: real logits ({scale})");
+        let diff = max_abs_diff(generic.clone(), fused.clone());
+        assert!(
+            diff <= 1e-4 * scale,
+            "{backbone}: fused logits differ by {diff} (largest logit {scale})"
+        );
+        let probs = max_abs_diff(
+            burn::tensor::activation::softmax(generic, 1),
+            burn::tensor::activation::softmax(fused, 1),
+        );
+        assert!(probs <= 1e-4, "{backbone}: probabilities differ by {probs}");
+    }
+}
+
+/// The trainable top (1×1 convs as matmuls, depthwise convs with their own backward) against
+/// burn's generic convs: the same loss and the same gradient for every conv weight.
+#[test]
+fn fine_tune_gradients_match_the_generic_ones() {
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let net = common::backbone(&device);
+    // From block 11: a 5×5 stride-2 depthwise, three 5×5 stride-1 ones with residual adds,
+    // and the 3×3 top block, at the 14 px activations of a 224 px input.
+    let k = 11;
+    let top = TransferModelConfig::new(3)
+        .from_backbone(&net, k, &device)
+        .unfreeze()
+        .fork(&ad)
+        .train();
+    // A random head: the zero one that training starts from would pass no gradient down.
+    let top = TransferModel {
+        head: LinearConfig::new(1280, 3).init(&ad),
+        ..top
+    };
+    let [c, h, w] = activation_shape(Backbone::Lite0, k, 224);
+    let x = Tensor::<4>::random([4, c, h, w], Distribution::Uniform(0.0, 3.0), &ad);
+    let y = Tensor::<1, Int>::from_ints([0, 1, 2, 1], &ad);
+    let loss_of = |model: &TransferModel| {
+        CrossEntropyLossConfig::new()
+            .init(&ad)
+            .forward(model.forward(x.clone()), y.clone())
+    };
+    let fast = loss_of(&top);
+    let slow = generic_only(|| loss_of(&top));
+    let (gf, gs) = (fast.backward(), slow.backward());
+    let weights: Vec<Tensor<4>> = top
+        .blocks
+        .iter()
+        .flat_map(|b| b.conv_weights())
+        .chain([top.conv_head.weight.val()])
+        .collect();
+    assert_eq!(
+        weights.len(),
+        16,
+        "five blocks of three convs and the head conv"
+    );
+    for (i, p) in weights.into_iter().enumerate() {
+        let (a, b) = (
+            p.grad(&gf).expect("gradient"),
+            p.grad(&gs).expect("gradient"),
+        );
+        let scale = b.clone().abs().max().into_scalar::<f32>();
+        assert!(scale > 0.0, "conv {i}: a gradient reaches it");
+        let diff = max_abs_diff(a, b);
+        assert!(
+            diff <= 1e-4 * scale,
+            "conv {i}: gradients differ by {diff} (largest {scale})"
+        );
+    }
 }

@@ -186,12 +186,14 @@ fn throughput(
     let kind = backbone.kind();
     let s = config.input_size_for(kind);
     let mut rows = Vec::new();
+    // As predictions and the frozen pass run it (see `ml::fused`).
+    let folded = backbone.clone().folded();
     // As the frozen pass and predictions run it: a batch's slices on one thread per core.
     let lanes = lanes::lanes(device);
     let forward = |images: &[usize]| {
         lanes::map_slices(images, lanes, |slice| {
             let x = Tensor::<4>::zeros([slice.len(), 3, s, s], device);
-            backbone.features(x).into_data()
+            folded.features(x).into_data()
         })
     };
     for &batch in batches {

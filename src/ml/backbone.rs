@@ -13,10 +13,10 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::relu6;
 use serde::{Deserialize, Serialize};
 
 use super::frozen_bn::{FrozenBatchNorm, FrozenBatchNormConfig};
+use super::fused::{After, conv_bn};
 
 /// Channels of the pooled feature vector that the transfer head sees.
 pub const FEATURES: usize = 1280;
@@ -221,17 +221,46 @@ impl MbConv {
         }
     }
 
+    /// The weights of its convs, in order (for tests that compare gradients).
+    pub fn conv_weights(&self) -> Vec<Tensor<4>> {
+        let expand = self.expand_conv.iter().map(|c| c.weight.val());
+        let rest = [&self.depthwise_conv, &self.project_conv].map(|c| c.weight.val());
+        expand.chain(rest).collect()
+    }
+
+    /// This block with every BatchNorm folded into its conv (inference only, see `fused`).
+    pub fn folded(self) -> Self {
+        let (expand_conv, bn0) = match (self.expand_conv, self.bn0) {
+            (Some(conv), Some(bn)) => {
+                let (conv, bn) = bn.fold_into(conv);
+                (Some(conv), Some(bn))
+            }
+            other => other,
+        };
+        let (depthwise_conv, bn1) = self.bn1.fold_into(self.depthwise_conv);
+        let (project_conv, bn2) = self.bn2.fold_into(self.project_conv);
+        Self {
+            expand_conv,
+            bn0,
+            depthwise_conv,
+            bn1,
+            project_conv,
+            bn2,
+            skip: self.skip,
+        }
+    }
+
     /// # Shapes
     /// - input `[batch, in, h, w]`
     /// - output `[batch, out, h / stride, w / stride]`
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let mut x = input.clone();
         if let (Some(conv), Some(bn)) = (&self.expand_conv, &self.bn0) {
-            x = relu6(bn.forward(conv.forward(x)));
+            x = conv_bn(conv, bn, x, After::Relu6, None);
         }
-        x = relu6(self.bn1.forward(self.depthwise_conv.forward(x)));
-        x = self.bn2.forward(self.project_conv.forward(x));
-        if self.skip { x + input } else { x }
+        x = conv_bn(&self.depthwise_conv, &self.bn1, x, After::Relu6, None);
+        let skip = self.skip.then_some(input);
+        conv_bn(&self.project_conv, &self.bn2, x, After::Nothing, skip)
     }
 }
 
@@ -295,7 +324,7 @@ impl EfficientNetLite {
     /// - images `[batch, 3, s, s]`, normalised as in `preprocess`
     /// - output `[batch, c_k, s / d_k, s / d_k]`, see [`activation_shape`]
     pub fn forward_bottom(&self, images: Tensor<4>, k: usize) -> Tensor<4> {
-        let mut x = relu6(self.bn0.forward(self.conv_stem.forward(images)));
+        let mut x = conv_bn(&self.conv_stem, &self.bn0, images, After::Relu6, None);
         for block in &self.blocks[..k] {
             x = block.forward(x);
         }
@@ -312,7 +341,22 @@ impl EfficientNetLite {
         for block in &self.blocks[k..] {
             x = block.forward(x);
         }
-        pool(relu6(self.bn1.forward(self.conv_head.forward(x))))
+        pool(conv_bn(&self.conv_head, &self.bn1, x, After::Relu6, None))
+    }
+
+    /// This network with every BatchNorm folded into its conv: what predictions and the
+    /// frozen pass run (see `fused`). Never saved, never trained.
+    pub fn folded(self) -> Self {
+        let (conv_stem, bn0) = self.bn0.fold_into(self.conv_stem);
+        let (conv_head, bn1) = self.bn1.fold_into(self.conv_head);
+        Self {
+            conv_stem,
+            bn0,
+            blocks: self.blocks.into_iter().map(MbConv::folded).collect(),
+            conv_head,
+            bn1,
+            ..self
+        }
     }
 
     /// Pooled features of whole images.

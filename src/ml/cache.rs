@@ -188,6 +188,8 @@ pub fn frozen_pass(
     mut progress: impl FnMut(usize),
 ) -> Result<FrozenPass, TrainError> {
     let size = dataset.pre.input_size;
+    // Nothing in the frozen pass trains: BatchNorm goes into the convs (see `fused`).
+    let backbone = &backbone.clone().folded();
     let batcher = TensorBatcher {
         shape: [3, size, size],
     };

@@ -7,6 +7,7 @@
 //! `BatchNorm2d` so the pretrained file loads without adapters.
 
 use burn::module::Param;
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 
 /// Configuration of a [`FrozenBatchNorm`].
@@ -30,6 +31,9 @@ pub struct FrozenBatchNorm {
     /// Normalise with the statistics of each batch instead (the from-scratch baseline only:
     /// random weights come with no meaningful stored statistics).
     batch_stats: bool,
+    /// Already folded into the preceding conv's weights and bias (see [`Self::fold_into`]):
+    /// the forward pass is the identity.
+    folded: bool,
 }
 
 impl FrozenBatchNormConfig {
@@ -43,6 +47,7 @@ impl FrozenBatchNormConfig {
             running_var: Param::from_tensor(Tensor::ones([c], device)).set_require_grad(false),
             epsilon: self.epsilon,
             batch_stats: false,
+            folded: false,
         }
     }
 }
@@ -53,6 +58,9 @@ impl FrozenBatchNorm {
     /// - output `[batch, channels, h, w]`
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
         let channels = self.weight.dims()[0];
+        if self.folded {
+            return input;
+        }
         if self.batch_stats {
             let weight = self.weight.val().reshape([1, channels, 1, 1]);
             let bias = self.bias.val().reshape([1, channels, 1, 1]);
@@ -66,15 +74,55 @@ impl FrozenBatchNorm {
                 .mean_dim(3);
             return centered / (var + self.epsilon).sqrt() * weight + bias;
         }
+        // Reduced to one scale and one shift per channel first: two passes over the
+        // activations instead of four, and those passes dominate a CPU forward pass.
+        let (scale, shift) = self.scale_shift();
+        input * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
+    }
+
+    /// The per-channel affine map this BatchNorm applies: `y = x · scale + shift`.
+    fn scale_shift(&self) -> (Tensor<1>, Tensor<1>) {
         // The statistics are detached so that no optimiser ever moves them, even after an
         // `unfreeze()` of the enclosing module marks every parameter as trainable.
         let mean = self.running_mean.val().detach();
         let var = self.running_var.val().detach();
-        // Folded into one scale and one shift per channel first: two passes over the
-        // activations instead of four, and those passes dominate a CPU forward pass.
         let scale = (var + self.epsilon).sqrt().recip() * self.weight.val();
         let shift = self.bias.val() - mean * scale.clone();
-        input * scale.reshape([1, channels, 1, 1]) + shift.reshape([1, channels, 1, 1])
+        (scale, shift)
+    }
+
+    /// Whether [`Self::fold_into`] has moved this BatchNorm into its conv.
+    pub fn is_folded(&self) -> bool {
+        self.folded
+    }
+
+    /// Moves this BatchNorm into `conv` (whose outputs it normalises): the conv's weights are
+    /// scaled per output channel and the shift becomes its bias, so inference makes one pass
+    /// instead of three. Only for inference: the folded pair no longer trains as the original,
+    /// and it is never saved. A BatchNorm on batch statistics is left as it is.
+    pub fn fold_into(self, conv: Conv2d) -> (Conv2d, Self) {
+        if self.batch_stats || self.folded {
+            return (conv, self);
+        }
+        let (scale, shift) = self.scale_shift();
+        let [outputs, _, _, _] = conv.weight.dims();
+        let weight = conv.weight.val() * scale.clone().reshape([outputs, 1, 1, 1]);
+        let bias = match &conv.bias {
+            Some(b) => b.val() * scale + shift,
+            None => shift,
+        };
+        let conv = Conv2d {
+            weight: Param::from_tensor(weight.detach()).set_require_grad(false),
+            bias: Some(Param::from_tensor(bias.detach()).set_require_grad(false)),
+            ..conv
+        };
+        (
+            conv,
+            Self {
+                folded: true,
+                ..self
+            },
+        )
     }
 
     /// Switches to per-batch statistics (see the `batch_stats` field).

@@ -8,10 +8,10 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::relu6;
 
 use super::backbone::{Backbone, EfficientNetLite, EfficientNetLiteConfig, FEATURES, MbConv, pool};
 use super::frozen_bn::FrozenBatchNorm;
+use super::fused::{After, conv_bn};
 
 /// The stem conv and its BatchNorm.
 #[derive(Module, Debug)]
@@ -91,12 +91,28 @@ impl TransferModel {
     pub fn features(&self, inputs: Tensor<4>) -> Tensor<2> {
         let mut x = inputs;
         if let Some(stem) = &self.stem {
-            x = relu6(stem.bn.forward(stem.conv.forward(x)));
+            x = conv_bn(&stem.conv, &stem.bn, x, After::Relu6, None);
         }
         for block in &self.blocks {
             x = block.forward(x);
         }
-        pool(relu6(self.bn1.forward(self.conv_head.forward(x))))
+        pool(conv_bn(&self.conv_head, &self.bn1, x, After::Relu6, None))
+    }
+
+    /// This model with every BatchNorm folded into its conv, for inference only (see
+    /// `fused`): predictions load a model once and run it many times. Never saved or trained.
+    pub fn folded(self) -> Self {
+        let (conv_head, bn1) = self.bn1.fold_into(self.conv_head);
+        TransferModel {
+            stem: self.stem.map(|s| {
+                let (conv, bn) = s.bn.fold_into(s.conv);
+                Stem { conv, bn }
+            }),
+            blocks: self.blocks.into_iter().map(MbConv::folded).collect(),
+            conv_head,
+            bn1,
+            ..self
+        }
     }
 
     /// Class logits for inference (softmax is applied by the loss and by prediction).

@@ -37,7 +37,8 @@ impl Predictor {
     pub fn new(config: ModelConfig, model: TransferModel, device: &Device) -> Self {
         Self {
             config,
-            model: model.valid(),
+            // Folded once here, since a loaded model serves many predictions.
+            model: model.valid().folded(),
             device: device.clone(),
         }
     }

@@ -1,6 +1,7 @@
 //! The learning core, split the way burn's guide splits it: model (`backbone`, `head`),
 //! data (`data`, `preprocess`, `augment`, `cache`), training (`config`, `train`,
-//! `evaluate`) and inference (`infer`, `artifact`, `imagenet`).
+//! `evaluate`) and inference (`infer`, `artifact`, `imagenet`, with the fused CPU kernels in
+//! `fused` and `kernels`).
 
 pub mod artifact;
 pub mod augment;
@@ -9,15 +10,18 @@ pub mod backbones;
 pub mod cache;
 pub mod config;
 pub mod data;
+pub mod depthwise_grad;
 pub mod device;
 pub mod evaluate;
 pub mod events;
 pub mod frozen_bn;
+pub mod fused;
 pub mod head;
 pub mod head_fit;
 pub mod head_phase;
 pub mod imagenet;
 pub mod infer;
+pub mod kernels;
 pub mod lanes;
 pub mod phases;
 pub mod plan;

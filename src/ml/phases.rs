@@ -46,6 +46,8 @@ pub fn logits_of(
 ) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(cache.len());
     let idx: Vec<usize> = (0..cache.len()).collect();
+    // Inference only: BatchNorm folded into the convs (see `fused`).
+    let model = model.clone().folded();
     for chunk in idx.chunks(batch) {
         let b = cache.batch4(chunk, device);
         rows_into(model.forward(b.inputs), &mut out);
@@ -63,6 +65,7 @@ pub fn features_of(
 ) -> RowCache {
     let mut out = RowCache::new(&[FEATURES]);
     let idx: Vec<usize> = (0..cache.len()).collect();
+    let model = model.clone().folded();
     for chunk in idx.chunks(batch) {
         let b = cache.batch4(chunk, device);
         let labels: Vec<usize> = chunk.iter().map(|&i| cache.labels[i]).collect();

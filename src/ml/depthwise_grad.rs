@@ -1,0 +1,277 @@
+//! A depthwise convolution with its own backward pass, for fine-tuning on flex.
+//!
+//! burn-flex overrides no conv backward, so burn's generic one runs: for a grouped conv it
+//! computes the weight gradient with a slice, a conv and a slice-assign per group (1,152
+//! groups in Lite0's last block), and the input gradient through a transposed conv. Here both
+//! gradients are direct loops over each (image, channel) plane, and the forward pass is the
+//! inference kernel of `kernels.rs`. The operation is a burn backend extension on flex and
+//! on autodiff over flex; bias and ReLU6 stay burn ops around it.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor::FloatTensor};
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::kernels::{self, Depthwise, Epilogue};
+
+/// `[b, c, h, w]` × `[c, 1, k, k]` with stride `stride` and `padding` (top, bottom, left,
+/// right), no bias; differentiable on autodiff over flex.
+#[backend_extension(Flex, Autodiff)]
+pub trait DepthwiseOps: Backend {
+    fn depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
+    /// Gradient of [`Self::depthwise`] with respect to `x`, given the output's gradient.
+    fn depthwise_grad_x(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        x_shape: [usize; 4],
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
+    /// Gradient of [`Self::depthwise`] with respect to `weight`.
+    fn depthwise_grad_weight(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        kernel: usize,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self>;
+}
+
+/// The geometry of one depthwise conv.
+fn geometry(x: [usize; 4], kernel: usize, stride: usize, padding: [usize; 4]) -> Depthwise {
+    let [batch, channels, height, width] = x;
+    let [top, bottom, left, right] = padding;
+    Depthwise {
+        batch,
+        channels,
+        height,
+        width,
+        kernel,
+        stride,
+        pad_top: top,
+        pad_left: left,
+        out_height: (height + top + bottom - kernel) / stride + 1,
+        out_width: (width + left + right - kernel) / stride + 1,
+    }
+}
+
+fn dims(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// For output column range of tap offset `j`: the outputs `o` whose input column
+/// `o · s + j − left` lies in `0..width`.
+fn valid(out: usize, s: usize, j: usize, left: usize, width: usize) -> std::ops::Range<usize> {
+    let lo = left.saturating_sub(j).div_ceil(s);
+    let hi = (width + left).saturating_sub(j).div_ceil(s).min(out);
+    lo..hi.max(lo)
+}
+
+impl DepthwiseOps for Flex {
+    fn depthwise(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FlexTensor {
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let d = geometry(dims(&x), dims(&weight)[2], stride, padding);
+        let bias = vec![0.0; d.channels];
+        let epi = Epilogue {
+            bias: &bias,
+            relu6: false,
+            residual: None,
+        };
+        let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
+        flex(out, [d.batch, d.channels, d.out_height, d.out_width])
+    }
+
+    fn depthwise_grad_x(
+        grad: FlexTensor,
+        weight: FlexTensor,
+        x_shape: [usize; 4],
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FlexTensor {
+        let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
+        let k = dims(&weight)[2];
+        let d = geometry(x_shape, k, stride, padding);
+        let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
+        let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
+        let mut out = vec![0f32; d.batch * d.channels * plane_in];
+        out.par_chunks_mut(plane_in)
+            .enumerate()
+            .for_each(|(p, gx)| {
+                let c = p % d.channels;
+                let gp = &g[p * plane_out..][..plane_out];
+                let taps = &w[c * k * k..][..k * k];
+                // Each output pixel hands its gradient back to the k² inputs it read.
+                for oy in 0..d.out_height {
+                    let grow = &gp[oy * d.out_width..][..d.out_width];
+                    for i in 0..k {
+                        let Some(y) = (oy * stride + i)
+                            .checked_sub(d.pad_top)
+                            .filter(|&y| y < d.height)
+                        else {
+                            continue;
+                        };
+                        let row = &mut gx[y * d.width..][..d.width];
+                        for j in 0..k {
+                            let t = taps[i * k + j];
+                            let range = valid(d.out_width, stride, j, d.pad_left, d.width);
+                            let x0 = (range.start * stride + j) - d.pad_left;
+                            let dst = row[x0..].iter_mut().step_by(stride);
+                            for (o, v) in dst.zip(&grow[range]) {
+                                *o += t * v;
+                            }
+                        }
+                    }
+                }
+            });
+        flex(out, x_shape)
+    }
+
+    fn depthwise_grad_weight(
+        grad: FlexTensor,
+        x: FlexTensor,
+        kernel: usize,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FlexTensor {
+        let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
+        let k = kernel;
+        let d = geometry(dims(&x), k, stride, padding);
+        let (g, xs): (&[f32], &[f32]) = (grad.storage(), x.storage());
+        let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
+        let mut out = vec![0f32; d.channels * k * k];
+        // One task per channel: its k² sums run over every image, so no two tasks share one.
+        out.par_chunks_mut(k * k).enumerate().for_each(|(c, gw)| {
+            for b in 0..d.batch {
+                let p = b * d.channels + c;
+                let gp = &g[p * plane_out..][..plane_out];
+                let xp = &xs[p * plane_in..][..plane_in];
+                for oy in 0..d.out_height {
+                    let grow = &gp[oy * d.out_width..][..d.out_width];
+                    for i in 0..k {
+                        let Some(y) = (oy * stride + i)
+                            .checked_sub(d.pad_top)
+                            .filter(|&y| y < d.height)
+                        else {
+                            continue;
+                        };
+                        let row = &xp[y * d.width..][..d.width];
+                        for j in 0..k {
+                            let range = valid(d.out_width, stride, j, d.pad_left, d.width);
+                            let x0 = (range.start * stride + j) - d.pad_left;
+                            let src = row[x0..].iter().step_by(stride);
+                            gw[i * k + j] += src.zip(&grow[range]).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                    }
+                }
+            }
+        });
+        flex(out, [d.channels, 1, k, k])
+    }
+}
+
+impl<B: Backend + DepthwiseOps, C: CheckpointStrategy> DepthwiseOps for Autodiff<B, C> {
+    fn depthwise(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DepthwiseBackward;
+
+        impl<B: Backend + DepthwiseOps> Backward<B, 2> for DepthwiseBackward {
+            type State = (
+                B::FloatTensorPrimitive,
+                B::FloatTensorPrimitive,
+                usize,
+                [usize; 4],
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, weight, stride, padding) = ops.state;
+                let x_shape = {
+                    use burn::backend::TensorMetadata;
+                    let s = x.shape();
+                    [s[0], s[1], s[2], s[3]]
+                };
+                let kernel = {
+                    use burn::backend::TensorMetadata;
+                    weight.shape()[2]
+                };
+                binary::<B, _, _>(
+                    ops.parents,
+                    ops.node,
+                    grads,
+                    |grad| B::depthwise_grad_x(grad, weight, x_shape, stride, padding),
+                    |grad| B::depthwise_grad_weight(grad, x, kernel, stride, padding),
+                );
+            }
+        }
+
+        let nodes = [x.node(), weight.node()];
+        let (x, weight) = (x.into_primitive(), weight.into_primitive());
+        let out = B::depthwise(x.clone(), weight.clone(), stride, padding);
+        match DepthwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, weight, stride, padding), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn depthwise_grad_x(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: [usize; 4],
+        _: usize,
+        _: [usize; 4],
+    ) -> FloatTensor<Self> {
+        unreachable!("called by the backward pass on the inner backend only")
+    }
+
+    fn depthwise_grad_weight(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: usize,
+        _: usize,
+        _: [usize; 4],
+    ) -> FloatTensor<Self> {
+        unreachable!("called by the backward pass on the inner backend only")
+    }
+}
+
+/// The depthwise conv through [`DepthwiseOps`]: `[b, c, h, w]` × `[c, 1, k, k]`.
+pub fn depthwise(x: Tensor<4>, weight: Tensor<4>, stride: usize, padding: [usize; 4]) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as DepthwiseOps>::depthwise(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        stride,
+        padding,
+    ))
+}

@@ -1,0 +1,294 @@
+//! A convolution followed by its BatchNorm, ReLU6 and residual add, as MBConv uses them, run
+//! as one fused operation on flex when it can be.
+//!
+//! Inference never trains BatchNorm, so [`FrozenBatchNorm::fold_into`] folds it into the conv's
+//! weights and bias once, when a model is loaded for predictions or for the frozen pass. On a
+//! plain flex tensor the folded pointwise and depthwise convs then run through the backend
+//! extension [`FusedConvOps`] (kernels in `kernels.rs`). Everything else (wgpu, an autodiff
+//! tensor being trained, a conv that is neither 1×1 nor depthwise, an unfolded BatchNorm) takes
+//! burn's generic ops, so gradients and the GPU path are unchanged.
+
+use burn::backend::{Dispatch, Flex, backend_extension, tensor::FloatTensor};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::activation::relu6;
+use burn_flex::FlexTensor;
+
+use super::depthwise_grad::depthwise;
+use super::frozen_bn::FrozenBatchNorm;
+use super::kernels::{self, Depthwise, Epilogue, Pointwise};
+
+/// Fused convolutions with BatchNorm already folded into `weight` and `bias`.
+#[backend_extension(Flex)]
+pub trait FusedConvOps: burn::backend::Backend {
+    /// 1×1 conv, stride 1: `[b, i, h, w]` × `[o, i, 1, 1]` + bias, then ReLU6 if asked.
+    fn pointwise_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu6: bool,
+    ) -> FloatTensor<Self>;
+    /// 1×1 conv, stride 1, + bias, + `residual` (shaped like the output).
+    fn pointwise_conv_add(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// Depthwise k×k conv: `[b, c, h, w]` × `[c, 1, k, k]` + bias, then ReLU6 if asked;
+    /// `padding` is (top, bottom, left, right) in pixels.
+    fn depthwise_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+        relu6: bool,
+    ) -> FloatTensor<Self>;
+}
+
+fn floats(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(
+        t.dtype(),
+        burn::tensor::DType::F32,
+        "fused convs run in f32"
+    );
+    t.to_contiguous()
+}
+
+fn shape4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn flex(data: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+fn pointwise_flex(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: FlexTensor,
+    relu6: bool,
+    residual: Option<FlexTensor>,
+) -> FlexTensor {
+    let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
+    let residual = residual.as_ref().map(floats);
+    let [batch, inputs, h, w] = shape4(&x);
+    let outputs = shape4(&weight)[0];
+    let shape = Pointwise {
+        batch,
+        inputs,
+        outputs,
+        spatial: h * w,
+    };
+    let epi = Epilogue {
+        bias: bias.storage(),
+        relu6,
+        residual: residual.as_ref().map(|r| r.storage()),
+    };
+    let out = kernels::pointwise(shape, x.storage(), weight.storage(), epi);
+    flex(out, [batch, outputs, h, w])
+}
+
+impl FusedConvOps for Flex {
+    fn pointwise_conv(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        relu6: bool,
+    ) -> FlexTensor {
+        pointwise_flex(x, weight, bias, relu6, None)
+    }
+
+    fn pointwise_conv_add(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        residual: FlexTensor,
+    ) -> FlexTensor {
+        pointwise_flex(x, weight, bias, false, Some(residual))
+    }
+
+    fn depthwise_conv(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: usize,
+        padding: [usize; 4],
+        relu6: bool,
+    ) -> FlexTensor {
+        let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
+        let [batch, channels, height, width] = shape4(&x);
+        let kernel = shape4(&weight)[2];
+        let [top, bottom, left, right] = padding;
+        let d = Depthwise {
+            batch,
+            channels,
+            height,
+            width,
+            kernel,
+            stride,
+            pad_top: top,
+            pad_left: left,
+            out_height: (height + top + bottom - kernel) / stride + 1,
+            out_width: (width + left + right - kernel) / stride + 1,
+        };
+        let epi = Epilogue {
+            bias: bias.storage(),
+            relu6,
+            residual: None,
+        };
+        let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
+        flex(out, [batch, channels, d.out_height, d.out_width])
+    }
+}
+
+thread_local! {
+    /// Set by [`generic_only`]: the reference the fused paths are tested against.
+    static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every conv on burn's generic ops (no fused inference kernel, no matmul form,
+/// no own depthwise backward) on this thread: the reference for parity tests and benchmarks.
+pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
+    GENERIC_ONLY.with(|g| g.set(true));
+    let out = f();
+    GENERIC_ONLY.with(|g| g.set(false));
+    out
+}
+
+fn generic() -> bool {
+    GENERIC_ONLY.with(|g| g.get())
+}
+
+/// What follows a conv and its BatchNorm in an MBConv network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Relu6,
+    Nothing,
+}
+
+/// `after(bn(conv(x))) [+ residual]`, fused on flex when `bn` has been folded into `conv`.
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &FrozenBatchNorm,
+    x: Tensor<4>,
+    after: After,
+    residual: Option<Tensor<4>>,
+) -> Tensor<4> {
+    if let Some(y) = try_fused(conv, bn, &x, after, &residual) {
+        return y;
+    }
+    let mut y = bn.forward(conv_generic(conv, x));
+    if after == After::Relu6 {
+        y = relu6(y);
+    }
+    match residual {
+        Some(r) => y + r,
+        None => y,
+    }
+}
+
+/// `conv.forward(x)` with burn's generic ops, except for two convs whose generic backward is
+/// slow: a 1×1 conv is written as a batched matmul `[o, i] × [b, i, h·w]`, so that its weight
+/// gradient is one GEMM per image where burn's conv backward makes one matrix–vector product
+/// per input channel; and on flex a depthwise conv runs with its own backward
+/// (`depthwise_grad`).
+fn conv_generic(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    if generic() {
+        return conv.forward(x);
+    }
+    let [outputs, per_group, kh, kw] = conv.weight.dims();
+    let [batch, channels, height, width] = x.dims();
+    let device = x.device();
+    let on_flex = device == Device::flex() || device == Device::flex().autodiff();
+    if on_flex && per_group == 1 && conv.groups == channels && outputs == channels && kh == kw {
+        if let (Some(padding), [s, t]) = (padding_of(conv, kh, height, width), conv.stride) {
+            if s == t {
+                let y = depthwise(x, conv.weight.val(), s, padding);
+                return match &conv.bias {
+                    Some(bias) => y + bias.val().reshape([1, outputs, 1, 1]),
+                    None => y,
+                };
+            }
+        }
+    }
+    if kh != 1 || kw != 1 || conv.stride != [1, 1] || conv.groups != 1 || per_group != channels {
+        return conv.forward(x);
+    }
+    let weight = conv.weight.val().reshape([1, outputs, channels]);
+    let y = weight.matmul(x.reshape([batch, channels, height * width]));
+    let y = match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, outputs, 1]),
+        None => y,
+    };
+    y.reshape([batch, outputs, height, width])
+}
+
+fn try_fused(
+    conv: &Conv2d,
+    bn: &FrozenBatchNorm,
+    x: &Tensor<4>,
+    after: After,
+    residual: &Option<Tensor<4>>,
+) -> Option<Tensor<4>> {
+    if !bn.is_folded() || x.device() != Device::flex() || generic() {
+        return None;
+    }
+    let bias = conv.bias.as_ref()?.val();
+    let weight = conv.weight.val();
+    let [outputs, per_group, kh, kw] = weight.dims();
+    let [_, channels, height, width] = x.dims();
+    let relu = after == After::Relu6;
+    let pointwise = kh == 1 && kw == 1 && conv.stride == [1, 1] && conv.groups == 1;
+    let depthwise = per_group == 1 && conv.groups == channels && outputs == channels && kh == kw;
+    let out = if pointwise && residual.is_none() {
+        <Dispatch as FusedConvOps>::pointwise_conv(
+            x.clone().into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            relu,
+        )
+    } else if pointwise && !relu {
+        <Dispatch as FusedConvOps>::pointwise_conv_add(
+            x.clone().into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            residual.clone()?.into_dispatch(),
+        )
+    } else if depthwise && residual.is_none() {
+        let [top, bottom, left, right] = padding_of(conv, kh, height, width)?;
+        <Dispatch as FusedConvOps>::depthwise_conv(
+            x.clone().into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            conv.stride[0],
+            [top, bottom, left, right],
+            relu,
+        )
+    } else {
+        return None;
+    };
+    Some(Tensor::from_dispatch(out))
+}
+
+/// (top, bottom, left, right) of a square conv with "SAME" padding; `None` for any other.
+fn padding_of(conv: &Conv2d, kernel: usize, height: usize, width: usize) -> Option<[usize; 4]> {
+    if !matches!(conv.padding, PaddingConfig2d::Same) || conv.stride[0] != conv.stride[1] {
+        return None;
+    }
+    let s = conv.stride[0];
+    let (top, bottom) = same_padding(kernel, s, height);
+    let (left, right) = same_padding(kernel, s, width);
+    Some([top, bottom, left, right])
+}
+
+/// TensorFlow's "SAME" padding of one axis, as burn's `PaddingConfig2d::Same` computes it
+/// (burn keeps its own helper private): the odd pixel goes to the end.
+fn same_padding(kernel: usize, stride: usize, size: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let total = (out.saturating_sub(1) * stride + kernel).saturating_sub(size);
+    (total / 2, total - total / 2)
+}

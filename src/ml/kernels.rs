@@ -1,0 +1,528 @@
+//! CPU kernels for the inference convolutions of an MBConv network with BatchNorm folded in:
+//! pointwise (1×1) and depthwise convs on NCHW `f32` data, each with its bias, ReLU6 and
+//! residual add done in the same pass (the "epilogue").
+//!
+//! Why not burn-flex's own convs: flex runs the GEMM over the whole image, then adds the bias
+//! in a second pass, and BatchNorm, the clamp and the residual add are three to four more
+//! passes over memory. Here the GEMM runs per block of spatial columns and the epilogue runs
+//! while that block is still in cache. flex's depthwise path is scalar for stride 2; here each
+//! stride-2 plane is split into its even and odd columns first, so every inner loop is a
+//! contiguous multiply-add that the compiler vectorises (AVX2 or AVX-512 chosen at run time).
+//!
+//! These are raw-slice functions with no burn types; `fused.rs` exposes them as a burn
+//! backend extension on flex.
+
+use rayon::prelude::*;
+
+/// What follows the convolution's sum, per output element.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// One per output channel.
+    pub bias: &'a [f32],
+    /// Clamp to [0, 6] after the bias.
+    pub relu6: bool,
+    /// Added last (after the clamp, which is never used together with it in MBConv), laid
+    /// out like the output.
+    pub residual: Option<&'a [f32]>,
+}
+
+/// Floats of input and output columns a pointwise block aims to keep in a core's L2 cache.
+const BLOCK_FLOATS: usize = 48 * 1024;
+
+/// Raw output pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every task writes a region no other task touches (see the callers).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Declares `$name` that calls `$body` compiled with AVX-512, with AVX2 + FMA, or plainly,
+/// whichever this CPU supports: the kernels' loops are plain Rust, so the same source is
+/// vectorised three ways and the choice is made at run time (the binary stays portable).
+macro_rules! versions {
+    ($vis:vis fn $name:ident => $body:ident ($($arg:ident : $ty:ty),* $(,)?)) => {
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) { $body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) { $body($($arg),*) }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+/// Shape of a pointwise convolution's operands.
+#[derive(Debug, Clone, Copy)]
+pub struct Pointwise {
+    pub batch: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+    /// Pixels per image (h · w).
+    pub spatial: usize,
+}
+
+/// `out[b, o, p] = epilogue(Σ_i weight[o, i] · x[b, i, p])`.
+///
+/// The work is cut into (image, block of columns, block of output rows) tasks: columns so
+/// that the input panel and the output block stay in cache for the epilogue, rows only when
+/// there are too few column blocks to keep every core busy (small late-stage images).
+pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
+    let Pointwise {
+        batch,
+        inputs,
+        outputs,
+        spatial,
+    } = shape;
+    assert_eq!(x.len(), batch * inputs * spatial, "pointwise input size");
+    assert_eq!(weight.len(), outputs * inputs, "pointwise weight size");
+    assert_eq!(epi.bias.len(), outputs, "pointwise bias size");
+    let total = batch * outputs * spatial;
+    if let Some(r) = epi.residual {
+        assert_eq!(r.len(), total, "pointwise residual size");
+    }
+    let cols = (BLOCK_FLOATS / (inputs + outputs))
+        .max(16)
+        .min(spatial.max(1));
+    let col_blocks = spatial.div_ceil(cols);
+    let want = 2 * rayon::current_num_threads();
+    let row_parts = (want.div_ceil(batch * col_blocks)).clamp(1, outputs.div_ceil(16).max(1));
+    let rows = outputs.div_ceil(row_parts).next_multiple_of(8).min(outputs);
+    let row_blocks = outputs.div_ceil(rows);
+
+    // Every element is written by the GEMM (which does not read it) before the epilogue, so
+    // the buffer is not zeroed first: that would be one more pass over the output.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let dst = Out(out.as_mut_ptr());
+    (0..batch * col_blocks * row_blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let rb = task % row_blocks;
+            let cb = (task / row_blocks) % col_blocks;
+            let b = task / (row_blocks * col_blocks);
+            let (r0, c0) = (rb * rows, cb * cols);
+            let (m, n) = (rows.min(outputs - r0), cols.min(spatial - c0));
+            let at = b * outputs * spatial + r0 * spatial + c0;
+            let dst = dst;
+            // SAFETY: the operands are in bounds by the asserts above (rows r0..r0+m of the
+            // weight, columns c0..c0+n of image b), and each task's output block is disjoint.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    inputs,
+                    dst.0.add(at),
+                    1,
+                    spatial as isize,
+                    false,
+                    weight.as_ptr().add(r0 * inputs),
+                    1,
+                    inputs as isize,
+                    x.as_ptr().add(b * inputs * spatial + c0),
+                    1,
+                    spatial as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for o in 0..m {
+                let row = at + o * spatial;
+                // SAFETY: as above; this row segment belongs to this task alone.
+                let block = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row), n) };
+                let residual = epi.residual.map(|r| &r[row..row + n]);
+                finish(block, epi.bias[r0 + o], epi.relu6, residual);
+            }
+        });
+    // SAFETY: the tasks above cover every (image, row, column) once, and each wrote its block.
+    unsafe { out.set_len(total) };
+    out
+}
+
+versions!(fn finish => finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>));
+
+#[inline(always)]
+fn finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>) {
+    match (relu6, residual) {
+        (true, None) => out
+            .iter_mut()
+            .for_each(|v| *v = (*v + bias).clamp(0.0, 6.0)),
+        (false, None) => out.iter_mut().for_each(|v| *v += bias),
+        (relu6, Some(r)) => out.iter_mut().zip(r).for_each(|(v, r)| {
+            let y = *v + bias;
+            *v = if relu6 { y.clamp(0.0, 6.0) } else { y } + r;
+        }),
+    }
+}
+
+/// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
+const MAX_KERNEL: usize = 11;
+
+/// Shape and padding of a depthwise convolution (one k×k filter per channel).
+#[derive(Debug, Clone, Copy)]
+pub struct Depthwise {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    /// Zero rows above and columns left of the image; the bottom and right padding follow
+    /// from the output size.
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+/// `out[b, c, y, x] = epilogue(Σ_{i,j} weight[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
+/// with zeros outside the image; one task per (image, channel) plane.
+pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
+    let d = shape;
+    let plane_in = d.height * d.width;
+    let plane_out = d.out_height * d.out_width;
+    assert!(
+        d.stride >= 1 && d.kernel >= 1,
+        "depthwise stride and kernel"
+    );
+    assert_eq!(
+        x.len(),
+        d.batch * d.channels * plane_in,
+        "depthwise input size"
+    );
+    assert_eq!(
+        weight.len(),
+        d.channels * d.kernel * d.kernel,
+        "depthwise weight size"
+    );
+    assert_eq!(epi.bias.len(), d.channels, "depthwise bias size");
+    assert!(
+        epi.residual.is_none(),
+        "no residual after a depthwise conv in MBConv"
+    );
+    let mut out = vec![0f32; d.batch * d.channels * plane_out];
+    out.par_chunks_mut(plane_out.max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (plane, dst)| {
+            let c = plane % d.channels;
+            let src = &x[plane * plane_in..][..plane_in];
+            let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
+            depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch);
+        });
+    out
+}
+
+versions!(fn depthwise_plane => depthwise_plane_body(
+    d: &Depthwise, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [f32],
+    scratch: &mut Vec<f32>,
+));
+
+/// One plane. The input is first copied into `scratch` with its zero padding and, for stride
+/// `s > 1`, regrouped by `column mod s`, so that the columns one tap reads for consecutive
+/// outputs are consecutive and always in bounds. Each run of `N` outputs of a row is then
+/// summed over every tap in registers and stored once.
+#[inline(always)]
+fn depthwise_plane_body(
+    d: &Depthwise,
+    src: &[f32],
+    taps: &[f32],
+    bias: f32,
+    relu6: bool,
+    dst: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if d.out_width > 8 {
+        plane_in_runs::<16>(d, src, taps, bias, relu6, dst, scratch)
+    } else {
+        plane_in_runs::<8>(d, src, taps, bias, relu6, dst, scratch)
+    }
+}
+
+#[inline(always)]
+fn plane_in_runs<const N: usize>(
+    d: &Depthwise,
+    src: &[f32],
+    taps: &[f32],
+    bias: f32,
+    relu6: bool,
+    dst: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (s, k, w) = (d.stride, d.kernel, d.width);
+    let runs = d.out_width.div_ceil(N);
+    // Padded rows the outputs read, and the width of one phase's padded row: enough for the
+    // last run's reads, past the image's right edge if need be.
+    let rows = (d.out_height - 1) * s + k;
+    let phase_width = runs * N + (k - 1) / s;
+    scratch.clear();
+    scratch.resize(s * rows * phase_width, 0.0);
+    for r in 0..rows {
+        let Some(y) = r.checked_sub(d.pad_top).filter(|&y| y < d.height) else {
+            continue;
+        };
+        let row = &src[y * w..][..w];
+        for p in 0..s {
+            let out = &mut scratch[(p * rows + r) * phase_width..][..phase_width];
+            // Padded column c · s + p holds image column c · s + p − left: the first c with a
+            // column in the image, then every s-th column from there.
+            let first = d.pad_left.saturating_sub(p).div_ceil(s);
+            let Some(x0) = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w) else {
+                continue;
+            };
+            let out = &mut out[first..];
+            if s == 1 {
+                let n = out.len().min(w - x0);
+                out[..n].copy_from_slice(&row[x0..x0 + n]);
+            } else {
+                out.iter_mut()
+                    .zip(row[x0..].iter().step_by(s))
+                    .for_each(|(o, v)| *o = *v);
+            }
+        }
+    }
+    // Where tap column j starts in the scratch, relative to a row of phase j mod s.
+    let mut column = [0usize; MAX_KERNEL];
+    assert!(k <= MAX_KERNEL, "depthwise kernel up to {MAX_KERNEL}");
+    for (j, c) in column.iter_mut().enumerate().take(k) {
+        *c = (j % s) * rows * phase_width + j / s;
+    }
+    let ow = d.out_width;
+    let mut from = [0usize; MAX_KERNEL * MAX_KERNEL];
+    let from = &mut from[..k * k];
+    for (y, out_row) in dst.chunks_exact_mut(ow).enumerate() {
+        for (i, row) in from.chunks_exact_mut(k).enumerate() {
+            let start = (y * s + i) * phase_width;
+            for (f, c) in row.iter_mut().zip(&column) {
+                *f = c + start;
+            }
+        }
+        let reach = from.iter().copied().max().unwrap_or(0);
+        let mut run = [0f32; N];
+        for r in 0..runs {
+            sum_taps::<N>(scratch, from, reach, taps, r * N, bias, &mut run);
+            if relu6 {
+                run.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+            }
+            let x0 = r * N;
+            let n = N.min(ow - x0);
+            out_row[x0..x0 + n].copy_from_slice(&run[..n]);
+        }
+    }
+}
+
+/// `out[l] = bias + Σ_t taps[t] · scratch[from[t] + at + l]` for `l < N`; `reach` is the
+/// largest of `from`.
+#[inline(always)]
+fn sum_taps<const N: usize>(
+    scratch: &[f32],
+    from: &[usize],
+    reach: usize,
+    taps: &[f32],
+    at: usize,
+    bias: f32,
+    out: &mut [f32; N],
+) {
+    assert!(
+        reach + at + N <= scratch.len(),
+        "depthwise scratch holds every read"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if N % 8 == 0 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
+        unsafe { sum_taps_avx2(scratch, from, taps, at, bias, out) };
+        return;
+    }
+    out.fill(bias);
+    for (&f, &tap) in from.iter().zip(taps) {
+        let input = &scratch[f + at..][..N];
+        for (o, v) in out.iter_mut().zip(input) {
+            *o += tap * v;
+        }
+    }
+}
+
+/// [`sum_taps`] in AVX2 registers, written out because the compiler's vectoriser does not
+/// keep these sums in registers on its own. Four independent sums per vector of outputs take
+/// turns over the taps, so that each FMA need not wait for the previous one's result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_taps_avx2<const N: usize>(
+    scratch: &[f32],
+    from: &[usize],
+    taps: &[f32],
+    at: usize,
+    bias: f32,
+    out: &mut [f32; N],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller checked every read against the scratch length.
+    unsafe {
+        let base = scratch.as_ptr().add(at);
+        for v in (0..N).step_by(8) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            acc[0] = _mm256_set1_ps(bias);
+            let mut t = 0;
+            while t + 4 <= from.len() {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(base.add(from[t + u] + v));
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(taps[t + u]), x, *a);
+                }
+                t += 4;
+            }
+            while t < from.len() {
+                let x = _mm256_loadu_ps(base.add(from[t] + v));
+                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(taps[t]), x, acc[0]);
+                t += 1;
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            _mm256_storeu_ps(out.as_mut_ptr().add(v), sum);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The definition, written as plainly as possible.
+    fn depthwise_reference(d: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for b in 0..d.batch {
+            for c in 0..d.channels {
+                for y in 0..d.out_height {
+                    for xo in 0..d.out_width {
+                        let mut acc = bias[c];
+                        for i in 0..d.kernel {
+                            for j in 0..d.kernel {
+                                let yi = (y * d.stride + i) as isize - d.pad_top as isize;
+                                let xi = (xo * d.stride + j) as isize - d.pad_left as isize;
+                                if yi < 0
+                                    || xi < 0
+                                    || yi >= d.height as isize
+                                    || xi >= d.width as isize
+                                {
+                                    continue;
+                                }
+                                let v = x[((b * d.channels + c) * d.height + yi as usize)
+                                    * d.width
+                                    + xi as usize];
+                                acc += w[(c * d.kernel + i) * d.kernel + j] * v;
+                            }
+                        }
+                        out.push(acc);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn depthwise_matches_the_definition_for_every_stride_kernel_and_padding() {
+        for (h, w, kernel, stride, top, left) in [
+            (9, 7, 3, 1, 1, 1),
+            (9, 7, 3, 2, 0, 0),
+            (10, 11, 5, 2, 1, 2),
+            (7, 7, 5, 1, 2, 2),
+            (5, 6, 3, 3, 1, 0),
+        ] {
+            let oh = (h + stride - 1) / stride;
+            let ow = (w + stride - 1) / stride;
+            let d = Depthwise {
+                batch: 2,
+                channels: 3,
+                height: h,
+                width: w,
+                kernel,
+                stride,
+                pad_top: top,
+                pad_left: left,
+                out_height: oh,
+                out_width: ow,
+            };
+            let x = lcg(2 * 3 * h * w, 1);
+            let wt = lcg(3 * kernel * kernel, 2);
+            let bias = lcg(3, 3);
+            let epi = Epilogue {
+                bias: &bias,
+                relu6: false,
+                residual: None,
+            };
+            let got = depthwise(d, &x, &wt, epi);
+            let want = depthwise_reference(&d, &x, &wt, &bias);
+            assert_eq!(got.len(), want.len());
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() < 1e-5, "{d:?}: {g} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_the_definition_with_each_epilogue() {
+        let shape = Pointwise {
+            batch: 2,
+            inputs: 5,
+            outputs: 37,
+            spatial: 300,
+        };
+        let x = lcg(2 * 5 * 300, 4);
+        let w = lcg(37 * 5, 5);
+        let bias: Vec<f32> = lcg(37, 6).iter().map(|v| v * 8.0).collect();
+        let residual = lcg(2 * 37 * 300, 7);
+        for (relu6, res) in [(false, None), (true, None), (false, Some(&residual[..]))] {
+            let got = pointwise(
+                shape,
+                &x,
+                &w,
+                Epilogue {
+                    bias: &bias,
+                    relu6,
+                    residual: res,
+                },
+            );
+            for b in 0..2 {
+                for o in 0..37 {
+                    for p in 0..300 {
+                        let mut y = bias[o];
+                        for i in 0..5 {
+                            y += w[o * 5 + i] * x[(b * 5 + i) * 300 + p];
+                        }
+                        if relu6 {
+                            y = y.clamp(0.0, 6.0);
+                        }
+                        let at = (b * 37 + o) * 300 + p;
+                        if let Some(r) = res {
+                            y += r[at];
+                        }
+                        assert!((got[at] - y).abs() < 1e-5, "{relu6} {b} {o} {p}");
+                    }
+                }
+            }
+        }
+    }
+}
