@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # transferd side by side with the tutorial's Keras pipeline and ONNX Runtime (not a test).
-# Usage: bench/run.sh [ROUNDS] [DATASET_DIR]
+# Usage: bench/run.sh [ROUNDS] [DATASET_DIR] [--generic-baseline] [--skip-training]
 #   ROUNDS (default 2): training runs of each, alternating which goes first;
-#   DATASET_DIR (default ../shared/datasets/dogcat-sub): one folder per class, two classes.
+#   DATASET_DIR (default ../shared/datasets/dogcat-sub): one folder per class, two classes;
+#   --generic-baseline: also runs transferd on burn's generic convs (the CPU kernels' "before").
 # Builds the release binaries, makes the peers' virtual environments (cached in
 # ~/.cache/transferd/bench-venvs), and prints the markdown tables of bench/README.md.
 set -euo pipefail
@@ -32,4 +33,4 @@ ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
 echo "## $(date -u +%Y-%m-%d), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -m)"
 python3 bench/side_by_side.py --data "$DATASET" --rounds "$ROUNDS" \
     --transferd "$BIN/transferd" --bench "$BIN/bench" --weights "$WEIGHTS" \
-    --keras-python "$KERAS_PY" --onnx-python "$ONNX_PY"
+    --keras-python "$KERAS_PY" --onnx-python "$ONNX_PY" "${@:3}"

@@ -16,7 +16,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::frozen_bn::{FrozenBatchNorm, FrozenBatchNormConfig};
-use super::fused::{After, conv_bn};
+use super::fused::{After, conv_bn, fold};
 
 /// Channels of the pooled feature vector that the transfer head sees.
 pub const FEATURES: usize = 1280;
@@ -232,13 +232,13 @@ impl MbConv {
     pub fn folded(self) -> Self {
         let (expand_conv, bn0) = match (self.expand_conv, self.bn0) {
             (Some(conv), Some(bn)) => {
-                let (conv, bn) = bn.fold_into(conv);
+                let (conv, bn) = fold(bn, conv);
                 (Some(conv), Some(bn))
             }
             other => other,
         };
-        let (depthwise_conv, bn1) = self.bn1.fold_into(self.depthwise_conv);
-        let (project_conv, bn2) = self.bn2.fold_into(self.project_conv);
+        let (depthwise_conv, bn1) = fold(self.bn1, self.depthwise_conv);
+        let (project_conv, bn2) = fold(self.bn2, self.project_conv);
         Self {
             expand_conv,
             bn0,
@@ -347,8 +347,8 @@ impl EfficientNetLite {
     /// This network with every BatchNorm folded into its conv: what predictions and the
     /// frozen pass run (see `fused`). Never saved, never trained.
     pub fn folded(self) -> Self {
-        let (conv_stem, bn0) = self.bn0.fold_into(self.conv_stem);
-        let (conv_head, bn1) = self.bn1.fold_into(self.conv_head);
+        let (conv_stem, bn0) = fold(self.bn0, self.conv_stem);
+        let (conv_head, bn1) = fold(self.bn1, self.conv_head);
         Self {
             conv_stem,
             bn0,

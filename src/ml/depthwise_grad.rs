@@ -113,35 +113,38 @@ impl DepthwiseOps for Flex {
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.batch * d.channels * plane_in];
-        out.par_chunks_mut(plane_in)
-            .enumerate()
-            .for_each(|(p, gx)| {
-                let c = p % d.channels;
-                let gp = &g[p * plane_out..][..plane_out];
-                let taps = &w[c * k * k..][..k * k];
-                // Each output pixel hands its gradient back to the k² inputs it read.
-                for oy in 0..d.out_height {
-                    let grow = &gp[oy * d.out_width..][..d.out_width];
-                    for i in 0..k {
-                        let Some(y) = (oy * stride + i)
-                            .checked_sub(d.pad_top)
-                            .filter(|&y| y < d.height)
-                        else {
-                            continue;
-                        };
-                        let row = &mut gx[y * d.width..][..d.width];
-                        for j in 0..k {
-                            let t = taps[i * k + j];
-                            let range = valid(d.out_width, stride, j, d.pad_left, d.width);
-                            let x0 = (range.start * stride + j) - d.pad_left;
-                            let dst = row[x0..].iter_mut().step_by(stride);
-                            for (o, v) in dst.zip(&grow[range]) {
-                                *o += t * v;
-                            }
+        let run = |(p, gx): (usize, &mut [f32])| {
+            let c = p % d.channels;
+            let gp = &g[p * plane_out..][..plane_out];
+            let taps = &w[c * k * k..][..k * k];
+            // Each output pixel hands its gradient back to the k² inputs it read.
+            for oy in 0..d.out_height {
+                let grow = &gp[oy * d.out_width..][..d.out_width];
+                for i in 0..k {
+                    let Some(y) = (oy * stride + i)
+                        .checked_sub(d.pad_top)
+                        .filter(|&y| y < d.height)
+                    else {
+                        continue;
+                    };
+                    let row = &mut gx[y * d.width..][..d.width];
+                    for j in 0..k {
+                        let t = taps[i * k + j];
+                        let range = valid(d.out_width, stride, j, d.pad_left, d.width);
+                        let x0 = (range.start * stride + j) - d.pad_left;
+                        let dst = row[x0..].iter_mut().step_by(stride);
+                        for (o, v) in dst.zip(&grow[range]) {
+                            *o += t * v;
                         }
                     }
                 }
-            });
+            }
+        };
+        if super::lanes::in_lane() {
+            out.chunks_mut(plane_in).enumerate().for_each(run);
+        } else {
+            out.par_chunks_mut(plane_in).enumerate().for_each(run);
+        }
         flex(out, x_shape)
     }
 
@@ -159,7 +162,7 @@ impl DepthwiseOps for Flex {
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.channels * k * k];
         // One task per channel: its k² sums run over every image, so no two tasks share one.
-        out.par_chunks_mut(k * k).enumerate().for_each(|(c, gw)| {
+        let run = |(c, gw): (usize, &mut [f32])| {
             for b in 0..d.batch {
                 let p = b * d.channels + c;
                 let gp = &g[p * plane_out..][..plane_out];
@@ -183,7 +186,12 @@ impl DepthwiseOps for Flex {
                     }
                 }
             }
-        });
+        };
+        if super::lanes::in_lane() {
+            out.chunks_mut(k * k).enumerate().for_each(run);
+        } else {
+            out.par_chunks_mut(k * k).enumerate().for_each(run);
+        }
         flex(out, [d.channels, 1, k, k])
     }
 }

@@ -150,8 +150,13 @@ thread_local! {
     static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Set to `1`, the whole process runs the generic path (nothing folded, no fused kernel, no
+/// matmul form, no own depthwise backward): how the benchmarks measure "before" and "after"
+/// side by side in one run with one binary.
+pub const GENERIC_ENV: &str = "TRANSFERD_GENERIC_CONVS";
+
 /// Runs `f` with every conv on burn's generic ops (no fused inference kernel, no matmul form,
-/// no own depthwise backward) on this thread: the reference for parity tests and benchmarks.
+/// no own depthwise backward) on this thread: the reference for parity tests.
 pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
     GENERIC_ONLY.with(|g| g.set(true));
     let out = f();
@@ -160,7 +165,19 @@ pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn generic() -> bool {
+    static PROCESS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     GENERIC_ONLY.with(|g| g.get())
+        || *PROCESS.get_or_init(|| std::env::var_os(GENERIC_ENV).is_some_and(|v| v == "1"))
+}
+
+/// Folds `bn` into `conv` for inference ([`FrozenBatchNorm::fold_into`]), unless the generic
+/// path is asked for.
+pub fn fold(bn: FrozenBatchNorm, conv: Conv2d) -> (Conv2d, FrozenBatchNorm) {
+    if generic() {
+        (conv, bn)
+    } else {
+        bn.fold_into(conv)
+    }
 }
 
 /// What follows a conv and its BatchNorm in an MBConv network.

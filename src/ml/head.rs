@@ -11,7 +11,7 @@ use burn::prelude::*;
 
 use super::backbone::{Backbone, EfficientNetLite, EfficientNetLiteConfig, FEATURES, MbConv, pool};
 use super::frozen_bn::FrozenBatchNorm;
-use super::fused::{After, conv_bn};
+use super::fused::{After, conv_bn, fold};
 
 /// The stem conv and its BatchNorm.
 #[derive(Module, Debug)]
@@ -102,10 +102,10 @@ impl TransferModel {
     /// This model with every BatchNorm folded into its conv, for inference only (see
     /// `fused`): predictions load a model once and run it many times. Never saved or trained.
     pub fn folded(self) -> Self {
-        let (conv_head, bn1) = self.bn1.fold_into(self.conv_head);
+        let (conv_head, bn1) = fold(self.bn1, self.conv_head);
         TransferModel {
             stem: self.stem.map(|s| {
-                let (conv, bn) = s.bn.fold_into(s.conv);
+                let (conv, bn) = fold(s.bn, s.conv);
                 Stem { conv, bn }
             }),
             blocks: self.blocks.into_iter().map(MbConv::folded).collect(),

@@ -10,7 +10,8 @@
 //! contiguous multiply-add that the compiler vectorises (AVX2 or AVX-512 chosen at run time).
 //!
 //! These are raw-slice functions with no burn types; `fused.rs` exposes them as a burn
-//! backend extension on flex.
+//! backend extension on flex. They spread over the rayon pool, except on a thread that is one
+//! of several `lanes` (each core already has its own slice of the batch there).
 
 use rayon::prelude::*;
 
@@ -84,6 +85,8 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         outputs,
         spatial,
     } = shape;
+    // With no input channel the GEMM would leave the (unzeroed) output unwritten.
+    assert!(inputs > 0 && outputs > 0, "pointwise conv with channels");
     assert_eq!(x.len(), batch * inputs * spatial, "pointwise input size");
     assert_eq!(weight.len(), outputs * inputs, "pointwise weight size");
     assert_eq!(epi.bias.len(), outputs, "pointwise bias size");
@@ -104,49 +107,53 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
     // the buffer is not zeroed first: that would be one more pass over the output.
     let mut out: Vec<f32> = Vec::with_capacity(total);
     let dst = Out(out.as_mut_ptr());
-    (0..batch * col_blocks * row_blocks)
-        .into_par_iter()
-        .for_each(|task| {
-            let rb = task % row_blocks;
-            let cb = (task / row_blocks) % col_blocks;
-            let b = task / (row_blocks * col_blocks);
-            let (r0, c0) = (rb * rows, cb * cols);
-            let (m, n) = (rows.min(outputs - r0), cols.min(spatial - c0));
-            let at = b * outputs * spatial + r0 * spatial + c0;
-            let dst = dst;
-            // SAFETY: the operands are in bounds by the asserts above (rows r0..r0+m of the
-            // weight, columns c0..c0+n of image b), and each task's output block is disjoint.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    inputs,
-                    dst.0.add(at),
-                    1,
-                    spatial as isize,
-                    false,
-                    weight.as_ptr().add(r0 * inputs),
-                    1,
-                    inputs as isize,
-                    x.as_ptr().add(b * inputs * spatial + c0),
-                    1,
-                    spatial as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for o in 0..m {
-                let row = at + o * spatial;
-                // SAFETY: as above; this row segment belongs to this task alone.
-                let block = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row), n) };
-                let residual = epi.residual.map(|r| &r[row..row + n]);
-                finish(block, epi.bias[r0 + o], epi.relu6, residual);
-            }
-        });
+    let tasks = 0..batch * col_blocks * row_blocks;
+    let run = |task: usize| {
+        let rb = task % row_blocks;
+        let cb = (task / row_blocks) % col_blocks;
+        let b = task / (row_blocks * col_blocks);
+        let (r0, c0) = (rb * rows, cb * cols);
+        let (m, n) = (rows.min(outputs - r0), cols.min(spatial - c0));
+        let at = b * outputs * spatial + r0 * spatial + c0;
+        let dst = dst;
+        // SAFETY: the operands are in bounds by the asserts above (rows r0..r0+m of the
+        // weight, columns c0..c0+n of image b), and each task's output block is disjoint.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                inputs,
+                dst.0.add(at),
+                1,
+                spatial as isize,
+                false,
+                weight.as_ptr().add(r0 * inputs),
+                1,
+                inputs as isize,
+                x.as_ptr().add(b * inputs * spatial + c0),
+                1,
+                spatial as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for o in 0..m {
+            let row = at + o * spatial;
+            // SAFETY: as above; this row segment belongs to this task alone.
+            let block = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row), n) };
+            let residual = epi.residual.map(|r| &r[row..row + n]);
+            finish(block, epi.bias[r0 + o], epi.relu6, residual);
+        }
+    };
+    if super::lanes::in_lane() {
+        tasks.for_each(run);
+    } else {
+        tasks.into_par_iter().for_each(run);
+    }
     // SAFETY: the tasks above cover every (image, row, column) once, and each wrote its block.
     unsafe { out.set_len(total) };
     out
@@ -214,14 +221,22 @@ pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         "no residual after a depthwise conv in MBConv"
     );
     let mut out = vec![0f32; d.batch * d.channels * plane_out];
-    out.par_chunks_mut(plane_out.max(1))
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (plane, dst)| {
-            let c = plane % d.channels;
-            let src = &x[plane * plane_in..][..plane_in];
-            let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
-            depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch);
-        });
+    let run = |scratch: &mut Vec<f32>, (plane, dst): (usize, &mut [f32])| {
+        let c = plane % d.channels;
+        let src = &x[plane * plane_in..][..plane_in];
+        let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
+        depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch);
+    };
+    if super::lanes::in_lane() {
+        let mut scratch = Vec::new();
+        out.chunks_mut(plane_out.max(1))
+            .enumerate()
+            .for_each(|p| run(&mut scratch, p));
+    } else {
+        out.par_chunks_mut(plane_out.max(1))
+            .enumerate()
+            .for_each_init(Vec::new, run);
+    }
     out
 }
 

@@ -15,6 +15,17 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::prelude::*;
 
+thread_local! {
+    static IN_LANE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is one of several lanes of [`map_slices`]: every core already has its
+/// own slice, so the fused kernels (`kernels`) run their loops on this thread rather than
+/// handing them to the shared rayon pool, where the lanes would queue behind each other.
+pub fn in_lane() -> bool {
+    IN_LANE.with(|l| l.get())
+}
+
 /// Images per slice: small slices kept both cores busiest in the measurements (2 threads of
 /// 4–8 images beat 2 of 16), and they bound the memory of each thread's activations.
 const SLICE: usize = 8;
@@ -102,6 +113,7 @@ pub fn map_slices<T: Sync, R: Send>(
     std::thread::scope(|scope| {
         for _ in 0..lanes.min(slices.len()) {
             scope.spawn(|| {
+                IN_LANE.with(|l| l.set(true));
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(slice) = slices.get(i) else { break };
