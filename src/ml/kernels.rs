@@ -540,4 +540,47 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_lane_runs_the_kernels_on_its_own_thread_with_the_same_results() {
+        let shape = Pointwise {
+            batch: 1,
+            inputs: 8,
+            outputs: 24,
+            spatial: 200,
+        };
+        let d = Depthwise {
+            batch: 1,
+            channels: 4,
+            height: 12,
+            width: 12,
+            kernel: 5,
+            stride: 2,
+            pad_top: 1,
+            pad_left: 1,
+            out_height: 6,
+            out_width: 6,
+        };
+        let (x, w, bias) = (lcg(8 * 200, 8), lcg(24 * 8, 9), lcg(24, 10));
+        let epi = Epilogue {
+            bias: &bias,
+            relu6: true,
+            residual: None,
+        };
+        let (dx, dw) = (lcg(4 * 144, 11), lcg(4 * 25, 12));
+        let dwe = Epilogue {
+            bias: &bias[..4],
+            ..epi
+        };
+        let pooled = (pointwise(shape, &x, &w, epi), depthwise(d, &dx, &dw, dwe));
+        assert!(!crate::ml::lanes::in_lane());
+        let laned = crate::ml::lanes::map_slices(&[0, 1], 2, |_| {
+            assert!(crate::ml::lanes::in_lane(), "runs as a lane");
+            (pointwise(shape, &x, &w, epi), depthwise(d, &dx, &dw, dwe))
+        });
+        assert_eq!(laned.len(), 2);
+        for r in laned {
+            assert_eq!(r, pooled);
+        }
+    }
 }
