@@ -36,6 +36,16 @@ pub trait FusedConvOps: burn::backend::Backend {
         bias: FloatTensor<Self>,
         residual: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// A k×k conv over few channels (the stem) as im2col + the pointwise kernel: `[b, i, h,
+    /// w]` × `[o, i, k, k]` + bias, then ReLU6 if asked; `padding` as for depthwise.
+    fn small_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: [usize; 4],
+        relu6: bool,
+    ) -> FloatTensor<Self>;
     /// Depthwise k×k conv: `[b, c, h, w]` × `[c, 1, k, k]` + bias, then ReLU6 if asked;
     /// `padding` is (top, bottom, left, right) in pixels.
     fn depthwise_conv(
@@ -109,6 +119,46 @@ impl FusedConvOps for Flex {
         residual: FlexTensor,
     ) -> FlexTensor {
         pointwise_flex(x, weight, bias, false, Some(residual))
+    }
+
+    fn small_conv(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: usize,
+        padding: [usize; 4],
+        relu6: bool,
+    ) -> FlexTensor {
+        let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
+        let [batch, channels, height, width] = shape4(&x);
+        let [outputs, _, kernel, _] = shape4(&weight);
+        let [top, bottom, left, right] = padding;
+        let d = Depthwise {
+            batch,
+            channels,
+            height,
+            width,
+            kernel,
+            stride,
+            pad_top: top,
+            pad_left: left,
+            out_height: (height + top + bottom - kernel) / stride + 1,
+            out_width: (width + left + right - kernel) / stride + 1,
+        };
+        let columns = kernels::im2col(d, x.storage());
+        let shape = Pointwise {
+            batch,
+            inputs: channels * kernel * kernel,
+            outputs,
+            spatial: d.out_height * d.out_width,
+        };
+        let epi = Epilogue {
+            bias: bias.storage(),
+            relu6,
+            residual: None,
+        };
+        let out = kernels::pointwise(shape, &columns, weight.storage(), epi);
+        flex(out, [batch, outputs, d.out_height, d.out_width])
     }
 
     fn depthwise_conv(
@@ -285,11 +335,26 @@ fn try_fused(
             [top, bottom, left, right],
             relu,
         )
+    } else if conv.groups == 1 && per_group * kh * kw <= MAX_IM2COL && residual.is_none() {
+        // The stem: few input channels, so its im2col matrix is small.
+        let padding = padding_of(conv, kh, height, width)?;
+        <Dispatch as FusedConvOps>::small_conv(
+            x.clone().into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+            conv.stride[0],
+            padding,
+            relu,
+        )
     } else {
         return None;
     };
     Some(Tensor::from_dispatch(out))
 }
+
+/// Largest `channels · k · k` of a conv run as im2col + GEMM ([`FusedConvOps::small_conv`]):
+/// Lite's stem (3 · 3 · 3) and nothing wide, whose copied matrix would be large.
+const MAX_IM2COL: usize = 64;
 
 /// (top, bottom, left, right) of a square conv with "SAME" padding; `None` for any other.
 fn padding_of(conv: &Conv2d, kernel: usize, height: usize, width: usize) -> Option<[usize; 4]> {

@@ -175,6 +175,51 @@ fn finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>
     }
 }
 
+/// The im2col matrix of a k×k conv with the geometry `d` (its `channels` are the conv's
+/// inputs): `[b, c · k · k, oh · ow]`, rows ordered (channel, kernel row, kernel column) as a
+/// conv weight `[o, c, k, k]` is, zeros where a tap falls in the padding.
+pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
+    let (k, s) = (d.kernel, d.stride);
+    let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
+    assert_eq!(
+        x.len(),
+        d.batch * d.channels * plane_in,
+        "im2col input size"
+    );
+    let rows = d.channels * k * k;
+    let mut out = vec![0f32; d.batch * rows * plane_out];
+    let fill = |(r, dst): (usize, &mut [f32])| {
+        let (b, row) = (r / rows, r % rows);
+        let (c, i, j) = (row / (k * k), row / k % k, row % k);
+        let src = &x[(b * d.channels + c) * plane_in..][..plane_in];
+        for (oy, out_row) in dst.chunks_exact_mut(d.out_width).enumerate() {
+            let Some(y) = (oy * s + i)
+                .checked_sub(d.pad_top)
+                .filter(|&y| y < d.height)
+            else {
+                continue;
+            };
+            let line = &src[y * d.width..][..d.width];
+            for (ox, v) in out_row.iter_mut().enumerate() {
+                if let Some(xi) = (ox * s + j)
+                    .checked_sub(d.pad_left)
+                    .filter(|&xi| xi < d.width)
+                {
+                    *v = line[xi];
+                }
+            }
+        }
+    };
+    if super::lanes::in_lane() {
+        out.chunks_mut(plane_out.max(1)).enumerate().for_each(fill);
+    } else {
+        out.par_chunks_mut(plane_out.max(1))
+            .enumerate()
+            .for_each(fill);
+    }
+    out
+}
+
 /// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
 const MAX_KERNEL: usize = 11;
 
