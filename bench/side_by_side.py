@@ -226,7 +226,8 @@ def report_generic(ours, before, flex, flex_before):
                         ("`POST /api/predict` p50, 1 photo", lambda r: r["predict1_p50_ms"] / 1e3),
                         ("`POST /api/predict` p50, 32 photos", lambda r: r["predict32_p50_ms"] / 1e3)]:
             b, a = mean(before, f), mean(ours, f)
-            print(f"| {name} | {b:.2f} s | {a:.2f} s | {b / a:.2f}× |")
+            unit = (lambda v: f"{v * 1e3:.1f} ms") if b < 5 else (lambda v: f"{v:.1f} s")
+            print(f"| {name} | {unit(b)} | {unit(a)} | {b / a:.2f}× |")
         accs = lambda rows: ", ".join(f"{r['val_accuracy'] * 100:.2f}%" for r in rows)
         print(f"| validation accuracy | {accs(before)} | {accs(ours)} | |")
 

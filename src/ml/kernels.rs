@@ -327,30 +327,36 @@ fn plane_in_runs<const N: usize>(
     // last run's reads, past the image's right edge if need be.
     let rows = (d.out_height - 1) * s + k;
     let phase_width = runs * N + (k - 1) / s;
-    scratch.clear();
+    // Every element of the scratch is written below, once: zeros where the padding is, the
+    // image elsewhere (so it is not cleared first, which would be one more pass).
     scratch.resize(s * rows * phase_width, 0.0);
     for r in 0..rows {
-        let Some(y) = r.checked_sub(d.pad_top).filter(|&y| y < d.height) else {
-            continue;
-        };
-        let row = &src[y * w..][..w];
+        let row = r
+            .checked_sub(d.pad_top)
+            .filter(|&y| y < d.height)
+            .map(|y| &src[y * w..][..w]);
         for p in 0..s {
             let out = &mut scratch[(p * rows + r) * phase_width..][..phase_width];
             // Padded column c · s + p holds image column c · s + p − left: the first c with a
             // column in the image, then every s-th column from there.
-            let first = d.pad_left.saturating_sub(p).div_ceil(s);
-            let Some(x0) = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w) else {
+            let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
+            let x0 = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w);
+            let (Some(row), Some(x0)) = (row, x0) else {
+                out.fill(0.0);
                 continue;
             };
-            let out = &mut out[first..];
+            let n = (w - x0).div_ceil(s).min(phase_width - first);
+            out[..first].fill(0.0);
+            let (image, right) = out[first..].split_at_mut(n);
             if s == 1 {
-                let n = out.len().min(w - x0);
-                out[..n].copy_from_slice(&row[x0..x0 + n]);
+                image.copy_from_slice(&row[x0..x0 + n]);
             } else {
-                out.iter_mut()
+                image
+                    .iter_mut()
                     .zip(row[x0..].iter().step_by(s))
                     .for_each(|(o, v)| *o = *v);
             }
+            right.fill(0.0);
         }
     }
     // Where tap column j starts in the scratch, relative to a row of phase j mod s.
