@@ -3,10 +3,11 @@
 //!
 //! Inference never trains BatchNorm, so [`FrozenBatchNorm::fold_into`] folds it into the conv's
 //! weights and bias once, when a model is loaded for predictions or for the frozen pass. On a
-//! plain flex tensor the folded pointwise and depthwise convs then run through the backend
-//! extension [`FusedConvOps`] (kernels in `kernels.rs`). Everything else (wgpu, an autodiff
-//! tensor being trained, a conv that is neither 1×1 nor depthwise, an unfolded BatchNorm) takes
-//! burn's generic ops, so gradients and the GPU path are unchanged.
+//! plain flex tensor the folded pointwise, depthwise and stem (few-channel, im2col) convs then
+//! run through the backend extension [`FusedConvOps`] (kernels in `kernels`). While training
+//! on flex, 1×1 convs run as matmuls and depthwise convs with their own backward
+//! (`depthwise_grad`), because burn's generic conv backward is slow for both. wgpu keeps
+//! burn's own ops throughout.
 
 use burn::backend::{Dispatch, Flex, backend_extension, tensor::FloatTensor};
 use burn::nn::PaddingConfig2d;
@@ -15,9 +16,9 @@ use burn::prelude::*;
 use burn::tensor::activation::relu6;
 use burn_flex::FlexTensor;
 
-use super::depthwise_grad::depthwise;
+use super::depthwise_grad::{depthwise, dims as shape4, flex, geometry};
 use super::frozen_bn::FrozenBatchNorm;
-use super::kernels::{self, Depthwise, Epilogue, Pointwise};
+use super::kernels::{self, Epilogue, Pointwise};
 
 /// Fused convolutions with BatchNorm already folded into `weight` and `bias`.
 #[backend_extension(Flex)]
@@ -65,15 +66,6 @@ fn floats(t: &FlexTensor) -> FlexTensor {
         "fused convs run in f32"
     );
     t.to_contiguous()
-}
-
-fn shape4(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
-    [s[0], s[1], s[2], s[3]]
-}
-
-fn flex(data: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(data, shape))
 }
 
 fn pointwise_flex(
@@ -132,19 +124,7 @@ impl FusedConvOps for Flex {
         let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
         let [batch, channels, height, width] = shape4(&x);
         let [outputs, _, kernel, _] = shape4(&weight);
-        let [top, bottom, left, right] = padding;
-        let d = Depthwise {
-            batch,
-            channels,
-            height,
-            width,
-            kernel,
-            stride,
-            pad_top: top,
-            pad_left: left,
-            out_height: (height + top + bottom - kernel) / stride + 1,
-            out_width: (width + left + right - kernel) / stride + 1,
-        };
+        let d = geometry([batch, channels, height, width], kernel, stride, padding);
         let columns = kernels::im2col(d, x.storage());
         let shape = Pointwise {
             batch,
@@ -170,28 +150,14 @@ impl FusedConvOps for Flex {
         relu6: bool,
     ) -> FlexTensor {
         let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-        let [batch, channels, height, width] = shape4(&x);
-        let kernel = shape4(&weight)[2];
-        let [top, bottom, left, right] = padding;
-        let d = Depthwise {
-            batch,
-            channels,
-            height,
-            width,
-            kernel,
-            stride,
-            pad_top: top,
-            pad_left: left,
-            out_height: (height + top + bottom - kernel) / stride + 1,
-            out_width: (width + left + right - kernel) / stride + 1,
-        };
+        let d = geometry(shape4(&x), shape4(&weight)[2], stride, padding);
         let epi = Epilogue {
             bias: bias.storage(),
             relu6,
             residual: None,
         };
         let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
-        flex(out, [batch, channels, d.out_height, d.out_width])
+        flex(out, [d.batch, d.channels, d.out_height, d.out_width])
     }
 }
 
@@ -271,7 +237,8 @@ fn conv_generic(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let [batch, channels, height, width] = x.dims();
     let device = x.device();
     let on_flex = device == Device::flex() || device == Device::flex().autodiff();
-    if on_flex && per_group == 1 && conv.groups == channels && outputs == channels && kh == kw {
+    let is_depthwise = per_group == 1 && conv.groups == channels && outputs == channels;
+    if on_flex && is_depthwise && kh == kw && conv.dilation == [1, 1] {
         if let (Some(padding), [s, t]) = (padding_of(conv, kh, height, width), conv.stride) {
             if s == t {
                 let y = depthwise(x, conv.weight.val(), s, padding);
@@ -282,7 +249,9 @@ fn conv_generic(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
             }
         }
     }
-    if kh != 1 || kw != 1 || conv.stride != [1, 1] || conv.groups != 1 || per_group != channels {
+    // On flex only: wgpu keeps burn's own conv (its kernels are another matter entirely).
+    let is_pointwise = kh == 1 && kw == 1 && conv.stride == [1, 1] && conv.groups == 1;
+    if !on_flex || !is_pointwise || per_group != channels || conv.dilation != [1, 1] {
         return conv.forward(x);
     }
     let weight = conv.weight.val().reshape([1, outputs, channels]);
@@ -301,7 +270,7 @@ fn try_fused(
     after: After,
     residual: &Option<Tensor<4>>,
 ) -> Option<Tensor<4>> {
-    if !bn.is_folded() || x.device() != Device::flex() || generic() {
+    if !bn.is_folded() || x.device() != Device::flex() || generic() || conv.dilation != [1, 1] {
         return None;
     }
     let bias = conv.bias.as_ref()?.val();
@@ -335,7 +304,11 @@ fn try_fused(
             [top, bottom, left, right],
             relu,
         )
-    } else if conv.groups == 1 && per_group * kh * kw <= MAX_IM2COL && residual.is_none() {
+    } else if conv.groups == 1
+        && kh == kw
+        && per_group * kh * kw <= MAX_IM2COL
+        && residual.is_none()
+    {
         // The stem: few input channels, so its im2col matrix is small.
         let padding = padding_of(conv, kh, height, width)?;
         <Dispatch as FusedConvOps>::small_conv(

@@ -6,10 +6,11 @@
 //! in a second pass, and BatchNorm, the clamp and the residual add are three to four more
 //! passes over memory. Here the GEMM runs per block of spatial columns and the epilogue runs
 //! while that block is still in cache. flex's depthwise path is scalar for stride 2; here each
-//! stride-2 plane is split into its even and odd columns first, so every inner loop is a
-//! contiguous multiply-add that the compiler vectorises (AVX2 or AVX-512 chosen at run time).
+//! plane is copied once, padded and (for stride 2) split into its even and odd columns, so
+//! every tap reads contiguous inputs, summed in AVX2 registers by hand-written intrinsics (the
+//! compiler's vectoriser did not keep these sums in registers).
 //!
-//! These are raw-slice functions with no burn types; `fused.rs` exposes them as a burn
+//! These are raw-slice functions with no burn types (the depthwise kernel in `depthwise`); `fused.rs` exposes them as a burn
 //! backend extension on flex. They spread over the rayon pool, except on a thread that is one
 //! of several `lanes` (each core already has its own slice of the batch there).
 
@@ -49,7 +50,10 @@ macro_rules! versions {
                 unsafe fn v4($($arg: $ty),*) { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) { $body($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") {
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: the CPU has the features the function was compiled for.
                     return unsafe { v4($($arg),*) };
                 }
@@ -62,6 +66,9 @@ macro_rules! versions {
         }
     };
 }
+
+mod depthwise;
+pub use depthwise::depthwise;
 
 /// Shape of a pointwise convolution's operands.
 #[derive(Debug, Clone, Copy)]
@@ -220,9 +227,6 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
-const MAX_KERNEL: usize = 11;
-
 /// Shape and padding of a depthwise convolution (one k×k filter per channel).
 #[derive(Debug, Clone, Copy)]
 pub struct Depthwise {
@@ -240,230 +244,12 @@ pub struct Depthwise {
     pub out_width: usize,
 }
 
-/// `out[b, c, y, x] = epilogue(Σ_{i,j} weight[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
-/// with zeros outside the image; one task per (image, channel) plane.
-pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
-    let d = shape;
-    let plane_in = d.height * d.width;
-    let plane_out = d.out_height * d.out_width;
-    assert!(
-        d.stride >= 1 && d.kernel >= 1,
-        "depthwise stride and kernel"
-    );
-    assert_eq!(
-        x.len(),
-        d.batch * d.channels * plane_in,
-        "depthwise input size"
-    );
-    assert_eq!(
-        weight.len(),
-        d.channels * d.kernel * d.kernel,
-        "depthwise weight size"
-    );
-    assert_eq!(epi.bias.len(), d.channels, "depthwise bias size");
-    assert!(
-        epi.residual.is_none(),
-        "no residual after a depthwise conv in MBConv"
-    );
-    let mut out = vec![0f32; d.batch * d.channels * plane_out];
-    let run = |scratch: &mut Vec<f32>, (plane, dst): (usize, &mut [f32])| {
-        let c = plane % d.channels;
-        let src = &x[plane * plane_in..][..plane_in];
-        let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
-        depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch);
-    };
-    if super::lanes::in_lane() {
-        let mut scratch = Vec::new();
-        out.chunks_mut(plane_out.max(1))
-            .enumerate()
-            .for_each(|p| run(&mut scratch, p));
-    } else {
-        out.par_chunks_mut(plane_out.max(1))
-            .enumerate()
-            .for_each_init(Vec::new, run);
-    }
-    out
-}
-
-versions!(fn depthwise_plane => depthwise_plane_body(
-    d: &Depthwise, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [f32],
-    scratch: &mut Vec<f32>,
-));
-
-/// One plane. The input is first copied into `scratch` with its zero padding and, for stride
-/// `s > 1`, regrouped by `column mod s`, so that the columns one tap reads for consecutive
-/// outputs are consecutive and always in bounds. Each run of `N` outputs of a row is then
-/// summed over every tap in registers and stored once.
-#[inline(always)]
-fn depthwise_plane_body(
-    d: &Depthwise,
-    src: &[f32],
-    taps: &[f32],
-    bias: f32,
-    relu6: bool,
-    dst: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    if d.out_width > 8 {
-        plane_in_runs::<16>(d, src, taps, bias, relu6, dst, scratch)
-    } else {
-        plane_in_runs::<8>(d, src, taps, bias, relu6, dst, scratch)
-    }
-}
-
-#[inline(always)]
-fn plane_in_runs<const N: usize>(
-    d: &Depthwise,
-    src: &[f32],
-    taps: &[f32],
-    bias: f32,
-    relu6: bool,
-    dst: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    let (s, k, w) = (d.stride, d.kernel, d.width);
-    let runs = d.out_width.div_ceil(N);
-    // Padded rows the outputs read, and the width of one phase's padded row: enough for the
-    // last run's reads, past the image's right edge if need be.
-    let rows = (d.out_height - 1) * s + k;
-    let phase_width = runs * N + (k - 1) / s;
-    // Every element of the scratch is written below, once: zeros where the padding is, the
-    // image elsewhere (so it is not cleared first, which would be one more pass).
-    scratch.resize(s * rows * phase_width, 0.0);
-    for r in 0..rows {
-        let row = r
-            .checked_sub(d.pad_top)
-            .filter(|&y| y < d.height)
-            .map(|y| &src[y * w..][..w]);
-        for p in 0..s {
-            let out = &mut scratch[(p * rows + r) * phase_width..][..phase_width];
-            // Padded column c · s + p holds image column c · s + p − left: the first c with a
-            // column in the image, then every s-th column from there.
-            let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
-            let x0 = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w);
-            let (Some(row), Some(x0)) = (row, x0) else {
-                out.fill(0.0);
-                continue;
-            };
-            let n = (w - x0).div_ceil(s).min(phase_width - first);
-            out[..first].fill(0.0);
-            let (image, right) = out[first..].split_at_mut(n);
-            if s == 1 {
-                image.copy_from_slice(&row[x0..x0 + n]);
-            } else {
-                image
-                    .iter_mut()
-                    .zip(row[x0..].iter().step_by(s))
-                    .for_each(|(o, v)| *o = *v);
-            }
-            right.fill(0.0);
-        }
-    }
-    // Where tap column j starts in the scratch, relative to a row of phase j mod s.
-    let mut column = [0usize; MAX_KERNEL];
-    assert!(k <= MAX_KERNEL, "depthwise kernel up to {MAX_KERNEL}");
-    for (j, c) in column.iter_mut().enumerate().take(k) {
-        *c = (j % s) * rows * phase_width + j / s;
-    }
-    let ow = d.out_width;
-    let mut from = [0usize; MAX_KERNEL * MAX_KERNEL];
-    let from = &mut from[..k * k];
-    for (y, out_row) in dst.chunks_exact_mut(ow).enumerate() {
-        for (i, row) in from.chunks_exact_mut(k).enumerate() {
-            let start = (y * s + i) * phase_width;
-            for (f, c) in row.iter_mut().zip(&column) {
-                *f = c + start;
-            }
-        }
-        let reach = from.iter().copied().max().unwrap_or(0);
-        let mut run = [0f32; N];
-        for r in 0..runs {
-            sum_taps::<N>(scratch, from, reach, taps, r * N, bias, &mut run);
-            if relu6 {
-                run.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-            }
-            let x0 = r * N;
-            let n = N.min(ow - x0);
-            out_row[x0..x0 + n].copy_from_slice(&run[..n]);
-        }
-    }
-}
-
-/// `out[l] = bias + Σ_t taps[t] · scratch[from[t] + at + l]` for `l < N`; `reach` is the
-/// largest of `from`.
-#[inline(always)]
-fn sum_taps<const N: usize>(
-    scratch: &[f32],
-    from: &[usize],
-    reach: usize,
-    taps: &[f32],
-    at: usize,
-    bias: f32,
-    out: &mut [f32; N],
-) {
-    assert!(
-        reach + at + N <= scratch.len(),
-        "depthwise scratch holds every read"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if N % 8 == 0 && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
-        unsafe { sum_taps_avx2(scratch, from, taps, at, bias, out) };
-        return;
-    }
-    out.fill(bias);
-    for (&f, &tap) in from.iter().zip(taps) {
-        let input = &scratch[f + at..][..N];
-        for (o, v) in out.iter_mut().zip(input) {
-            *o += tap * v;
-        }
-    }
-}
-
-/// [`sum_taps`] in AVX2 registers, written out because the compiler's vectoriser does not
-/// keep these sums in registers on its own. Four independent sums per vector of outputs take
-/// turns over the taps, so that each FMA need not wait for the previous one's result.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_taps_avx2<const N: usize>(
-    scratch: &[f32],
-    from: &[usize],
-    taps: &[f32],
-    at: usize,
-    bias: f32,
-    out: &mut [f32; N],
-) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller checked every read against the scratch length.
-    unsafe {
-        let base = scratch.as_ptr().add(at);
-        for v in (0..N).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            acc[0] = _mm256_set1_ps(bias);
-            let mut t = 0;
-            while t + 4 <= from.len() {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_loadu_ps(base.add(from[t + u] + v));
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(taps[t + u]), x, *a);
-                }
-                t += 4;
-            }
-            while t < from.len() {
-                let x = _mm256_loadu_ps(base.add(from[t] + v));
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(taps[t]), x, acc[0]);
-                t += 1;
-            }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            _mm256_storeu_ps(out.as_mut_ptr().add(v), sum);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1).
+    pub(super) fn lcg(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -475,91 +261,19 @@ mod tests {
             .collect()
     }
 
-    /// The definition, written as plainly as possible.
-    fn depthwise_reference(d: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
-        let mut out = Vec::new();
-        for b in 0..d.batch {
-            for c in 0..d.channels {
-                for y in 0..d.out_height {
-                    for xo in 0..d.out_width {
-                        let mut acc = bias[c];
-                        for i in 0..d.kernel {
-                            for j in 0..d.kernel {
-                                let yi = (y * d.stride + i) as isize - d.pad_top as isize;
-                                let xi = (xo * d.stride + j) as isize - d.pad_left as isize;
-                                if yi < 0
-                                    || xi < 0
-                                    || yi >= d.height as isize
-                                    || xi >= d.width as isize
-                                {
-                                    continue;
-                                }
-                                let v = x[((b * d.channels + c) * d.height + yi as usize)
-                                    * d.width
-                                    + xi as usize];
-                                acc += w[(c * d.kernel + i) * d.kernel + j] * v;
-                            }
-                        }
-                        out.push(acc);
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn depthwise_matches_the_definition_for_every_stride_kernel_and_padding() {
-        for (h, w, kernel, stride, top, left) in [
-            (9, 7, 3, 1, 1, 1),
-            (9, 7, 3, 2, 0, 0),
-            (10, 11, 5, 2, 1, 2),
-            (7, 7, 5, 1, 2, 2),
-            (5, 6, 3, 3, 1, 0),
-        ] {
-            let oh = (h + stride - 1) / stride;
-            let ow = (w + stride - 1) / stride;
-            let d = Depthwise {
-                batch: 2,
-                channels: 3,
-                height: h,
-                width: w,
-                kernel,
-                stride,
-                pad_top: top,
-                pad_left: left,
-                out_height: oh,
-                out_width: ow,
-            };
-            let x = lcg(2 * 3 * h * w, 1);
-            let wt = lcg(3 * kernel * kernel, 2);
-            let bias = lcg(3, 3);
-            let epi = Epilogue {
-                bias: &bias,
-                relu6: false,
-                residual: None,
-            };
-            let got = depthwise(d, &x, &wt, epi);
-            let want = depthwise_reference(&d, &x, &wt, &bias);
-            assert_eq!(got.len(), want.len());
-            for (g, e) in got.iter().zip(&want) {
-                assert!((g - e).abs() < 1e-5, "{d:?}: {g} vs {e}");
-            }
-        }
-    }
-
     #[test]
     fn pointwise_matches_the_definition_with_each_epilogue() {
         let shape = Pointwise {
             batch: 2,
             inputs: 5,
             outputs: 37,
-            spatial: 300,
+            spatial: 2500,
         };
-        let x = lcg(2 * 5 * 300, 4);
+        // 2,500 columns: more than one block of columns, with a partial last one.
+        let x = lcg(2 * 5 * 2500, 4);
         let w = lcg(37 * 5, 5);
         let bias: Vec<f32> = lcg(37, 6).iter().map(|v| v * 8.0).collect();
-        let residual = lcg(2 * 37 * 300, 7);
+        let residual = lcg(2 * 37 * 2500, 7);
         for (relu6, res) in [(false, None), (true, None), (false, Some(&residual[..]))] {
             let got = pointwise(
                 shape,
@@ -573,15 +287,15 @@ mod tests {
             );
             for b in 0..2 {
                 for o in 0..37 {
-                    for p in 0..300 {
+                    for p in 0..2500 {
                         let mut y = bias[o];
                         for i in 0..5 {
-                            y += w[o * 5 + i] * x[(b * 5 + i) * 300 + p];
+                            y += w[o * 5 + i] * x[(b * 5 + i) * 2500 + p];
                         }
                         if relu6 {
                             y = y.clamp(0.0, 6.0);
                         }
-                        let at = (b * 37 + o) * 300 + p;
+                        let at = (b * 37 + o) * 2500 + p;
                         if let Some(r) = res {
                             y += r[at];
                         }
