@@ -14,7 +14,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor::FloatTensor};
 use burn::prelude::*;
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
 use super::kernels::{self, Depthwise, Epilogue};
 
@@ -119,7 +118,7 @@ impl DepthwiseOps for Flex {
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.batch * d.channels * plane_in];
-        let run = |(p, gx): (usize, &mut [f32])| {
+        super::lanes::each_chunk(&mut out, plane_in, |p, gx| {
             let c = p % d.channels;
             let gp = &g[p * plane_out..][..plane_out];
             let taps = &w[c * k * k..][..k * k];
@@ -150,14 +149,7 @@ impl DepthwiseOps for Flex {
                     }
                 }
             }
-        };
-        if super::lanes::in_lane() {
-            out.chunks_mut(plane_in.max(1)).enumerate().for_each(run);
-        } else {
-            out.par_chunks_mut(plane_in.max(1))
-                .enumerate()
-                .for_each(run);
-        }
+        });
         flex(out, x_shape)
     }
 
@@ -175,7 +167,7 @@ impl DepthwiseOps for Flex {
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.channels * k * k];
         // One task per channel: its k² sums run over every image, so no two tasks share one.
-        let run = |(c, gw): (usize, &mut [f32])| {
+        super::lanes::each_chunk(&mut out, k * k, |c, gw| {
             for b in 0..d.batch {
                 let p = b * d.channels + c;
                 let gp = &g[p * plane_out..][..plane_out];
@@ -202,12 +194,7 @@ impl DepthwiseOps for Flex {
                     }
                 }
             }
-        };
-        if super::lanes::in_lane() {
-            out.chunks_mut(k * k).enumerate().for_each(run);
-        } else {
-            out.par_chunks_mut(k * k).enumerate().for_each(run);
-        }
+        });
         flex(out, [d.channels, 1, k, k])
     }
 }

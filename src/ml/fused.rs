@@ -174,10 +174,16 @@ pub const GENERIC_ENV: &str = "TRANSFERD_GENERIC_CONVS";
 /// Runs `f` with every conv on burn's generic ops (no fused inference kernel, no matmul form,
 /// no own depthwise backward) on this thread: the reference for parity tests.
 pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
+    /// Clears the switch however `f` ends, a panic included.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            GENERIC_ONLY.with(|g| g.set(false));
+        }
+    }
     GENERIC_ONLY.with(|g| g.set(true));
-    let out = f();
-    GENERIC_ONLY.with(|g| g.set(false));
-    out
+    let _reset = Reset;
+    f()
 }
 
 fn generic() -> bool {

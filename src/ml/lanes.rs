@@ -26,6 +26,31 @@ pub fn in_lane() -> bool {
     IN_LANE.with(|l| l.get())
 }
 
+/// Runs `f` on each `size`-long chunk of `out` with its index: on this thread when it is one
+/// of several lanes ([`in_lane`]), else spread over the rayon pool. The one place the fused
+/// kernels make that choice.
+pub fn each_chunk<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    use rayon::prelude::*;
+    let size = size.max(1);
+    if in_lane() {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// Runs `f` for every task in `0..tasks`, as [`each_chunk`] runs its chunks.
+pub fn each_task(tasks: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if in_lane() {
+        (0..tasks).for_each(f);
+    } else {
+        (0..tasks).into_par_iter().for_each(f);
+    }
+}
+
 /// Images per slice: small slices kept both cores busiest in the measurements (2 threads of
 /// 4–8 images beat 2 of 16), and they bound the memory of each thread's activations.
 const SLICE: usize = 8;

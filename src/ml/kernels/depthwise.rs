@@ -1,9 +1,12 @@
 //! The depthwise k×k kernel with its bias and ReLU6 (see the parent module for why it is
 //! written out rather than left to burn-flex).
 
-use rayon::prelude::*;
-
 use super::{Depthwise, Epilogue};
+
+thread_local! {
+    /// Each thread's padded copy of the plane it works on, kept between planes and calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
 const MAX_KERNEL: usize = 11;
@@ -34,22 +37,14 @@ pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         "no residual after a depthwise conv in MBConv"
     );
     let mut out = vec![0f32; d.batch * d.channels * plane_out];
-    let run = |scratch: &mut Vec<f32>, (plane, dst): (usize, &mut [f32])| {
+    crate::ml::lanes::each_chunk(&mut out, plane_out, |plane, dst| {
         let c = plane % d.channels;
         let src = &x[plane * plane_in..][..plane_in];
         let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
-        depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch);
-    };
-    if crate::ml::lanes::in_lane() {
-        let mut scratch = Vec::new();
-        out.chunks_mut(plane_out.max(1))
-            .enumerate()
-            .for_each(|p| run(&mut scratch, p));
-    } else {
-        out.par_chunks_mut(plane_out.max(1))
-            .enumerate()
-            .for_each_init(Vec::new, run);
-    }
+        SCRATCH.with_borrow_mut(|scratch| {
+            depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch)
+        });
+    });
     out
 }
 

@@ -14,8 +14,6 @@
 //! backend extension on flex. They spread over the rayon pool, except on a thread that is one
 //! of several `lanes` (each core already has its own slice of the batch there).
 
-use rayon::prelude::*;
-
 /// What follows the convolution's sum, per output element.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
@@ -114,7 +112,7 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
     // the buffer is not zeroed first: that would be one more pass over the output.
     let mut out: Vec<f32> = Vec::with_capacity(total);
     let dst = Out(out.as_mut_ptr());
-    let tasks = 0..batch * col_blocks * row_blocks;
+    let tasks = batch * col_blocks * row_blocks;
     let run = |task: usize| {
         let rb = task % row_blocks;
         let cb = (task / row_blocks) % col_blocks;
@@ -156,11 +154,7 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
             finish(block, epi.bias[r0 + o], epi.relu6, residual);
         }
     };
-    if super::lanes::in_lane() {
-        tasks.for_each(run);
-    } else {
-        tasks.into_par_iter().for_each(run);
-    }
+    super::lanes::each_task(tasks, run);
     // SAFETY: the tasks above cover every (image, row, column) once, and each wrote its block.
     unsafe { out.set_len(total) };
     out
@@ -195,7 +189,7 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
     );
     let rows = d.channels * k * k;
     let mut out = vec![0f32; d.batch * rows * plane_out];
-    let fill = |(r, dst): (usize, &mut [f32])| {
+    let fill = |r: usize, dst: &mut [f32]| {
         let (b, row) = (r / rows, r % rows);
         let (c, i, j) = (row / (k * k), row / k % k, row % k);
         let src = &x[(b * d.channels + c) * plane_in..][..plane_in];
@@ -217,13 +211,7 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
             }
         }
     };
-    if super::lanes::in_lane() {
-        out.chunks_mut(plane_out.max(1)).enumerate().for_each(fill);
-    } else {
-        out.par_chunks_mut(plane_out.max(1))
-            .enumerate()
-            .for_each(fill);
-    }
+    super::lanes::each_chunk(&mut out, plane_out, fill);
     out
 }
 
