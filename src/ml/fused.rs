@@ -4,162 +4,20 @@
 //! Inference never trains BatchNorm, so [`FrozenBatchNorm::fold_into`] folds it into the conv's
 //! weights and bias once, when a model is loaded for predictions or for the frozen pass. On a
 //! plain flex tensor the folded pointwise, depthwise and stem (few-channel, im2col) convs then
-//! run through the backend extension [`FusedConvOps`] (kernels in `kernels`). While training
-//! on flex, 1×1 convs run as matmuls and depthwise convs with their own backward
+//! run through the backend extension `fused_ops::FusedConvOps` (kernels in `kernels`). While
+//! training on flex, 1×1 convs run as matmuls and depthwise convs with their own backward
 //! (`depthwise_grad`), because burn's generic conv backward is slow for both. wgpu keeps
 //! burn's own ops throughout.
 
-use burn::backend::{Dispatch, Flex, backend_extension, tensor::FloatTensor};
+use burn::backend::Dispatch;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
-use burn_flex::FlexTensor;
 
-use super::depthwise_grad::{depthwise, dims as shape4, flex, geometry};
+use super::depthwise_grad::depthwise;
 use super::frozen_bn::FrozenBatchNorm;
-use super::kernels::{self, Epilogue, Pointwise};
-
-/// Fused convolutions with BatchNorm already folded into `weight` and `bias`.
-#[backend_extension(Flex)]
-pub trait FusedConvOps: burn::backend::Backend {
-    /// 1×1 conv, stride 1: `[b, i, h, w]` × `[o, i, 1, 1]` + bias, then ReLU6 if asked.
-    fn pointwise_conv(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        relu6: bool,
-    ) -> FloatTensor<Self>;
-    /// 1×1 conv, stride 1, + bias, + `residual` (shaped like the output).
-    fn pointwise_conv_add(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        residual: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
-    /// A k×k conv over few channels (the stem) as im2col + the pointwise kernel: `[b, i, h,
-    /// w]` × `[o, i, k, k]` + bias, then ReLU6 if asked; `padding` as for depthwise.
-    fn small_conv(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        stride: usize,
-        padding: [usize; 4],
-        relu6: bool,
-    ) -> FloatTensor<Self>;
-    /// Depthwise k×k conv: `[b, c, h, w]` × `[c, 1, k, k]` + bias, then ReLU6 if asked;
-    /// `padding` is (top, bottom, left, right) in pixels.
-    fn depthwise_conv(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        bias: FloatTensor<Self>,
-        stride: usize,
-        padding: [usize; 4],
-        relu6: bool,
-    ) -> FloatTensor<Self>;
-}
-
-fn floats(t: &FlexTensor) -> FlexTensor {
-    assert_eq!(
-        t.dtype(),
-        burn::tensor::DType::F32,
-        "fused convs run in f32"
-    );
-    t.to_contiguous()
-}
-
-fn pointwise_flex(
-    x: FlexTensor,
-    weight: FlexTensor,
-    bias: FlexTensor,
-    relu6: bool,
-    residual: Option<FlexTensor>,
-) -> FlexTensor {
-    let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-    let residual = residual.as_ref().map(floats);
-    let [batch, inputs, h, w] = shape4(&x);
-    let outputs = shape4(&weight)[0];
-    let shape = Pointwise {
-        batch,
-        inputs,
-        outputs,
-        spatial: h * w,
-    };
-    let epi = Epilogue {
-        bias: bias.storage(),
-        relu6,
-        residual: residual.as_ref().map(|r| r.storage()),
-    };
-    let out = kernels::pointwise(shape, x.storage(), weight.storage(), epi);
-    flex(out, [batch, outputs, h, w])
-}
-
-impl FusedConvOps for Flex {
-    fn pointwise_conv(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        relu6: bool,
-    ) -> FlexTensor {
-        pointwise_flex(x, weight, bias, relu6, None)
-    }
-
-    fn pointwise_conv_add(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        residual: FlexTensor,
-    ) -> FlexTensor {
-        pointwise_flex(x, weight, bias, false, Some(residual))
-    }
-
-    fn small_conv(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        stride: usize,
-        padding: [usize; 4],
-        relu6: bool,
-    ) -> FlexTensor {
-        let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-        let [batch, channels, height, width] = shape4(&x);
-        let [outputs, _, kernel, _] = shape4(&weight);
-        let d = geometry([batch, channels, height, width], kernel, stride, padding);
-        let columns = kernels::im2col(d, x.storage());
-        let shape = Pointwise {
-            batch,
-            inputs: channels * kernel * kernel,
-            outputs,
-            spatial: d.out_height * d.out_width,
-        };
-        let epi = Epilogue {
-            bias: bias.storage(),
-            relu6,
-            residual: None,
-        };
-        let out = kernels::pointwise(shape, &columns, weight.storage(), epi);
-        flex(out, [batch, outputs, d.out_height, d.out_width])
-    }
-
-    fn depthwise_conv(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
-        stride: usize,
-        padding: [usize; 4],
-        relu6: bool,
-    ) -> FlexTensor {
-        let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-        let d = geometry(shape4(&x), shape4(&weight)[2], stride, padding);
-        let epi = Epilogue {
-            bias: bias.storage(),
-            relu6,
-            residual: None,
-        };
-        let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
-        flex(out, [d.batch, d.channels, d.out_height, d.out_width])
-    }
-}
+use super::fused_ops::FusedConvOps;
 
 thread_local! {
     /// Set by [`generic_only`]: the reference the fused paths are tested against.

@@ -16,6 +16,7 @@ pub mod evaluate;
 pub mod events;
 pub mod frozen_bn;
 pub mod fused;
+pub mod fused_ops;
 pub mod head;
 pub mod head_fit;
 pub mod head_phase;
