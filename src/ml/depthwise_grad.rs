@@ -4,7 +4,7 @@
 //! computes the weight gradient with a slice, a conv and a slice-assign per group (1,152
 //! groups in Lite0's last block), and the input gradient through a transposed conv. Here both
 //! gradients are direct loops over each (image, channel) plane, and the forward pass is the
-//! inference kernel of `kernels.rs`. The operation is a burn backend extension on flex and
+//! inference kernel of `kernels`. The operation is a burn backend extension on flex and
 //! on autodiff over flex; bias and ReLU6 stay burn ops around it.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

@@ -11,7 +11,7 @@ thread_local! {
 /// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
 const MAX_KERNEL: usize = 11;
 
-/// `out[b, c, y, x] = epilogue(Σ_{i,j} weight[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
+/// `out[b, c, y, x] = epilogue(Σ_{i,j} w[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
 /// with zeros outside the image; one task per (image, channel) plane.
 pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
     let d = shape;

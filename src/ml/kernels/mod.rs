@@ -10,9 +10,10 @@
 //! every tap reads contiguous inputs, summed in AVX2 registers by hand-written intrinsics (the
 //! compiler's vectoriser did not keep these sums in registers).
 //!
-//! These are raw-slice functions with no burn types (the depthwise kernel in `depthwise`); `fused.rs` exposes them as a burn
-//! backend extension on flex. They spread over the rayon pool, except on a thread that is one
-//! of several `lanes` (each core already has its own slice of the batch there).
+//! These are raw-slice functions with no burn types (the depthwise kernel is in `depthwise`);
+//! `fused_ops` exposes them as a burn backend extension on flex. They spread over the rayon
+//! pool, except on a thread that is one of several `lanes` (each core already has its own
+//! slice of the batch there).
 
 /// What follows the convolution's sum, per output element.
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +161,9 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
     out
 }
 
-versions!(fn finish => finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>));
+versions!(fn finish => finish_body(
+    out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>,
+));
 
 #[inline(always)]
 fn finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>) {
