@@ -172,8 +172,9 @@ fn folded_and_fused_logits_match_the_generic_ones_for_every_backbone() {
     }
 }
 
-/// The trainable top (1×1 convs as matmuls, depthwise convs with their own backward) against
-/// burn's generic convs: the same loss and the same gradient for every conv weight.
+/// The trainable top (1×1 convs as matmuls, depthwise convs with their own backward, BatchNorm
+/// folded into them inside the graph) against burn's generic convs: the same loss and the
+/// same gradient for every conv weight and every BatchNorm scale and shift.
 #[test]
 fn fine_tune_gradients_match_the_generic_ones() {
     let device = Device::flex();
@@ -225,6 +226,32 @@ fn fine_tune_gradients_match_the_generic_ones() {
         assert!(
             diff <= 1e-4 * scale,
             "conv {i}: gradients differ by {diff} (largest {scale})"
+        );
+    }
+    // BatchNorm's scale and shift: folded into the weights and bias inside the graph on the
+    // fast path, applied after the conv on the generic one.
+    let norms: Vec<Tensor<1>> = top
+        .blocks
+        .iter()
+        .flat_map(|b| b.norm_weights())
+        .chain([top.bn1.weight.val(), top.bn1.bias.val()])
+        .collect();
+    assert_eq!(
+        norms.len(),
+        32,
+        "three BatchNorms per block and the head's, two tensors each"
+    );
+    for (i, p) in norms.into_iter().enumerate() {
+        let (a, b) = (
+            p.grad(&gf).expect("gradient"),
+            p.grad(&gs).expect("gradient"),
+        );
+        let scale = b.clone().abs().max().into_scalar::<f32>();
+        assert!(scale > 0.0, "BatchNorm tensor {i}: a gradient reaches it");
+        let diff = max_abs_diff(a, b);
+        assert!(
+            diff <= 1e-4 * scale,
+            "BatchNorm tensor {i}: differ by {diff} (largest {scale})"
         );
     }
 }

@@ -228,6 +228,14 @@ impl MbConv {
         expand.chain(rest).collect()
     }
 
+    /// BatchNorm's affine parameters (scale and shift of each of its BatchNorms), in order.
+    pub fn norm_weights(&self) -> Vec<Tensor<1>> {
+        let norms = self.bn0.iter().chain([&self.bn1, &self.bn2]);
+        norms
+            .flat_map(|bn| [bn.weight.val(), bn.bias.val()])
+            .collect()
+    }
+
     /// This block with every BatchNorm folded into its conv (inference only, see `fused`).
     pub fn folded(self) -> Self {
         let (expand_conv, bn0) = match (self.expand_conv, self.bn0) {

@@ -91,6 +91,12 @@ impl FrozenBatchNorm {
         (scale, shift)
     }
 
+    /// The per-channel `(scale, shift)` this BatchNorm applies, differentiable in its affine
+    /// parameters; `None` when it is folded (the identity) or uses batch statistics.
+    pub fn affine(&self) -> Option<(Tensor<1>, Tensor<1>)> {
+        (!self.folded && !self.batch_stats).then(|| self.scale_shift())
+    }
+
     /// Whether [`Self::fold_into`] has moved this BatchNorm into its conv.
     pub fn is_folded(&self) -> bool {
         self.folded

@@ -78,7 +78,7 @@ pub fn conv_bn(
     if let Some(y) = try_fused(conv, bn, &x, after, &residual) {
         return y;
     }
-    let mut y = bn.forward(conv_generic(conv, x));
+    let mut y = conv_bn_generic(conv, bn, x);
     if after == After::Relu6 {
         y = relu6(y);
     }
@@ -88,43 +88,57 @@ pub fn conv_bn(
     }
 }
 
-/// `conv.forward(x)` with burn's generic ops, except for two convs whose generic backward is
-/// slow: a 1×1 conv is written as a batched matmul `[o, i] × [b, i, h·w]`, so that its weight
-/// gradient is one GEMM per image where burn's conv backward makes one matrix–vector product
-/// per input channel; and on flex a depthwise conv runs with its own backward
-/// (`depthwise_grad`).
-fn conv_generic(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+/// `bn(conv(x))` with burn's generic ops, except for two convs whose generic backward is slow
+/// and that run on flex in another form: a 1×1 conv as a batched matmul `[o, i] × [b, i, h·w]`,
+/// so that its weight gradient is one GEMM per image where burn's conv backward makes one
+/// matrix–vector product per input channel; and a depthwise conv with its own backward
+/// (`depthwise_grad`). In both, BatchNorm's scale goes into the weights and its shift into the
+/// bias before the conv, inside the autodiff graph, so that gradients still reach both the
+/// conv and BatchNorm's affine parameters, while the activations get one pass (the bias add)
+/// instead of two, forward and backward.
+fn conv_bn_generic(conv: &Conv2d, bn: &FrozenBatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let plain = |x| bn.forward(conv.forward(x));
     if generic() {
-        return conv.forward(x);
+        return plain(x);
     }
     let [outputs, per_group, kh, kw] = conv.weight.dims();
     let [batch, channels, height, width] = x.dims();
     let device = x.device();
-    let on_flex = device == Device::flex() || device == Device::flex().autodiff();
-    let is_depthwise = per_group == 1 && conv.groups == channels && outputs == channels;
-    if on_flex && is_depthwise && kh == kw && conv.dilation == [1, 1] {
-        if let (Some(padding), [s, t]) = (padding_of(conv, kh, height, width), conv.stride) {
-            if s == t {
-                let y = depthwise(x, conv.weight.val(), s, padding);
-                return match &conv.bias {
-                    Some(bias) => y + bias.val().reshape([1, outputs, 1, 1]),
-                    None => y,
-                };
-            }
-        }
-    }
     // On flex only: wgpu keeps burn's own conv (its kernels are another matter entirely).
-    let is_pointwise = kh == 1 && kw == 1 && conv.stride == [1, 1] && conv.groups == 1;
-    if !on_flex || !is_pointwise || per_group != channels || conv.dilation != [1, 1] {
-        return conv.forward(x);
+    let on_flex = device == Device::flex() || device == Device::flex().autodiff();
+    let square = kh == kw && conv.dilation == [1, 1];
+    let is_depthwise = per_group == 1 && conv.groups == channels && outputs == channels;
+    let is_pointwise =
+        kh == 1 && conv.stride == [1, 1] && conv.groups == 1 && per_group == channels;
+    let depthwise_padding = padding_of(conv, kh, height, width).filter(|_| is_depthwise);
+    if !on_flex || !square || !(is_pointwise || depthwise_padding.is_some()) {
+        return plain(x);
     }
-    let weight = conv.weight.val().reshape([1, outputs, channels]);
-    let y = weight.matmul(x.reshape([batch, channels, height * width]));
-    let y = match &conv.bias {
-        Some(bias) => y + bias.val().reshape([1, outputs, 1]),
-        None => y,
+    let (weight, bias) = match bn.affine() {
+        Some((scale, shift)) => {
+            let weight = conv.weight.val() * scale.clone().reshape([outputs, 1, 1, 1]);
+            let bias = match &conv.bias {
+                Some(b) => b.val() * scale + shift,
+                None => shift,
+            };
+            (weight, Some(bias))
+        }
+        // Already folded (inference on a path the fused kernels do not take): the identity.
+        None if bn.is_folded() => (conv.weight.val(), conv.bias.as_ref().map(|b| b.val())),
+        // Statistics of each batch: BatchNorm has to see the conv's output.
+        None => return plain(x),
     };
-    y.reshape([batch, outputs, height, width])
+    let y = match depthwise_padding {
+        Some(padding) => depthwise(x, weight, conv.stride[0], padding),
+        None => weight
+            .reshape([1, outputs, channels])
+            .matmul(x.reshape([batch, channels, height * width]))
+            .reshape([batch, outputs, height, width]),
+    };
+    match bias {
+        Some(bias) => y + bias.reshape([1, outputs, 1, 1]),
+        None => y,
+    }
 }
 
 fn try_fused(
