@@ -215,19 +215,7 @@ fn fine_tune_gradients_match_the_generic_ones() {
         16,
         "five blocks of three convs and the head conv"
     );
-    for (i, p) in weights.into_iter().enumerate() {
-        let (a, b) = (
-            p.grad(&gf).expect("gradient"),
-            p.grad(&gs).expect("gradient"),
-        );
-        let scale = b.clone().abs().max().into_scalar::<f32>();
-        assert!(scale > 0.0, "conv {i}: a gradient reaches it");
-        let diff = max_abs_diff(a, b);
-        assert!(
-            diff <= 1e-4 * scale,
-            "conv {i}: gradients differ by {diff} (largest {scale})"
-        );
-    }
+    same_gradients("conv", weights, &gf, &gs);
     // BatchNorm's scale and shift: folded into the weights and bias inside the graph on the
     // fast path, applied after the conv on the generic one.
     let norms: Vec<Tensor<1>> = top
@@ -241,17 +229,28 @@ fn fine_tune_gradients_match_the_generic_ones() {
         32,
         "three BatchNorms per block and the head's, two tensors each"
     );
-    for (i, p) in norms.into_iter().enumerate() {
+    same_gradients("BatchNorm tensor", norms, &gf, &gs);
+}
+
+/// Every tensor's gradient is non-zero and the same in `fast` and `slow` within 1e-4 of its
+/// largest entry.
+fn same_gradients<const D: usize>(
+    what: &str,
+    tensors: Vec<Tensor<D>>,
+    fast: &burn::tensor::Gradients,
+    slow: &burn::tensor::Gradients,
+) {
+    for (i, p) in tensors.into_iter().enumerate() {
         let (a, b) = (
-            p.grad(&gf).expect("gradient"),
-            p.grad(&gs).expect("gradient"),
+            p.grad(fast).expect("gradient"),
+            p.grad(slow).expect("gradient"),
         );
         let scale = b.clone().abs().max().into_scalar::<f32>();
-        assert!(scale > 0.0, "BatchNorm tensor {i}: a gradient reaches it");
+        assert!(scale > 0.0, "{what} {i}: a gradient reaches it");
         let diff = max_abs_diff(a, b);
         assert!(
             diff <= 1e-4 * scale,
-            "BatchNorm tensor {i}: differ by {diff} (largest {scale})"
+            "{what} {i}: gradients differ by {diff} (largest {scale})"
         );
     }
 }
