@@ -1,4 +1,5 @@
-//! Command-line interface: `serve`, `weights fetch`, `classify`, `train` and `predict`.
+//! Command-line interface: `serve`, `worker`, `weights fetch`, `classify`, `train` and
+//! `predict`.
 //! Each command is scriptable: machine-readable JSON on stdout, logs on stderr.
 
 use std::io::Write;
@@ -47,6 +48,9 @@ pub struct DeviceArgs {
 pub enum Command {
     /// Run the HTTP service: dataset uploads, the training queue, predictions, the web page.
     Serve(crate::config::ServeArgs),
+    /// Train queued runs only (a worker beside `serve --no-worker` API replicas, on a shared
+    /// PostgreSQL database). `--addr` is its probe listener: `/healthz`, `/readyz`, `/metrics`.
+    Worker(crate::config::ServeArgs),
     /// Exit 0 when a local server answers `GET /healthz` with 200 (for container health checks).
     Healthcheck {
         /// Address of the server.
@@ -147,7 +151,8 @@ fn println_json(value: serde_json::Value) -> anyhow::Result<()> {
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(&cli.data_dir, &args),
+        Command::Serve(args) => serve(&cli.data_dir, &args, crate::config::Role::Api),
+        Command::Worker(args) => serve(&cli.data_dir, &args, crate::config::Role::Worker),
         Command::Healthcheck { addr } => healthcheck(addr),
         Command::Weights {
             action: WeightsAction::Fetch { backbone },
@@ -188,8 +193,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(data_dir: &Path, args: &crate::config::ServeArgs) -> anyhow::Result<()> {
-    let settings = crate::config::Settings::new(data_dir, args);
+fn serve(
+    data_dir: &Path,
+    args: &crate::config::ServeArgs,
+    role: crate::config::Role,
+) -> anyhow::Result<()> {
+    let mut settings = crate::config::Settings::new(data_dir, args);
+    settings.role = role;
+    if role == crate::config::Role::Worker {
+        settings.workers = args.concurrent_runs.max(1);
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.addr)

@@ -19,9 +19,16 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TRANSFERD_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
-    /// SQLite database URL; defaults to `sqlite://<data-dir>/transferd.db`.
+    /// Database URL: `sqlite://FILE` (default `sqlite://<data-dir>/transferd.db`, one
+    /// machine) or `postgres://USER:PASSWORD@HOST/DB` (several processes and machines).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Where datasets, checkpoints and models are kept: the data directory (default), or a
+    /// store every process shares, `s3://BUCKET/PREFIX` (endpoint and credentials from the
+    /// standard `AWS_*` variables: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, …) or
+    /// `file:///FOLDER`. With a store, the data directory is only a cache.
+    #[arg(long, env = "TRANSFERD_OBJECT_STORE")]
+    pub object_store: Option<String>,
     /// Largest accepted upload (the zip as sent), in bytes.
     #[arg(long, env = "TRANSFERD_MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
     pub max_upload_bytes: u64,
@@ -43,9 +50,17 @@ pub struct ServeArgs {
     /// Most classes (class folders) a dataset may have.
     #[arg(long, env = "TRANSFERD_MAX_CLASSES", default_value_t = Limits::DEFAULT.max_classes)]
     pub max_classes: usize,
-    /// Runs that train at the same time.
+    /// Runs that train at the same time in this process.
     #[arg(long, env = "TRANSFERD_CONCURRENT_RUNS", default_value_t = 1)]
     pub concurrent_runs: usize,
+    /// `serve` only: train nothing here (an API replica; `transferd worker` processes train).
+    #[arg(long, env = "TRANSFERD_NO_WORKER")]
+    pub no_worker: bool,
+    /// How long a worker's claim on a run lasts without a heartbeat (it renews it every
+    /// third of this, at most every 2 s). A run whose worker died is trained again after
+    /// this long.
+    #[arg(long, env = "TRANSFERD_LEASE_SECONDS", default_value = "30", value_parser = seconds)]
+    pub lease_seconds: std::time::Duration,
     /// Trained models kept loaded for prediction.
     #[arg(long, env = "TRANSFERD_MODEL_CACHE", default_value_t = 4)]
     pub model_cache: usize,
@@ -143,17 +158,32 @@ pub struct ServeArgs {
     pub public_hosts: Vec<String>,
 }
 
+/// What a process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `transferd serve`: the HTTP API, and `workers` training workers unless `--no-worker`.
+    Api,
+    /// `transferd worker`: training workers only; it listens only for `/healthz`, `/readyz`
+    /// and `/metrics`.
+    Worker,
+}
+
 /// Everything the running service needs to know, resolved from [`ServeArgs`].
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub role: Role,
     pub data_dir: PathBuf,
     /// The address `serve` listens on.
     pub addr: SocketAddr,
     pub public_hosts: Vec<String>,
     pub database_url: String,
+    /// `--object-store`; `None`: the data directory.
+    pub object_store: Option<String>,
     pub limits: Limits,
     pub max_upload_bytes: u64,
-    pub concurrent_runs: usize,
+    /// Runs this process trains at once; 0 for an API replica.
+    pub workers: usize,
+    pub lease: std::time::Duration,
     pub model_cache: usize,
     pub predict_batch: usize,
     /// Images the prediction queue holds.
@@ -188,10 +218,12 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("transferd.db").display()));
         Self {
+            role: Role::Api,
             data_dir: data_dir.to_path_buf(),
             addr: args.addr,
             public_hosts: args.public_hosts.clone(),
             database_url,
+            object_store: args.object_store.clone(),
             limits: Limits {
                 max_entries: args.max_zip_entries,
                 max_total_bytes: args.max_uncompressed_bytes,
@@ -201,7 +233,14 @@ impl Settings {
                 max_classes: args.max_classes,
             },
             max_upload_bytes: args.max_upload_bytes,
-            concurrent_runs: args.concurrent_runs.max(1),
+            workers: if args.no_worker {
+                0
+            } else {
+                args.concurrent_runs.max(1)
+            },
+            lease: args
+                .lease_seconds
+                .max(std::time::Duration::from_millis(300)),
             model_cache: args.model_cache.max(1),
             predict_batch: args.predict_batch.max(1),
             predict_queue: args

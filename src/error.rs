@@ -113,9 +113,43 @@ impl ApiError {
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::Database(e) if database_unreachable(e) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
             Self::Database(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
+        }
+    }
+}
+
+/// The database could not be reached (as opposed to refusing a query): the server is up,
+/// the request may succeed once the database is back, so 503 rather than 500.
+fn database_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL's class 08 (connection exception) and 57P (operator intervention:
+        // the server is shutting down or restarting).
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+impl From<crate::objects::ObjectError> for ApiError {
+    fn from(err: crate::objects::ObjectError) -> Self {
+        match err {
+            // The store is down or refusing: the request may work once it is back.
+            crate::objects::ObjectError::Store { .. } => {
+                tracing::error!(error = %err, "the object store failed");
+                Self::Unavailable("the object store is unavailable; retry shortly".into())
+            }
+            other => Self::internal("the local file cache", other),
         }
     }
 }
@@ -149,9 +183,17 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let retry_after = match &self {
             Self::Busy { retry_after, .. } => Some(*retry_after),
+            Self::Database(e) if database_unreachable(e) => Some(5),
             _ => None,
         };
         let (message, field) = match self {
+            Self::Database(ref e) if database_unreachable(e) => {
+                tracing::error!(error = %e, "the database is unreachable");
+                (
+                    "the database is unavailable; retry shortly".to_string(),
+                    None,
+                )
+            }
             Self::Database(ref e) => {
                 tracing::error!(error = %e, "database error");
                 ("internal error; see the server log".to_string(), None)

@@ -2,7 +2,8 @@
 //! a pretrained EfficientNet-Lite, then serves predictions.
 //!
 //! - [`api`]: the HTTP routes, one module per resource; [`error`]: their error type.
-//! - [`ingest`]: zip and image validation; [`db`]: SQLite queries; [`storage`]: the data dir;
+//! - [`ingest`]: zip and image validation; [`db`]: SQLite or PostgreSQL queries; [`storage`]:
+//!   the data dir;
 //!   [`durable`]: renames that survive a power cut.
 //! - [`jobs`]: the training queue's workers, live events and the inference thread.
 //! - [`ml`]: the learning core (backbone, data, training, evaluation, inference).
@@ -18,6 +19,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod keys;
 pub mod ml;
+pub mod objects;
 pub mod server;
 pub mod state;
 pub mod storage;
@@ -40,7 +42,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let service = Service::start(settings, shutdown.clone()).await?;
-    let router: Router = app(service.state.clone());
+    let router: Router = match service.state.settings.role {
+        config::Role::Api => app(service.state.clone()),
+        config::Role::Worker => api::probes(service.state.clone()),
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     if !addr.ip().is_loopback() && service.state.settings.access.keys.is_empty() {

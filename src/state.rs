@@ -6,18 +6,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use serde::Serialize;
-use sqlx::SqlitePool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::config::Settings;
-use crate::db;
+use crate::db::{self, Db};
 use crate::jobs::inference::Inference;
-use crate::jobs::{Jobs, WorkerContext, recover, spawn_workers};
+use crate::jobs::{Jobs, WorkerContext, reap, spawn_workers};
 use crate::ml::backbone::Backbone;
 use crate::ml::backbones::Backbones;
 use crate::ml::device;
+use crate::objects::Objects;
 use crate::storage::{Orphans, Storage};
 
 /// The compute device in use, as `/readyz` shows it.
@@ -31,7 +31,9 @@ pub struct DeviceInfo {
 /// Cloned into every handler with `.with_state`.
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Db,
+    /// Datasets, checkpoints and models: the data directory or a shared store.
+    pub objects: Objects,
     pub settings: Arc<Settings>,
     pub storage: Storage,
     pub jobs: Jobs,
@@ -72,34 +74,25 @@ impl Service {
             .context("the pretrained weights")?;
         let selected = device::select(settings.device).context("choosing the compute device")?;
         tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
+        let objects = match &settings.object_store {
+            None => Objects::local(storage.clone()),
+            Some(url) => Objects::open(url, storage.clone()).await?,
+        };
         let pool = db::connect(&settings.database_url).await?;
+        tracing::info!(engine = pool.engine(), url = %db::redacted(&settings.database_url), "database");
         let known = db::datasets::ids(&pool).await?;
-        match storage
-            .quarantine_orphan_datasets(&known)
-            .context("quarantining orphaned dataset folders")?
-        {
-            Orphans::None => {}
-            Orphans::Quarantined(ids) => tracing::warn!(
-                ?ids,
-                to = %storage.quarantine().display(),
-                "moved dataset folders no database row points at to the quarantine folder"
-            ),
-            Orphans::LeftAlone(ids) => tracing::warn!(
-                ?ids,
-                database = %settings.database_url,
-                "the database has no dataset but the data directory has dataset folders: \
-                 is this the right database? The folders are left as they are"
-            ),
+        if objects.is_shared() {
+            clear_orphan_objects(&objects, &known).await;
+        } else {
+            quarantine_orphans(&storage, &known, &settings.database_url)?;
         }
-        let (requeued, failed) = recover(&pool, &storage).await?;
+        let (requeued, failed) = reap(&pool, &objects).await?;
         if requeued + failed > 0 {
-            tracing::warn!(
-                requeued,
-                failed,
-                "recovered runs interrupted by the last shutdown"
-            );
+            tracing::warn!(requeued, failed, "recovered runs whose worker stopped");
         }
-        let jobs = Jobs::new();
+        let jobs = Jobs::connect(&pool, &shutdown)
+            .await
+            .context("listening for run events on the database")?;
         let inference = Inference::start(
             selected.device.clone(),
             settings.model_cache,
@@ -109,16 +102,20 @@ impl Service {
         let workers = spawn_workers(
             WorkerContext {
                 db: pool.clone(),
+                objects: objects.clone(),
+                name: crate::jobs::process_name(),
+                lease: settings.lease,
                 jobs: jobs.clone(),
                 storage: storage.clone(),
                 device: selected.device.clone(),
                 backbones,
             },
-            settings.concurrent_runs,
+            settings.workers,
             shutdown.clone(),
         );
         let state = AppState {
             db: pool,
+            objects,
             storage,
             jobs,
             inference,
@@ -137,13 +134,63 @@ impl Service {
     }
 }
 
+/// Local dataset folders no row names (a crash between the folder's rename and the
+/// insert's commit) go to the quarantine folder.
+fn quarantine_orphans(
+    storage: &Storage,
+    known: &[String],
+    database_url: &str,
+) -> anyhow::Result<()> {
+    match storage
+        .quarantine_orphan_datasets(&known)
+        .context("quarantining orphaned dataset folders")?
+    {
+        Orphans::None => {}
+        Orphans::Quarantined(ids) => tracing::warn!(
+            ?ids,
+            to = %storage.quarantine().display(),
+            "moved dataset folders no database row points at to the quarantine folder"
+        ),
+        Orphans::LeftAlone(ids) => tracing::warn!(
+            ?ids,
+            database = %db::redacted(database_url),
+            "the database has no dataset but the data directory has dataset folders: \
+             is this the right database? The folders are left as they are"
+        ),
+    }
+    Ok(())
+}
+
+/// Dataset objects no row names, left by an upload that failed between its publish and its
+/// insert. Only those older than an hour: a younger one may be another replica's upload
+/// whose rows are about to commit. A failure is logged; the next start-up tries again.
+async fn clear_orphan_objects(objects: &Objects, known: &[String]) {
+    let stored = match objects
+        .stored_datasets(std::time::Duration::from_secs(3600))
+        .await
+    {
+        Ok(ids) => ids,
+        Err(e) => return tracing::warn!(error = %e, "could not list stored datasets"),
+    };
+    for id in stored.iter().filter(|id| !known.contains(id)) {
+        match objects.remove(crate::objects::Kind::Dataset, id).await {
+            Ok(()) => tracing::warn!(dataset_id = %id, "deleted stored files no dataset row names"),
+            Err(e) => {
+                tracing::warn!(dataset_id = %id, error = %e, "could not delete orphaned objects")
+            }
+        }
+    }
+}
+
 impl AppState {
     /// State without workers or weights, for handler tests: runs stay queued.
-    pub fn for_tests(db: SqlitePool, settings: Settings) -> Self {
+    pub fn for_tests(db: impl Into<Db>, settings: Settings) -> Self {
+        let db = db.into();
         let storage = Storage::new(&settings.data_dir);
         storage.prepare().expect("test data directory");
         Self {
             db,
+            objects: Objects::local(storage.clone()),
             storage,
             jobs: Jobs::new(),
             inference: Inference::start(

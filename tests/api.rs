@@ -12,7 +12,7 @@ use sqlx::SqlitePool;
 use tower::ServiceExt;
 use transferd::app;
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn upload_reports_classes_counts_and_skipped_files(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let good = std::fs::read(common::fixtures().join("pets/dog/dog.0.jpg")).unwrap();
@@ -60,7 +60,7 @@ async fn upload_reports_classes_counts_and_skipped_files(pool: SqlitePool) {
         "SELECT id FROM dataset_files WHERE dataset_id = ? AND original_name = 'my data/dog/dog.0.jpg'",
     )
     .bind(id)
-    .fetch_one(&h.state.db)
+    .fetch_one(&h.pool)
     .await
     .unwrap();
     let res = app(h.state.clone())
@@ -78,7 +78,7 @@ async fn upload_reports_classes_counts_and_skipped_files(pool: SqlitePool) {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn multipart_upload_with_train_and_val_folders(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let entries = common::pet_entries("");
@@ -123,7 +123,7 @@ async fn multipart_upload_with_train_and_val_folders(pool: SqlitePool) {
     assert!(v["warnings"][0].as_str().unwrap().contains("merged"), "{v}");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn hostile_and_malformed_uploads_are_refused_and_lose_nothing(pool: SqlitePool) {
     let h = harness(pool, |s| {
         s.max_upload_bytes = 4 << 20;
@@ -283,7 +283,7 @@ async fn hostile_and_malformed_uploads_are_refused_and_lose_nothing(pool: Sqlite
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], first["id"]);
     let files: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dataset_files")
-        .fetch_one(&h.state.db)
+        .fetch_one(&h.pool)
         .await
         .unwrap();
     assert_eq!(files, 24);
@@ -294,7 +294,7 @@ async fn hostile_and_malformed_uploads_are_refused_and_lose_nothing(pool: Sqlite
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let (_, ds) = h.upload(common::pets_zip()).await;
@@ -441,7 +441,7 @@ async fn runs_are_validated_queued_listed_and_cancelled(pool: SqlitePool) {
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let jpg = std::fs::read(common::fixtures().join("pets/cat/cat.0.jpg")).unwrap();
@@ -520,7 +520,7 @@ async fn predict_needs_a_model_and_health_reports(pool: SqlitePool) {
     assert!(doc["components"]["schemas"]["TrainConfig"].is_object());
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn api_keys_guard_writes_and_optionally_reads_and_predict(pool: SqlitePool) {
     let key = "s3cret-key-for-tests-0001";
     let h = harness(pool, |s| s.access.keys = vec![key.parse().unwrap()]);
@@ -555,7 +555,7 @@ async fn api_keys_guard_writes_and_optionally_reads_and_predict(pool: SqlitePool
         StatusCode::UNAUTHORIZED
     );
 
-    let strict = harness(h.state.db.clone(), |s| {
+    let strict = harness(h.pool.clone(), |s| {
         s.access.keys = vec![key.parse().unwrap()];
         s.access.protect_reads = true;
         s.access.protect_predict = true;
@@ -582,7 +582,7 @@ fn documented_routes() -> Vec<(String, String)> {
     out
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn every_documented_route_is_guarded_by_its_group(pool: SqlitePool) {
     // Protection follows where a route is mounted; this walks every documented route, so a
     // route mounted in the wrong group (or outside the groups) fails here.
@@ -631,7 +631,7 @@ async fn every_documented_route_is_guarded_by_its_group(pool: SqlitePool) {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn cors_is_off_unless_origins_are_configured(pool: SqlitePool) {
     let preflight = || {
         Request::builder()
@@ -659,7 +659,7 @@ async fn cors_is_off_unless_origins_are_configured(pool: SqlitePool) {
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn a_failed_write_leaves_no_half_dataset(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     // Where the dataset folder should go, a file: the final rename fails.
@@ -678,7 +678,7 @@ async fn a_failed_write_leaves_no_half_dataset(pool: SqlitePool) {
         0
     );
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM datasets")
-        .fetch_one(&h.state.db)
+        .fetch_one(&h.pool)
         .await
         .unwrap();
     assert_eq!(rows, 0);
@@ -691,7 +691,7 @@ fn stalled_body() -> Body {
     >())
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn slow_requests_time_out_with_json_but_uploads_do_not(pool: SqlitePool) {
     let h = harness(pool, |s| {
         s.request_timeout = std::time::Duration::from_millis(300)
@@ -723,7 +723,7 @@ async fn slow_requests_time_out_with_json_but_uploads_do_not(pool: SqlitePool) {
         "an upload is not cut off by the request timeout"
     );
     // But an upload that stalls past --upload-stall-timeout is abandoned with a 408.
-    let impatient = harness(h.state.db.clone(), |s| {
+    let impatient = harness(h.pool.clone(), |s| {
         s.upload_stall_timeout = std::time::Duration::from_millis(300)
     });
     let (status, v) = impatient
@@ -764,7 +764,7 @@ fn multipart(parts: &[(&str, Option<&str>, Vec<u8>)]) -> Request<Body> {
         .unwrap()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn multipart_fields_are_bounded_and_unknown_ones_refused(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let zip = common::pets_zip();
@@ -810,13 +810,15 @@ async fn succeeded_run(h: &common::harness::Harness, pool: &SqlitePool, ds: &Val
         .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
-    transferd::db::runs::claim_next(pool)
+    let db = transferd::db::Db::from(pool.clone());
+    let lease = std::time::Duration::from_secs(60);
+    transferd::db::queue::claim_next(&db, "test-worker", lease)
         .await
         .unwrap()
         .unwrap();
     let classes = vec!["cat".to_string(), "dog".to_string()];
-    transferd::db::models::record_success(
-        pool,
+    let recorded = transferd::db::models::record_success(
+        &db,
         &transferd::db::models::Success {
             run_id: run["id"].as_str().unwrap(),
             dataset_id: ds["id"].as_str(),
@@ -825,13 +827,15 @@ async fn succeeded_run(h: &common::harness::Harness, pool: &SqlitePool, ds: &Val
             val_accuracy: 0.9,
             evaluation: "{}",
         },
+        "test-worker",
     )
     .await
     .unwrap();
+    assert!(recorded);
     run["id"].as_str().unwrap().to_string()
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePool) {
     let h = harness(pool.clone(), |s| s.predict_queue = 2);
     // A model row to predict with (its files are never reached: admission comes first).
@@ -946,7 +950,7 @@ async fn a_full_prediction_queue_refuses_at_once_with_retry_after(pool: SqlitePo
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn forged_cross_site_requests_rebinding_and_headers(pool: SqlitePool) {
     let h = harness(pool.clone(), |_| {});
     let (_, ds) = h.upload(common::pets_zip()).await;
@@ -1052,7 +1056,7 @@ async fn forged_cross_site_requests_rebinding_and_headers(pool: SqlitePool) {
     assert_eq!(metrics.status(), StatusCode::UNAUTHORIZED);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn a_run_too_big_for_memory_is_refused_before_it_starts(pool: SqlitePool) {
     let h = harness(pool, |s| s.max_cache_bytes = 200 << 10);
     let (_, ds) = h.upload(common::pets_zip()).await;
@@ -1083,7 +1087,7 @@ async fn a_run_too_big_for_memory_is_refused_before_it_starts(pool: SqlitePool) 
     assert_eq!(runs.as_array().unwrap().len(), 1, "only the one that fits");
 
     // The queue itself is bounded.
-    let full = harness(h.state.db.clone(), |s| s.max_queued_runs = 1);
+    let full = harness(h.pool.clone(), |s| s.max_queued_runs = 1);
     let (status, v) = full
         .json(
             "POST",
@@ -1095,7 +1099,7 @@ async fn a_run_too_big_for_memory_is_refused_before_it_starts(pool: SqlitePool) 
     assert!(error_message(&v).contains("--max-queued-runs"), "{v}");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn uploads_need_room_on_the_disk_and_in_the_quota(pool: SqlitePool) {
     let zip = common::pets_zip();
     let sized = |zip: &Vec<u8>| {
@@ -1122,7 +1126,7 @@ async fn uploads_need_room_on_the_disk_and_in_the_quota(pool: SqlitePool) {
     assert_eq!(h.dataset_dirs(), 1, "the first dataset is intact");
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn live_event_streams_are_capped(pool: SqlitePool) {
     let h = harness(pool, |s| s.max_event_streams = 1);
     let (_, ds) = h.upload(common::pets_zip()).await;
@@ -1149,7 +1153,7 @@ async fn live_event_streams_are_capped(pool: SqlitePool) {
     );
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn lists_come_a_page_at_a_time(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let zip = pets_with(vec![("cat/notes.jpg", b"not a photo".to_vec())], "");
@@ -1205,7 +1209,7 @@ async fn lists_come_a_page_at_a_time(pool: SqlitePool) {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn an_endless_multipart_header_is_cut_at_the_upload_limit(pool: SqlitePool) {
     let h = harness(pool, |s| s.max_upload_bytes = 1 << 20);
     // One part header line of 3 MB: no field data at all, so only a cap on the whole body

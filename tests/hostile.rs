@@ -80,7 +80,7 @@ fn png_header(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn a_real_gigabyte_bomb_is_refused_by_the_bytes_inflated(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let (status, first) = h.upload(common::pets_zip()).await;
@@ -96,7 +96,7 @@ async fn a_real_gigabyte_bomb_is_refused_by_the_bytes_inflated(pool: SqlitePool)
     assert_eq!(h.dataset_dirs(), 1);
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn sizes_the_archive_lies_about_are_not_trusted(pool: SqlitePool) {
     let h = harness(pool, |s| s.limits.max_entry_bytes = 8 << 20);
     // 32 MiB of zeros among the pets, whose headers claim 100 bytes.
@@ -125,7 +125,7 @@ async fn sizes_the_archive_lies_about_are_not_trusted(pool: SqlitePool) {
     }
 }
 
-#[sqlx::test]
+#[sqlx::test(migrations = "migrations/sqlite")]
 async fn absurd_dimensions_text_photos_and_three_classes(pool: SqlitePool) {
     let h = harness(pool, |_| {});
     let mut entries = common::pet_entries("");

@@ -472,6 +472,9 @@ async fn a_killed_server_recovers_its_run_after_restart() {
             "cpu",
             "--min-images-per-class",
             "2",
+            // The dead process's claim lapses after this long; then any worker takes it.
+            "--lease-seconds",
+            "2",
         ])
         .arg("--weights")
         .arg(common::weights_path())
@@ -511,6 +514,7 @@ async fn a_killed_server_recovers_its_run_after_restart() {
     let base = server.base.clone();
     let r = wait_status(&base, &run, "succeeded").await;
     assert_eq!(r["attempts"], 2, "{r}");
+    assert_ne!(r["worker_id"], Value::Null, "{r}");
     let datasets = get(&base, "/api/datasets").await;
     assert_eq!(datasets[0]["total_images"], 24, "the dataset is intact");
     server.stop().await;

@@ -17,6 +17,7 @@ use super::page::{self, PageQuery};
 use crate::db::{self, datasets::Dataset};
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest::ingest_zip;
+use crate::objects::Kind;
 use crate::state::AppState;
 
 /// Routes that read.
@@ -300,6 +301,11 @@ pub async fn upload(
         let _ = tokio::fs::remove_dir_all(&staging).await;
         return Err(ApiError::internal("moving an upload into place", e));
     }
+    // With a shared object store the files are there before any row names them.
+    if let Err(e) = state.objects.publish_dataset(&id).await {
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        return Err(e.into());
+    }
     match db::datasets::insert(&state.db, &id, &name, &ingested).await {
         Ok(dataset) => {
             tracing::info!(dataset_id = %id, images = dataset.total_images,
@@ -307,7 +313,9 @@ pub async fn upload(
             Ok((StatusCode::CREATED, Json(dataset)))
         }
         Err(e) => {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
+            if let Err(cleanup) = state.objects.remove(Kind::Dataset, &id).await {
+                tracing::warn!(dataset_id = %id, error = %cleanup, "could not remove an unrecorded upload");
+            }
             Err(e.into())
         }
     }
@@ -361,9 +369,9 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     match db::datasets::delete(&state.db, &id).await? {
         db::datasets::Delete::Deleted => {
-            if let Err(e) = tokio::fs::remove_dir_all(state.storage.dataset(&id)).await {
-                // The rows are gone; a leftover folder is removed at the next start-up.
-                tracing::warn!(dataset_id = %id, error = %e, "could not remove the dataset folder");
+            if let Err(e) = state.objects.remove(Kind::Dataset, &id).await {
+                // The rows are gone; leftovers are orphans that start-up clears away.
+                tracing::warn!(dataset_id = %id, error = %e, "could not remove the dataset's files");
             }
             Ok(StatusCode::NO_CONTENT)
         }
@@ -387,7 +395,12 @@ pub async fn file(
     let file = db::datasets::file(&state.db, &id, file_id)
         .await?
         .ok_or_else(missing)?;
-    let path = state.storage.dataset(&id).join(file.file_name());
+    let name = file.file_name();
+    state
+        .objects
+        .fetch_dataset(&id, std::slice::from_ref(&name))
+        .await?;
+    let path = state.storage.dataset(&id).join(name);
     let bytes = tokio::fs::read(&path)
         .await
         .map_err(|e| ApiError::internal("reading a dataset image", e))?;

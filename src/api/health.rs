@@ -59,10 +59,7 @@ pub struct Readiness {
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let database = sqlx::query_scalar::<_, i64>("SELECT 1")
-        .fetch_one(&state.db)
-        .await
-        .is_ok();
+    let database = state.db.ping().await.is_ok();
     let weights = state.weights.as_ref().is_some_and(|p| p.is_file());
     let inference = state
         .inference

@@ -46,6 +46,24 @@ use crate::state::AppState;
 )]
 pub struct ApiDoc;
 
+/// A worker's probe listener: `/healthz`, `/readyz` and `/metrics` (behind a key under
+/// `--protect-reads`), nothing else.
+pub fn probes(state: AppState) -> Router {
+    crate::telemetry::prometheus();
+    let metrics = health::metrics_router().route_layer(axum::middleware::from_fn_with_state(
+        (state.clone(), Guard::Read),
+        access::require_key,
+    ));
+    Router::new()
+        .merge(health::router())
+        .merge(metrics)
+        .fallback(|| async {
+            crate::error::ApiError::NotFound("a worker serves only its probes".into())
+        })
+        .layer(axum::middleware::from_fn(headers::secure))
+        .with_state(state)
+}
+
 /// The whole application: API routes, OpenAPI document and the static page.
 pub fn app(state: AppState) -> Router {
     crate::telemetry::prometheus(); // installed before the first metric is recorded

@@ -40,7 +40,7 @@ pub async fn remove(
         ))),
         db::models::DeleteModel::Deleted => {
             // The row is gone, so nothing serves it any more; the files follow.
-            if let Err(e) = tokio::fs::remove_dir_all(state.storage.model(&id)).await {
+            if let Err(e) = state.objects.remove(crate::objects::Kind::Model, &id).await {
                 tracing::warn!(model_id = %id, error = %e, "model files not removed");
             }
             tracing::info!(model_id = %id, "model deleted");

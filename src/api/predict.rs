@@ -204,9 +204,11 @@ pub async fn predict(
     })
     .await
     .map_err(|e| ApiError::internal("decoding images", e))??;
+    // Any replica serves any model: fetched from the shared store on first use.
+    let dir = state.objects.fetch_model(&model.id).await?;
     let probabilities = state
         .inference
-        .predict(admitted, &model.id, state.storage.model(&model.id), views)
+        .predict(admitted, &model.id, dir, views)
         .await?;
     let k = q.top_k.unwrap_or(5).min(model.classes.len());
     let predictions = probabilities

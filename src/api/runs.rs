@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::body::{media_type, parse_json, read_limited};
 use crate::db::status::RunStatus;
-use crate::db::{self, runs::CancelOutcome, runs::Run};
+use crate::db::{self, queue::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
 use crate::ml::config::TrainConfig;
 use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
@@ -121,7 +121,7 @@ pub async fn create(
              finish or cancel them"
         )));
     };
-    state.jobs.wake();
+    state.jobs.queued(&id);
     tracing::info!(run_id = %id, dataset_id = %dataset.id, "run queued");
     Ok((StatusCode::ACCEPTED, Json(run)))
 }
@@ -286,7 +286,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
-    match db::runs::cancel(&state.db, &id).await? {
+    match db::queue::cancel(&state.db, &id).await? {
         CancelOutcome::NotFound => return Err(not_found(&id)),
         CancelOutcome::AlreadyEnded(status) => {
             return Err(ApiError::Conflict(format!(

@@ -1,11 +1,11 @@
 //! `datasets` and `dataset_files`.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::FromRow;
 use utoipa::ToSchema;
 
-use super::json;
 use super::status::RunStatus;
+use super::{Db, json, now, on_pool, on_tx};
 use crate::ingest::{Ingested, Skipped, stored_name};
 
 /// Images of one class.
@@ -96,7 +96,7 @@ impl DatasetFile {
 
 /// Inserts a dataset and all its files in one transaction.
 pub async fn insert(
-    pool: &SqlitePool,
+    db: &Db,
     id: &str,
     name: &str,
     ingested: &Ingested,
@@ -106,69 +106,74 @@ pub async fn insert(
         skipped: ingested.skipped.clone(),
         warnings: ingested.warnings.clone(),
     };
-    let mut tx = super::write(pool).await?;
-    sqlx::query(
-        "INSERT INTO datasets (id, name, classes, image_count, report) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(name)
-    .bind(serde_json::to_string(&ingested.classes).expect("serialisable"))
-    .bind(ingested.images.len() as i64)
-    .bind(serde_json::to_string(&report).expect("serialisable"))
-    .execute(&mut *tx)
-    .await?;
-    // Many rows per statement (SQLite binds at most 32,766 values; 8 per row).
-    for chunk in ingested.images.chunks(500) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO dataset_files (dataset_id, class, original_name, sha256, format, width, \
-             height, bytes) ",
-        );
-        insert.push_values(chunk, |mut row, image| {
-            row.push_bind(id)
-                .push_bind(&image.class)
-                .push_bind(&image.original_name)
-                .push_bind(&image.sha256)
-                .push_bind(image.format)
-                .push_bind(image.width as i64)
-                .push_bind(image.height as i64)
-                .push_bind(image.bytes as i64);
-        });
-        insert.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    get(pool, id).await?.ok_or(sqlx::Error::RowNotFound)
-}
-
-pub async fn list(pool: &SqlitePool, page: &super::Page) -> Result<Vec<Dataset>, sqlx::Error> {
-    let sql = format!("SELECT * FROM datasets WHERE {}", super::Page::clause(1));
-    sqlx::query_as::<_, DatasetRow>(&sql)
-        .bind(page.time())
-        .bind(page.id())
-        .bind(page.limit())
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(DatasetRow::into_dataset)
-        .collect()
-}
-
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
-    sqlx::query_as::<_, DatasetRow>("SELECT * FROM datasets WHERE id = ?")
+    let time = now();
+    let mut tx = super::write(db).await?;
+    on_tx!(&mut tx, conn => {
+        sqlx::query(
+            "INSERT INTO datasets (id, name, classes, image_count, report, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+        )
         .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .map(DatasetRow::into_dataset)
-        .transpose()
+        .bind(name)
+        .bind(serde_json::to_string(&ingested.classes).expect("serialisable"))
+        .bind(ingested.images.len() as i64)
+        .bind(serde_json::to_string(&report).expect("serialisable"))
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+        // Many rows per statement (SQLite binds at most 32,766 values, PostgreSQL 65,535;
+        // 10 per row).
+        for chunk in ingested.images.chunks(500) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO dataset_files (dataset_id, class, original_name, sha256, format, \
+                 width, height, bytes, created_at, updated_at) ",
+            );
+            insert.push_values(chunk, |mut row, image| {
+                row.push_bind(id)
+                    .push_bind(&image.class)
+                    .push_bind(&image.original_name)
+                    .push_bind(&image.sha256)
+                    .push_bind(image.format)
+                    .push_bind(image.width as i64)
+                    .push_bind(image.height as i64)
+                    .push_bind(image.bytes as i64)
+                    .push_bind(&time)
+                    .push_bind(&time);
+            });
+            insert.build().execute(&mut *conn).await?;
+        }
+    });
+    tx.commit().await?;
+    get(db, id).await?.ok_or(sqlx::Error::RowNotFound)
 }
 
-/// Whether any dataset has this id (for start-up clean-up of orphaned folders).
-pub async fn ids(pool: &SqlitePool) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM datasets")
-        .fetch_all(pool)
-        .await
+pub async fn list(db: &Db, page: &super::Page) -> Result<Vec<Dataset>, sqlx::Error> {
+    let sql = format!("SELECT * FROM datasets WHERE {}", super::Page::clause(1));
+    let rows: Vec<DatasetRow> = on_pool!(db, pool => {
+        sqlx::query_as(&sql)
+            .bind(page.time())
+            .bind(page.id())
+            .bind(page.limit())
+            .fetch_all(pool)
+            .await
+    })?;
+    rows.into_iter().map(DatasetRow::into_dataset).collect()
 }
 
-/// Why a dataset could not be deleted.
+pub async fn get(db: &Db, id: &str) -> Result<Option<Dataset>, sqlx::Error> {
+    let row: Option<DatasetRow> = on_pool!(db, pool => {
+        sqlx::query_as("SELECT * FROM datasets WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+    })?;
+    row.map(DatasetRow::into_dataset).transpose()
+}
+
+pub async fn ids(db: &Db) -> Result<Vec<String>, sqlx::Error> {
+    on_pool!(db, pool => sqlx::query_scalar("SELECT id FROM datasets").fetch_all(pool).await)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delete {
     Deleted,
@@ -178,52 +183,58 @@ pub enum Delete {
 }
 
 /// Deletes a dataset unless a queued or running run uses it; checked in the same transaction.
-pub async fn delete(pool: &SqlitePool, id: &str) -> Result<Delete, sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    let active: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE dataset_id = ? AND status IN (?, ?)")
-            .bind(id)
-            .bind(RunStatus::Queued)
-            .bind(RunStatus::Running)
-            .fetch_one(&mut *tx)
-            .await?;
-    if active > 0 {
-        return Ok(Delete::InUse(active));
-    }
-    let done = sqlx::query("DELETE FROM datasets WHERE id = ?")
+pub async fn delete(db: &Db, id: &str) -> Result<Delete, sqlx::Error> {
+    let mut tx = super::write(db).await?;
+    let outcome = on_tx!(&mut tx, conn => {
+        let active: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM runs WHERE dataset_id = $1 AND status IN ($2, $3)",
+        )
         .bind(id)
-        .execute(&mut *tx)
+        .bind(RunStatus::Queued)
+        .bind(RunStatus::Running)
+        .fetch_one(&mut *conn)
         .await?;
+        if active > 0 {
+            Delete::InUse(active)
+        } else {
+            let done = sqlx::query("DELETE FROM datasets WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            if done.rows_affected() == 0 {
+                Delete::NotFound
+            } else {
+                Delete::Deleted
+            }
+        }
+    });
     tx.commit().await?;
-    Ok(if done.rows_affected() == 0 {
-        Delete::NotFound
-    } else {
-        Delete::Deleted
-    })
+    Ok(outcome)
 }
 
-/// Every file of a dataset, in a stable order.
-pub async fn files(pool: &SqlitePool, dataset_id: &str) -> Result<Vec<DatasetFile>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, dataset_id, class, original_name, sha256, format, width, height, bytes \
-         FROM dataset_files WHERE dataset_id = ? ORDER BY class, original_name, id",
-    )
-    .bind(dataset_id)
-    .fetch_all(pool)
-    .await
+/// The columns of a [`DatasetFile`].
+const FILE_COLUMNS: &str =
+    "id, dataset_id, class, original_name, sha256, format, width, height, bytes";
+
+pub async fn files(db: &Db, dataset_id: &str) -> Result<Vec<DatasetFile>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {FILE_COLUMNS} FROM dataset_files WHERE dataset_id = $1 \
+         ORDER BY class, original_name, id"
+    );
+    on_pool!(db, pool => sqlx::query_as(&sql).bind(dataset_id).fetch_all(pool).await)
 }
 
 pub async fn file(
-    pool: &SqlitePool,
+    db: &Db,
     dataset_id: &str,
     file_id: i64,
 ) -> Result<Option<DatasetFile>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT id, dataset_id, class, original_name, sha256, format, width, height, bytes \
-         FROM dataset_files WHERE dataset_id = ? AND id = ?",
-    )
-    .bind(dataset_id)
-    .bind(file_id)
-    .fetch_optional(pool)
-    .await
+    let sql = format!("SELECT {FILE_COLUMNS} FROM dataset_files WHERE dataset_id = $1 AND id = $2");
+    on_pool!(db, pool => {
+        sqlx::query_as(&sql)
+            .bind(dataset_id)
+            .bind(file_id)
+            .fetch_optional(pool)
+            .await
+    })
 }

@@ -1,9 +1,8 @@
 //! What a run records as it trains: live progress, one row per epoch, each phase's best
 //! epoch, and the final evaluation.
 
-use sqlx::SqlitePool;
-
 use super::status::{PhaseStatus, RunStatus};
+use super::{Db, now, on_pool, on_tx};
 use crate::ml::events::{EpochMetrics, Phase, PhaseSummary, Stage};
 
 /// Live progress of a running run.
@@ -18,11 +17,12 @@ pub struct Progress {
     pub eta_seconds: Option<f64>,
 }
 
-pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE runs SET phase = ?, stage = ?, step = ?, steps_total = ?, epoch = ?, \
-         epochs_total = ?, percent = ?, eta_seconds = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = ?",
+pub async fn set_progress(db: &Db, id: &str, p: &Progress) -> Result<(), sqlx::Error> {
+    let time = now();
+    on_pool!(db, pool => sqlx::query(
+        "UPDATE runs SET phase = $1, stage = $2, step = $3, steps_total = $4, epoch = $5, \
+         epochs_total = $6, percent = $7, eta_seconds = $8, updated_at = $11 \
+         WHERE id = $9 AND status = $10",
     )
     // `phase` holds the phase; `stage` names the stage, the frozen pass included.
     .bind(p.stage.and_then(|s| match s {
@@ -38,63 +38,79 @@ pub async fn set_progress(pool: &SqlitePool, id: &str, p: &Progress) -> Result<(
     .bind(p.eta_seconds)
     .bind(id)
     .bind(RunStatus::Running)
+    .bind(&time)
     .execute(pool)
-    .await?;
+    .await
+    .map(|_| ()))?;
     Ok(())
 }
 
 /// Records a finished epoch and marks its phase running.
-pub async fn add_epoch(pool: &SqlitePool, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    sqlx::query(
-        "INSERT OR REPLACE INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
-         val_loss, val_accuracy, learning_rate, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(&m.phase)
-    .bind(m.epoch as i64)
-    .bind(m.train_loss)
-    .bind(m.train_accuracy)
-    .bind(m.val_loss)
-    .bind(m.val_accuracy)
-    .bind(m.learning_rate)
-    .bind(m.seconds)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE run_phases SET status = ?, epochs_run = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
-    )
-    .bind(PhaseStatus::Running)
-    .bind(m.epoch as i64)
-    .bind(id)
-    .bind(m.phase)
-    .execute(&mut *tx)
-    .await?;
+pub async fn add_epoch(db: &Db, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
+    let time = now();
+    let mut tx = super::write(db).await?;
+    on_tx!(&mut tx, conn => {
+        sqlx::query(
+            "INSERT INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
+             val_loss, val_accuracy, learning_rate, seconds, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
+             ON CONFLICT (run_id, phase, epoch) DO UPDATE SET \
+             train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy, \
+             val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, \
+             learning_rate = excluded.learning_rate, seconds = excluded.seconds, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(id)
+        .bind(m.phase)
+        .bind(m.epoch as i64)
+        .bind(m.train_loss)
+        .bind(m.train_accuracy)
+        .bind(m.val_loss)
+        .bind(m.val_accuracy)
+        .bind(m.learning_rate)
+        .bind(m.seconds)
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE run_phases SET status = $1, epochs_run = $2, updated_at = $5 \
+             WHERE run_id = $3 AND phase = $4",
+        )
+        .bind(PhaseStatus::Running)
+        .bind(m.epoch as i64)
+        .bind(id)
+        .bind(m.phase)
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+    });
     tx.commit().await
 }
 
-/// Records a finished phase with its best epoch.
-pub async fn phase_done(pool: &SqlitePool, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE run_phases SET status = ?, epochs_run = ?, best_epoch = ?, \
-         best_val_loss = ?, best_val_accuracy = ?, seconds = ?, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND phase = ?",
-    )
-    .bind(PhaseStatus::Succeeded)
-    .bind(s.epochs_run as i64)
-    .bind(s.best_epoch as i64)
-    .bind(s.best_val_loss)
-    .bind(s.best_val_accuracy)
-    .bind(s.seconds)
-    .bind(id)
-    .bind(s.phase)
-    .execute(pool)
-    .await?;
+pub async fn phase_done(db: &Db, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
+    let time = now();
+    on_pool!(db, pool => {
+        sqlx::query(
+            "UPDATE run_phases SET status = $1, epochs_run = $2, best_epoch = $3, \
+             best_val_loss = $4, best_val_accuracy = $5, seconds = $6, updated_at = $9 \
+             WHERE run_id = $7 AND phase = $8",
+        )
+        .bind(PhaseStatus::Succeeded)
+        .bind(s.epochs_run as i64)
+        .bind(s.best_epoch as i64)
+        .bind(s.best_val_loss)
+        .bind(s.best_val_accuracy)
+        .bind(s.seconds)
+        .bind(id)
+        .bind(s.phase)
+        .bind(&time)
+        .execute(pool)
+        .await
+        .map(|_| ())
+    })?;
     Ok(())
 }
 
-/// An `epoch_metrics` row; `ml` knows nothing of rows.
 #[derive(sqlx::FromRow)]
 struct EpochRow {
     phase: Phase,
@@ -122,23 +138,26 @@ impl From<EpochRow> for EpochMetrics {
     }
 }
 
-pub async fn metrics(pool: &SqlitePool, id: &str) -> Result<Vec<EpochMetrics>, sqlx::Error> {
-    let rows: Vec<EpochRow> = sqlx::query_as(
-        "SELECT m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, \
-         m.learning_rate, m.seconds FROM epoch_metrics m \
-         JOIN run_phases p ON p.run_id = m.run_id AND p.phase = m.phase \
-         WHERE m.run_id = ? ORDER BY p.position, m.epoch",
-    )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
+pub async fn metrics(db: &Db, id: &str) -> Result<Vec<EpochMetrics>, sqlx::Error> {
+    let rows: Vec<EpochRow> = on_pool!(db, pool => {
+        sqlx::query_as(
+            "SELECT m.phase, m.epoch, m.train_loss, m.train_accuracy, m.val_loss, \
+             m.val_accuracy, m.learning_rate, m.seconds FROM epoch_metrics m \
+             JOIN run_phases p ON p.run_id = m.run_id AND p.phase = m.phase \
+             WHERE m.run_id = $1 ORDER BY p.position, m.epoch",
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await
+    })?;
     Ok(rows.into_iter().map(EpochMetrics::from).collect())
 }
 
-/// The stored evaluation JSON of a run.
-pub async fn evaluation(pool: &SqlitePool, id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT report FROM evaluations WHERE run_id = ?")
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+pub async fn evaluation(db: &Db, id: &str) -> Result<Option<String>, sqlx::Error> {
+    on_pool!(db, pool => {
+        sqlx::query_scalar("SELECT report FROM evaluations WHERE run_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+    })
 }

@@ -2,10 +2,11 @@
 //! model, or the newest one when none has been promoted.
 
 use serde::Serialize;
-use sqlx::{FromRow, SqlitePool};
+use sqlx::FromRow;
 use utoipa::ToSchema;
 
-use super::{json, runs};
+use super::queue::{self, Guard};
+use super::{Db, json, now, on_pool, on_tx};
 
 #[derive(FromRow)]
 struct ModelRow {
@@ -55,7 +56,7 @@ impl ModelRow {
 }
 
 const DEFAULT_ID: &str = "(SELECT id FROM models ORDER BY promoted_at IS NULL, promoted_at DESC, \
-                          created_at DESC, rowid DESC LIMIT 1)";
+                          created_at DESC, id DESC LIMIT 1)";
 
 fn select(filter: &str) -> String {
     format!(
@@ -76,99 +77,126 @@ pub struct Success<'a> {
 }
 
 /// Stores the evaluation and the model and marks the run succeeded, all in one transaction.
-pub async fn record_success(pool: &SqlitePool, s: &Success<'_>) -> Result<(), sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    sqlx::query("INSERT OR REPLACE INTO evaluations (run_id, accuracy, report) VALUES (?, ?, ?)")
+/// Stores a succeeded run's evaluation and model row and ends the run, in one transaction,
+/// if `worker` still holds the run. `false` (and nothing written) if it lost the lease.
+pub async fn record_success(db: &Db, s: &Success<'_>, worker: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = super::write(db).await?;
+    let ended = queue::finish_in(
+        &mut tx,
+        s.run_id,
+        super::status::RunStatus::Succeeded,
+        None,
+        Guard::Holder(worker),
+    )
+    .await?;
+    if !ended {
+        return Ok(false);
+    }
+    let time = now();
+    on_tx!(&mut tx, conn => {
+        sqlx::query(
+            "INSERT INTO evaluations (run_id, accuracy, report, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (run_id) DO UPDATE SET \
+             accuracy = excluded.accuracy, report = excluded.report, updated_at = excluded.updated_at",
+        )
         .bind(s.run_id)
         .bind(s.val_accuracy)
         .bind(s.evaluation)
-        .execute(&mut *tx)
+        .bind(&time)
+        .execute(&mut *conn)
         .await?;
-    sqlx::query(
-        "INSERT OR REPLACE INTO models (id, dataset_id, classes, input_size, val_accuracy) \
-         VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(s.run_id)
-    .bind(s.dataset_id)
-    .bind(serde_json::to_string(s.classes).expect("serialisable"))
-    .bind(s.input_size as i64)
-    .bind(s.val_accuracy)
-    .execute(&mut *tx)
-    .await?;
-    runs::finish_in(&mut tx, s.run_id, super::status::RunStatus::Succeeded, None).await?;
-    tx.commit().await
+        sqlx::query(
+            "INSERT INTO models (id, dataset_id, classes, input_size, val_accuracy, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (id) DO UPDATE SET \
+             dataset_id = excluded.dataset_id, classes = excluded.classes, \
+             input_size = excluded.input_size, val_accuracy = excluded.val_accuracy, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(s.run_id)
+        .bind(s.dataset_id)
+        .bind(serde_json::to_string(s.classes).expect("serialisable"))
+        .bind(s.input_size as i64)
+        .bind(s.val_accuracy)
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+    });
+    tx.commit().await?;
+    Ok(true)
 }
 
-pub async fn list(pool: &SqlitePool, page: &super::Page) -> Result<Vec<Model>, sqlx::Error> {
-    sqlx::query_as::<_, ModelRow>(&select(&format!("WHERE {}", super::Page::clause(1))))
-        .bind(page.time())
-        .bind(page.id())
-        .bind(page.limit())
-        .fetch_all(pool)
-        .await?
-        .into_iter()
-        .map(ModelRow::into_model)
-        .collect()
+pub async fn list(db: &Db, page: &super::Page) -> Result<Vec<Model>, sqlx::Error> {
+    let sql = select(&format!("WHERE {}", super::Page::clause(1)));
+    let rows: Vec<ModelRow> = on_pool!(db, pool => {
+        sqlx::query_as(&sql)
+            .bind(page.time())
+            .bind(page.id())
+            .bind(page.limit())
+            .fetch_all(pool)
+            .await
+    })?;
+    rows.into_iter().map(ModelRow::into_model).collect()
 }
 
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Model>, sqlx::Error> {
-    sqlx::query_as::<_, ModelRow>(&select("WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?
-        .map(ModelRow::into_model)
-        .transpose()
+pub async fn get(db: &Db, id: &str) -> Result<Option<Model>, sqlx::Error> {
+    let sql = select("WHERE id = $1");
+    let row: Option<ModelRow> =
+        on_pool!(db, pool => sqlx::query_as(&sql).bind(id).fetch_optional(pool).await)?;
+    row.map(ModelRow::into_model).transpose()
 }
 
-/// The model predictions use when none is named.
-pub async fn default_model(pool: &SqlitePool) -> Result<Option<Model>, sqlx::Error> {
-    sqlx::query_as::<_, ModelRow>(&select(&format!("WHERE id = {DEFAULT_ID}")))
-        .fetch_optional(pool)
-        .await?
-        .map(ModelRow::into_model)
-        .transpose()
+/// The model predictions use when none is named. Every API process reads it here, so a
+/// promotion through one is seen by all of them at their next lookup.
+pub async fn default_model(db: &Db) -> Result<Option<Model>, sqlx::Error> {
+    let sql = select(&format!("WHERE id = {DEFAULT_ID}"));
+    let row: Option<ModelRow> =
+        on_pool!(db, pool => sqlx::query_as(&sql).fetch_optional(pool).await)?;
+    row.map(ModelRow::into_model).transpose()
 }
 
-/// Makes a model the default. Returns `false` when there is no such model.
-pub async fn promote(pool: &SqlitePool, id: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE models SET promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-    )
-    .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn promote(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+    let time = now();
+    let done = on_pool!(db, pool => {
+        sqlx::query("UPDATE models SET promoted_at = $1, updated_at = $1 WHERE id = $2")
+            .bind(&time)
+            .bind(id)
+            .execute(pool)
+            .await?
+            .rows_affected()
+    });
+    Ok(done == 1)
 }
 
-/// What deleting a model did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum DeleteModel {
     Deleted,
     NotFound,
-    /// It is the default model: promote another first.
     IsDefault,
 }
 
-/// Deletes a model's row unless it is the default; checked in the same transaction.
-pub async fn delete(pool: &SqlitePool, id: &str) -> Result<DeleteModel, sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    let default: Option<String> = sqlx::query_scalar(&format!("SELECT {DEFAULT_ID}"))
-        .fetch_one(&mut *tx)
-        .await?;
-    if default.as_deref() == Some(id) {
-        return Ok(DeleteModel::IsDefault);
-    }
-    let done = sqlx::query("DELETE FROM models WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+pub async fn delete(db: &Db, id: &str) -> Result<DeleteModel, sqlx::Error> {
+    let mut tx = super::write(db).await?;
+    let default_sql = format!("SELECT {DEFAULT_ID}");
+    let outcome = on_tx!(&mut tx, conn => {
+        let default: Option<String> = sqlx::query_scalar(&default_sql)
+            .fetch_one(&mut *conn)
+            .await?;
+        if default.as_deref() == Some(id) {
+            DeleteModel::IsDefault
+        } else {
+            let done = sqlx::query("DELETE FROM models WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            if done.rows_affected() == 1 {
+                DeleteModel::Deleted
+            } else {
+                DeleteModel::NotFound
+            }
+        }
+    });
     tx.commit().await?;
-    Ok(if done.rows_affected() == 1 {
-        DeleteModel::Deleted
-    } else {
-        DeleteModel::NotFound
-    })
+    Ok(outcome)
 }
 
 #[cfg(test)]
@@ -177,11 +205,12 @@ mod tests {
     use crate::ingest::Ingested;
     use crate::ml::config::TrainConfig;
 
-    async fn succeed(pool: &SqlitePool, id: &str) {
-        runs::create(pool, id, "d", &TrainConfig::default())
+    async fn succeed(pool: &Db, id: &str) {
+        crate::db::runs::create(pool, id, "d", &TrainConfig::default())
             .await
             .unwrap();
-        runs::claim_next(pool).await.unwrap().unwrap();
+        let lease = std::time::Duration::from_secs(30);
+        queue::claim_next(pool, "w", lease).await.unwrap().unwrap();
         let classes = vec!["a".to_string(), "b".to_string()];
         let s = Success {
             run_id: id,
@@ -191,11 +220,16 @@ mod tests {
             val_accuracy: 0.9,
             evaluation: "{}",
         };
-        record_success(pool, &s).await.unwrap();
+        assert!(record_success(pool, &s, "w").await.unwrap());
+        assert!(
+            !record_success(pool, &s, "w").await.unwrap(),
+            "a run that ended cannot be recorded twice"
+        );
     }
 
-    #[sqlx::test]
-    async fn newest_model_is_default_until_one_is_promoted(pool: SqlitePool) {
+    #[sqlx::test(migrations = "migrations/sqlite")]
+    async fn newest_model_is_default_until_one_is_promoted(pool: sqlx::SqlitePool) {
+        let pool = Db::from(pool);
         let ingested = Ingested {
             classes: vec!["a".into(), "b".into()],
             images: Vec::new(),
@@ -210,7 +244,7 @@ mod tests {
         succeed(&pool, "first").await;
         succeed(&pool, "second").await;
         assert_eq!(default_model(&pool).await.unwrap().unwrap().id, "second");
-        let run = runs::get(&pool, "first").await.unwrap().unwrap();
+        let run = crate::db::runs::get(&pool, "first").await.unwrap().unwrap();
         assert_eq!(run.status, crate::db::status::RunStatus::Succeeded);
         assert_eq!(run.model_id.as_deref(), Some("first"));
 

@@ -1,11 +1,12 @@
-//! `runs` (the queue), `run_phases`, `epoch_metrics` and `evaluations`.
+//! `runs` and `run_phases`: creating, reading and listing runs. What moves a run through
+//! the queue (claims, leases, ends) is `db::queue`.
 
 use serde::Serialize;
-use sqlx::{FromRow, SqliteConnection, SqlitePool};
+use sqlx::FromRow;
 use utoipa::ToSchema;
 
-use super::json;
 use super::status::{PhaseStatus, RunStatus};
+use super::{Db, json, on_pool, on_tx};
 use crate::ml::config::{TrainConfig, When};
 use crate::ml::events::{Phase, Stage};
 
@@ -41,6 +42,7 @@ struct RunRow {
     error: Option<String>,
     cancel_requested: bool,
     attempts: i64,
+    worker_id: Option<String>,
     started_at: Option<String>,
     finished_at: Option<String>,
     created_at: String,
@@ -82,6 +84,8 @@ pub struct Run {
     pub cancel_requested: bool,
     /// How many times a worker has started it (more than 1 after a resumed restart).
     pub attempts: i64,
+    /// The worker that holds (or last held) the run's lease.
+    pub worker_id: Option<String>,
     pub phases: Vec<RunPhase>,
     /// The model this run produced, once it succeeded (and until the model is deleted).
     pub model_id: Option<String>,
@@ -131,6 +135,7 @@ impl RunRow {
             error: self.error,
             cancel_requested: self.cancel_requested,
             attempts: self.attempts,
+            worker_id: self.worker_id,
             phases,
             started_at: self.started_at,
             finished_at: self.finished_at,
@@ -157,18 +162,18 @@ pub fn planned_phases(config: &TrainConfig) -> Vec<(Phase, bool, usize)> {
 }
 
 /// A phase's place in the run, as stored in `run_phases.position`.
-fn position(phase: Phase) -> i64 {
+pub(super) fn position(phase: Phase) -> i64 {
     Phase::ALL.iter().position(|p| *p == phase).expect("listed") as i64
 }
 
 /// Queues a new run.
 pub async fn create(
-    pool: &SqlitePool,
+    db: &Db,
     id: &str,
     dataset_id: &str,
     config: &TrainConfig,
 ) -> Result<Run, sqlx::Error> {
-    create_bounded(pool, id, dataset_id, config, usize::MAX)
+    create_bounded(db, id, dataset_id, config, usize::MAX)
         .await?
         .ok_or(sqlx::Error::RowNotFound)
 }
@@ -176,94 +181,110 @@ pub async fn create(
 /// Queues a new run unless `max_queued` runs already wait (`None` then); the count and the
 /// insert share one write transaction, so racing requests cannot both slip in.
 pub async fn create_bounded(
-    pool: &SqlitePool,
+    db: &Db,
     id: &str,
     dataset_id: &str,
     config: &TrainConfig,
     max_queued: usize,
 ) -> Result<Option<Run>, sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE status = ?")
-        .bind(RunStatus::Queued)
-        .fetch_one(&mut *tx)
-        .await?;
-    if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
-        return Ok(None);
-    }
-    sqlx::query("INSERT INTO runs (id, dataset_id, status, config) VALUES (?, ?, ?, ?)")
+    let mut tx = super::write(db).await?;
+    let now = super::now();
+    on_tx!(&mut tx, conn => {
+        let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE status = $1")
+            .bind(RunStatus::Queued)
+            .fetch_one(&mut *conn)
+            .await?;
+        if queued >= i64::try_from(max_queued).unwrap_or(i64::MAX) {
+            return Ok(None);
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, dataset_id, status, config, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $5)",
+        )
         .bind(id)
         .bind(dataset_id)
         .bind(RunStatus::Queued)
         .bind(serde_json::to_string(config).expect("serialisable"))
-        .execute(&mut *tx)
+        .bind(&now)
+        .execute(&mut *conn)
         .await?;
-    for (phase, enabled, epochs) in planned_phases(config) {
-        sqlx::query(
-            "INSERT INTO run_phases (run_id, phase, position, status, epochs_planned) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(phase)
-        .bind(position(phase))
-        .bind(if enabled {
-            PhaseStatus::Pending
-        } else {
-            PhaseStatus::Skipped
-        })
-        .bind(epochs as i64)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    get(pool, id).await
-}
-
-/// The phases of the runs `ids`.
-async fn phases_of_runs(pool: &SqlitePool, ids: &[&str]) -> Result<Vec<RunPhase>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT run_id, phase, status, epochs_planned, epochs_run, best_epoch, best_val_loss, \
-         best_val_accuracy, seconds FROM run_phases \
-         WHERE run_id IN (SELECT value FROM json_each(?1)) ORDER BY run_id, position",
-    )
-    .bind(serde_json::to_string(ids).expect("serialisable"))
-    .fetch_all(pool)
-    .await
-}
-
-pub async fn get(pool: &SqlitePool, id: &str) -> Result<Option<Run>, sqlx::Error> {
-    let Some(row) =
-        sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+        for (phase, enabled, epochs) in planned_phases(config) {
+            sqlx::query(
+                "INSERT INTO run_phases (run_id, phase, position, status, epochs_planned, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6)",
+            )
             .bind(id)
-            .fetch_optional(pool)
-            .await?
-    else {
+            .bind(phase)
+            .bind(position(phase))
+            .bind(if enabled {
+                PhaseStatus::Pending
+            } else {
+                PhaseStatus::Skipped
+            })
+            .bind(epochs as i64)
+            .bind(&now)
+            .execute(&mut *conn)
+            .await?;
+        }
+    });
+    tx.commit().await?;
+    get(db, id).await
+}
+
+/// The phases of the runs `ids`, ordered by run and position.
+async fn phases_of_runs(db: &Db, ids: &[&str]) -> Result<Vec<RunPhase>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    on_pool!(db, pool => {
+        let mut query = sqlx::QueryBuilder::new(
+            "SELECT run_id, phase, status, epochs_planned, epochs_run, best_epoch, \
+             best_val_loss, best_val_accuracy, seconds FROM run_phases WHERE run_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for id in ids {
+            list.push_bind(*id);
+        }
+        query.push(") ORDER BY run_id, position");
+        query.build_query_as().fetch_all(pool).await
+    })
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<Run>, sqlx::Error> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+    let row: Option<RunRow> =
+        on_pool!(db, pool => sqlx::query_as(&sql).bind(id).fetch_optional(pool).await)?;
+    let Some(row) = row else {
         return Ok(None);
     };
-    let phases = phases_of_runs(pool, &[id]).await?;
+    let phases = phases_of_runs(db, &[id]).await?;
     row.into_run(phases).map(Some)
 }
 
 /// Runs, newest first, optionally only those of one status.
 pub async fn list(
-    pool: &SqlitePool,
+    db: &Db,
     status: Option<RunStatus>,
     page: &super::Page,
 ) -> Result<Vec<Run>, sqlx::Error> {
-    let rows = sqlx::query_as::<_, RunRow>(&format!(
-        "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND {}",
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR status = $1) AND {}",
         super::Page::clause(2)
-    ))
-    .bind(status)
-    .bind(page.time())
-    .bind(page.id())
-    .bind(page.limit())
-    .fetch_all(pool)
-    .await?;
+    );
+    let rows: Vec<RunRow> = on_pool!(db, pool => {
+        sqlx::query_as(&sql)
+            .bind(status)
+            .bind(page.time())
+            .bind(page.id())
+            .bind(page.limit())
+            .fetch_all(pool)
+            .await
+    })?;
     // The page's phases in one query, grouped by run (ordered by run and position).
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let mut phases: std::collections::HashMap<String, Vec<RunPhase>> =
         std::collections::HashMap::new();
-    for p in phases_of_runs(pool, &ids).await? {
+    for p in phases_of_runs(db, &ids).await? {
         phases.entry(p.run_id.clone()).or_default().push(p);
     }
     rows.into_iter()
@@ -274,198 +295,11 @@ pub async fn list(
         .collect()
 }
 
-/// A run the worker has claimed.
-#[derive(Debug, Clone, FromRow)]
-pub struct Claimed {
-    pub id: String,
-    pub dataset_id: Option<String>,
-    pub config: String,
-    pub attempts: i64,
-}
-
-/// Atomically moves the oldest queued run to `running` and returns it.
-pub async fn claim_next(pool: &SqlitePool) -> Result<Option<Claimed>, sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE runs SET status = ?1, attempts = attempts + 1, error = NULL, \
-         started_at = COALESCE(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE id = (SELECT id FROM runs WHERE status = ?2 ORDER BY created_at, id LIMIT 1) \
-         RETURNING id, dataset_id, config, attempts",
-    )
-    .bind(RunStatus::Running)
-    .bind(RunStatus::Queued)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Ends a run with `status` (one that [`RunStatus::is_over`]). Phases that never finished
-/// end with it too, as [`PhaseStatus::on_run_end`] says.
-pub async fn finish(
-    pool: &SqlitePool,
-    id: &str,
-    status: RunStatus,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    finish_in(&mut tx, id, status, error).await?;
-    tx.commit().await
-}
-
-/// [`finish`] inside a caller's transaction.
-pub async fn finish_in(
-    conn: &mut SqliteConnection,
-    id: &str,
-    status: RunStatus,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    debug_assert!(status.is_over(), "{status} does not end a run");
-    sqlx::query(
-        // sqlx numbers plain `?` apart from `?N`, so a statement uses one style only.
-        "UPDATE runs SET status = ?1, error = ?2, eta_seconds = NULL, \
-         percent = CASE WHEN ?1 = ?4 THEN 100 ELSE percent END, \
-         finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?3",
-    )
-    .bind(status)
-    .bind(error)
-    .bind(id)
-    .bind(RunStatus::Succeeded)
-    .execute(&mut *conn)
-    .await?;
-    let (running_to, pending_to) = PhaseStatus::on_run_end(status);
-    sqlx::query(
-        "UPDATE run_phases SET status = CASE status WHEN ?3 THEN ?1 ELSE ?2 END, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE run_id = ?5 AND status IN (?3, ?4)",
-    )
-    .bind(running_to)
-    .bind(pending_to)
-    .bind(PhaseStatus::Running)
-    .bind(PhaseStatus::Pending)
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Puts a run back in the queue, keeping the phases before `from_phase` (their metrics and
-/// status) and forgetting everything from it on.
-pub async fn requeue(pool: &SqlitePool, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    sqlx::query(
-        "UPDATE runs SET status = ?, phase = NULL, stage = NULL, step = NULL, \
-         steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
-    )
-    .bind(RunStatus::Queued)
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    reset_phases_in(&mut tx, id, from_phase).await?;
-    tx.commit().await
-}
-
-/// Forgets the phases from `from_phase` on (status back to pending, their epochs deleted),
-/// before a run starts them again.
-pub async fn reset_phases_from(
-    pool: &SqlitePool,
-    id: &str,
-    from_phase: Phase,
-) -> Result<(), sqlx::Error> {
-    let mut tx = super::write(pool).await?;
-    reset_phases_in(&mut tx, id, from_phase).await?;
-    tx.commit().await
-}
-
-async fn reset_phases_in(
-    conn: &mut SqliteConnection,
-    id: &str,
-    from_phase: Phase,
-) -> Result<(), sqlx::Error> {
-    let position = position(from_phase);
-    sqlx::query(
-        "DELETE FROM epoch_metrics WHERE run_id = ?1 AND phase IN \
-         (SELECT phase FROM run_phases WHERE run_id = ?1 AND position >= ?2)",
-    )
-    .bind(id)
-    .bind(position)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE run_phases SET status = ?1, epochs_run = 0, best_epoch = NULL, \
-         best_val_loss = NULL, best_val_accuracy = NULL, seconds = NULL, \
-         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE run_id = ?2 AND position >= ?3 AND status != ?4",
-    )
-    .bind(PhaseStatus::Pending)
-    .bind(id)
-    .bind(position)
-    .bind(PhaseStatus::Skipped)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// What a cancel request did.
-#[derive(Debug, PartialEq, Eq)]
-pub enum CancelOutcome {
-    NotFound,
-    /// It was queued and is now cancelled.
-    Cancelled,
-    /// It is running; the worker stops it at the next step boundary.
-    Requested,
-    /// It had already ended with this status.
-    AlreadyEnded(RunStatus),
-}
-
-pub async fn cancel(pool: &SqlitePool, id: &str) -> Result<CancelOutcome, sqlx::Error> {
-    // One transaction: a worker cannot claim the run between the check and the end.
-    let mut tx = super::write(pool).await?;
-    let queued = sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = ?")
-        .bind(id)
-        .bind(RunStatus::Queued)
-        .execute(&mut *tx)
-        .await?;
-    if queued.rows_affected() == 1 {
-        finish_in(&mut tx, id, RunStatus::Cancelled, None).await?;
-        tx.commit().await?;
-        return Ok(CancelOutcome::Cancelled);
-    }
-    tx.commit().await?;
-    let running = sqlx::query(
-        "UPDATE runs SET cancel_requested = 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-         WHERE id = ? AND status = ?",
-    )
-    .bind(id)
-    .bind(RunStatus::Running)
-    .execute(pool)
-    .await?;
-    if running.rows_affected() == 1 {
-        return Ok(CancelOutcome::Requested);
-    }
-    let status: Option<RunStatus> = sqlx::query_scalar("SELECT status FROM runs WHERE id = ?")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(status.map_or(CancelOutcome::NotFound, CancelOutcome::AlreadyEnded))
-}
-
-/// Whether someone asked to cancel the run.
-pub async fn cancel_requested(pool: &SqlitePool, id: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = ?")
-        .bind(id)
-        .fetch_one(pool)
-        .await
-}
-
-/// Runs left `running` (by a process that died), with their phases.
-pub async fn running(pool: &SqlitePool) -> Result<Vec<Run>, sqlx::Error> {
-    list(pool, Some(RunStatus::Running), &super::Page::ALL).await
-}
-
 /// How many runs are in each status (statuses with none are left out).
-pub async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT status, COUNT(*) FROM runs GROUP BY status")
-        .fetch_all(pool)
-        .await
+pub async fn count_by_status(db: &Db) -> Result<Vec<(RunStatus, i64)>, sqlx::Error> {
+    on_pool!(db, pool => {
+        sqlx::query_as("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            .fetch_all(pool)
+            .await
+    })
 }

@@ -3,16 +3,13 @@
 //! text names a status only through [`RunStatus::as_str`] and [`PhaseStatus::as_str`] binds.
 
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{Sqlite, SqliteArgumentValue, SqliteTypeInfo, SqliteValueRef};
-use sqlx::{Decode, Encode, Type};
 use utoipa::ToSchema;
 
 use crate::ml::events::Phase;
 
 /// Where a run is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-#[sqlx(rename_all = "lowercase")]
 pub enum RunStatus {
     /// Waiting for a worker.
     Queued,
@@ -55,6 +52,13 @@ impl RunStatus {
     }
 }
 
+impl std::str::FromStr for RunStatus {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        RunStatus::parse(s).ok_or_else(|| UnknownName(s.to_string()))
+    }
+}
+
 impl std::fmt::Display for RunStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -62,9 +66,8 @@ impl std::fmt::Display for RunStatus {
 }
 
 /// Where one phase of a run is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-#[sqlx(rename_all = "lowercase")]
 pub enum PhaseStatus {
     Pending,
     Running,
@@ -76,6 +79,26 @@ pub enum PhaseStatus {
 }
 
 impl PhaseStatus {
+    pub const ALL: [PhaseStatus; 6] = [
+        PhaseStatus::Pending,
+        PhaseStatus::Running,
+        PhaseStatus::Succeeded,
+        PhaseStatus::Skipped,
+        PhaseStatus::Failed,
+        PhaseStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseStatus::Pending => "pending",
+            PhaseStatus::Running => "running",
+            PhaseStatus::Succeeded => "succeeded",
+            PhaseStatus::Skipped => "skipped",
+            PhaseStatus::Failed => "failed",
+            PhaseStatus::Cancelled => "cancelled",
+        }
+    }
+
     /// What a phase that had not finished becomes when its run ends with `run`:
     /// (the running phase, the pending ones).
     pub fn on_run_end(run: RunStatus) -> (PhaseStatus, PhaseStatus) {
@@ -88,40 +111,65 @@ impl PhaseStatus {
 }
 
 /// Whether a run can go on after its warm-up instead of starting over: the warm-up
-/// succeeded and its checkpoint is on disk. The worker (on a claim, and at shutdown) and
+/// succeeded and its checkpoint is stored (`checkpoint`). The worker (on a claim, and at shutdown) and
 /// start-up recovery all decide with this.
-pub fn resumes_after_warmup(phases: &[(Phase, PhaseStatus)], checkpoint: &std::path::Path) -> bool {
+pub fn resumes_after_warmup(phases: &[(Phase, PhaseStatus)], checkpoint: bool) -> bool {
     phases
         .iter()
         .any(|&(p, s)| p == Phase::Warmup && s == PhaseStatus::Succeeded)
-        && checkpoint.is_file()
+        && checkpoint
 }
 
-// Phase names are stored as text; `ml` stays free of sqlx, so the mapping lives here.
-impl Type<Sqlite> for Phase {
-    fn type_info() -> SqliteTypeInfo {
-        <str as Type<Sqlite>>::type_info()
-    }
-    fn compatible(ty: &SqliteTypeInfo) -> bool {
-        <str as Type<Sqlite>>::compatible(ty)
-    }
-}
-
-impl<'q> Encode<'q, Sqlite> for Phase {
-    fn encode_by_ref(
-        &self,
-        buf: &mut Vec<SqliteArgumentValue<'q>>,
-    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-        <&str as Encode<'q, Sqlite>>::encode(self.as_str(), buf)
+impl std::str::FromStr for PhaseStatus {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        PhaseStatus::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownName(s.to_string()))
     }
 }
 
-impl<'r> Decode<'r, Sqlite> for Phase {
-    fn decode(value: SqliteValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        let text = <&str as Decode<'r, Sqlite>>::decode(value)?;
-        Ok(text.parse()?)
-    }
+/// A stored status name this program does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown status {0:?}")]
+pub struct UnknownName(String);
+
+/// Stores each type as its name (TEXT on both engines), through its `as_str` and `FromStr`.
+/// `ml` stays free of sqlx, so `Phase`'s mapping lives here with the statuses'.
+macro_rules! text_column {
+    ($($ty:ty),*) => {$(
+        text_column!(@on $ty, sqlx::Sqlite);
+        text_column!(@on $ty, sqlx::Postgres);
+    )*};
+    (@on $ty:ty, $db:ty) => {
+        impl sqlx::Type<$db> for $ty {
+            fn type_info() -> <$db as sqlx::Database>::TypeInfo {
+                <str as sqlx::Type<$db>>::type_info()
+            }
+            fn compatible(ty: &<$db as sqlx::Database>::TypeInfo) -> bool {
+                <str as sqlx::Type<$db>>::compatible(ty)
+            }
+        }
+        impl<'q> sqlx::Encode<'q, $db> for $ty {
+            fn encode_by_ref(
+                &self,
+                buf: &mut <$db as sqlx::Database>::ArgumentBuffer<'q>,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<'q, $db>>::encode(self.as_str(), buf)
+            }
+        }
+        impl<'r> sqlx::Decode<'r, $db> for $ty {
+            fn decode(
+                value: <$db as sqlx::Database>::ValueRef<'r>,
+            ) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(<&str as sqlx::Decode<'r, $db>>::decode(value)?.parse()?)
+            }
+        }
+    };
 }
+
+text_column!(RunStatus, PhaseStatus, Phase);
 
 #[cfg(test)]
 mod tests {
@@ -150,15 +198,12 @@ mod tests {
 
     #[test]
     fn resuming_needs_a_finished_warmup_and_its_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("warmup.bpk");
         let done = [(Phase::Warmup, PhaseStatus::Succeeded)];
-        assert!(!resumes_after_warmup(&done, &file), "no checkpoint yet");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(resumes_after_warmup(&done, &file));
+        assert!(!resumes_after_warmup(&done, false), "no checkpoint yet");
+        assert!(resumes_after_warmup(&done, true));
         let running = [(Phase::Warmup, PhaseStatus::Running)];
-        assert!(!resumes_after_warmup(&running, &file));
+        assert!(!resumes_after_warmup(&running, true));
         let other = [(Phase::Finetune, PhaseStatus::Succeeded)];
-        assert!(!resumes_after_warmup(&other, &file));
+        assert!(!resumes_after_warmup(&other, true));
     }
 }

@@ -103,9 +103,17 @@ pub(super) fn compute(
         None => None,
     };
     let checkpoint_path = ctx.storage.warmup_checkpoint(id);
+    let runtime = tokio::runtime::Handle::current();
     let mut save = |head: &burn::nn::Linear| {
         artifact::save_head(&checkpoint_path, head)
-            .map_err(|e| TrainError::Checkpoint(e.to_string()))
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        // Shared so that any worker can resume the run; losing it only costs a warm-up.
+        if ctx.objects.is_shared()
+            && let Err(e) = runtime.block_on(ctx.objects.publish_checkpoint(id))
+        {
+            tracing::warn!(error = %e, "could not store the warm-up checkpoint");
+        }
+        Ok(())
     };
     let resume = Resume {
         warm_head,

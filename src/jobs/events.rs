@@ -1,13 +1,14 @@
-//! Live run events, broadcast to SSE subscribers.
+//! Live run events, broadcast to SSE subscribers (across processes through `jobs::notify`
+//! on PostgreSQL).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::db::status::RunStatus;
 use crate::ml::events::{EpochMetrics, PhaseSummary, Stage};
 
 /// Something that happened to a run.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RunEvent {
     pub run_id: String,
     #[serde(flatten)]
@@ -15,7 +16,7 @@ pub struct RunEvent {
 }
 
 /// The event itself; `type` is also the SSE event name.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// Steps done in the current stage, and the estimate for the whole run.

@@ -5,6 +5,7 @@
 mod compute;
 pub mod events;
 pub mod inference;
+mod notify;
 mod progress;
 mod recovery;
 mod worker;
@@ -12,14 +13,16 @@ mod worker;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
+use crate::db::Db;
 use crate::db::status::RunStatus;
 use crate::ml::events::Cancel;
 
 pub use self::events::RunEvent;
-pub use self::recovery::recover;
-pub use self::worker::{WorkerContext, spawn_workers};
+pub use self::recovery::{MAX_ATTEMPTS, reap};
+pub use self::worker::{WorkerContext, process_name, spawn_workers};
 
 /// Handle to the training queue, cloned into every handler.
 #[derive(Clone)]
@@ -32,6 +35,8 @@ struct Inner {
     events: broadcast::Sender<RunEvent>,
     /// Stop flags of the runs training now.
     running: Mutex<HashMap<String, Cancel>>,
+    /// Where events go when processes share them (PostgreSQL `NOTIFY`); `None`: in-process.
+    outbox: Option<mpsc::UnboundedSender<RunEvent>>,
 }
 
 impl Default for Jobs {
@@ -41,19 +46,52 @@ impl Default for Jobs {
 }
 
 impl Jobs {
+    /// Events stay in this process (SQLite: one process).
     pub fn new() -> Self {
+        Self::with_outbox(None)
+    }
+
+    fn with_outbox(outbox: Option<mpsc::UnboundedSender<RunEvent>>) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
             inner: Arc::new(Inner {
                 wake: Notify::new(),
                 events,
                 running: Mutex::new(HashMap::new()),
+                outbox,
             }),
         }
     }
 
-    /// Tells an idle worker that a run was queued.
-    pub fn wake(&self) {
+    /// In-process events on SQLite; on PostgreSQL, events shared by every process on the
+    /// database (`NOTIFY`/`LISTEN`) until `shutdown`.
+    pub async fn connect(db: &Db, shutdown: &CancellationToken) -> Result<Self, sqlx::Error> {
+        let Db::Postgres(pool) = db else {
+            return Ok(Self::new());
+        };
+        let listener = notify::subscribe(pool).await?;
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let jobs = Self::with_outbox(Some(outbox));
+        tokio::spawn(notify::send(pool.clone(), rx));
+        let waker = jobs.clone();
+        tokio::spawn(notify::listen(
+            listener,
+            jobs.inner.events.clone(),
+            move || waker.wake_here(),
+            shutdown.clone(),
+        ));
+        Ok(jobs)
+    }
+
+    /// Tells an idle worker, in any process, that run `run_id` was queued.
+    pub fn queued(&self, run_id: &str) {
+        self.wake_here();
+        if self.inner.outbox.is_some() {
+            self.publish_status(run_id, RunStatus::Queued, None);
+        }
+    }
+
+    fn wake_here(&self) {
         // Wakes one idle worker, or leaves a permit for the next one to wait.
         self.inner.wake.notify_one();
     }
@@ -64,8 +102,16 @@ impl Jobs {
     }
 
     pub(crate) fn publish(&self, event: RunEvent) {
-        // No subscribers is fine: nobody is watching.
-        let _ = self.inner.events.send(event);
+        match &self.inner.outbox {
+            // Comes back through the listener, to this process's subscribers too.
+            Some(outbox) => {
+                let _ = outbox.send(event);
+            }
+            // No subscribers is fine: nobody is watching.
+            None => {
+                let _ = self.inner.events.send(event);
+            }
+        }
     }
 
     /// Announces a run's new status.

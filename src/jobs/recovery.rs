@@ -1,28 +1,65 @@
-//! Start-up recovery of runs a dead process left `running`: re-queued after the warm-up when
-//! its checkpoint is on disk, otherwise failed as `interrupted`. Nothing else is touched.
+//! Runs whose worker died: a `running` run whose lease lapsed goes back to the queue, after
+//! its warm-up when that finished and its checkpoint is stored, from the start otherwise;
+//! after [`MAX_ATTEMPTS`] claims it fails with a message saying so. Every worker reaps now
+//! and then, and every process at start-up; runs that live workers hold (their leases
+//! renewed) are never touched, so any number of processes can share the queue.
 
-use sqlx::SqlitePool;
-
-use crate::db;
+use crate::db::queue::{self, Guard};
 use crate::db::status::{RunStatus, resumes_after_warmup};
+use crate::db::{self, Db};
 use crate::ml::events::Phase;
-use crate::storage::Storage;
+use crate::objects::Objects;
 
-/// The message of a run that cannot resume.
-pub const INTERRUPTED: &str = "interrupted: the server stopped while this run was training and it had no finished phase to resume from";
+/// Claims a run may have before a lapsed lease fails it instead of re-queuing it.
+pub const MAX_ATTEMPTS: i64 = 3;
 
-/// Returns (re-queued, failed).
-pub async fn recover(pool: &SqlitePool, storage: &Storage) -> Result<(usize, usize), sqlx::Error> {
+/// The message of a run given up after [`MAX_ATTEMPTS`].
+pub fn gave_up(attempts: i64) -> String {
+    format!(
+        "gave up after {attempts} attempts: each time, the worker training this run stopped \
+         renewing its lease (it crashed, was killed or lost the database)"
+    )
+}
+
+/// Re-queues or fails the runs whose lease lapsed. Returns (re-queued, failed).
+pub async fn reap(db: &Db, objects: &Objects) -> Result<(usize, usize), sqlx::Error> {
     let (mut requeued, mut failed) = (0, 0);
-    for run in db::runs::running(pool).await? {
-        if resumes_after_warmup(&run.phase_states(), &storage.warmup_checkpoint(&run.id)) {
-            db::runs::requeue(pool, &run.id, Phase::Finetune).await?;
-            tracing::warn!(run_id = %run.id, "run interrupted by a restart: re-queued after its warm-up");
-            requeued += 1;
+    let now = db::now_millis();
+    for id in queue::lapsed(db, now).await? {
+        let Some(run) = db::runs::get(db, &id).await? else {
+            continue;
+        };
+        // Guard::Lapsed: a worker that renewed the lease since the query keeps the run.
+        if run.attempts >= MAX_ATTEMPTS {
+            let message = gave_up(run.attempts);
+            if queue::finish(
+                db,
+                &id,
+                RunStatus::Failed,
+                Some(&message),
+                Guard::Lapsed(now),
+            )
+            .await?
+            {
+                tracing::warn!(run_id = %id, attempts = run.attempts, "lease lapsed again: run failed");
+                failed += 1;
+            }
+            continue;
+        }
+        // A store that cannot answer now: start over rather than leave the run stuck.
+        let checkpoint = objects.has_checkpoint(&id).await.unwrap_or_else(|e| {
+            tracing::warn!(run_id = %id, error = %e, "cannot tell whether a checkpoint is stored");
+            false
+        });
+        let from = if resumes_after_warmup(&run.phase_states(), checkpoint) {
+            Phase::Finetune
         } else {
-            db::runs::finish(pool, &run.id, RunStatus::Failed, Some(INTERRUPTED)).await?;
-            tracing::warn!(run_id = %run.id, "run interrupted by a restart: marked failed");
-            failed += 1;
+            Phase::Warmup
+        };
+        if queue::requeue(db, &id, from, Guard::Lapsed(now)).await? {
+            tracing::warn!(run_id = %id, worker = ?run.worker_id, resume_from = %from,
+                "the run's lease lapsed (its worker stopped): re-queued");
+            requeued += 1;
         }
     }
     Ok((requeued, failed))
@@ -30,17 +67,23 @@ pub async fn recover(pool: &SqlitePool, storage: &Storage) -> Result<(usize, usi
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::db::status::PhaseStatus;
     use crate::ingest::Ingested;
     use crate::ml::config::TrainConfig;
     use crate::ml::events::PhaseSummary;
 
-    #[sqlx::test]
-    async fn interrupted_runs_resume_after_the_warmup_or_fail(pool: SqlitePool) {
+    #[sqlx::test(migrations = "migrations/sqlite")]
+    async fn lapsed_runs_resume_after_the_warmup_or_start_over_and_live_ones_stay(
+        pool: sqlx::SqlitePool,
+    ) {
+        let db = Db::from(pool);
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::new(dir.path());
+        let storage = crate::storage::Storage::new(dir.path());
         storage.prepare().unwrap();
+        let objects = Objects::local(storage.clone());
         let ingested = Ingested {
             classes: vec!["a".into(), "b".into()],
             images: Vec::new(),
@@ -48,24 +91,25 @@ mod tests {
             warnings: Vec::new(),
             dir: dir.path().into(),
         };
-        db::datasets::insert(&pool, "d", "d", &ingested)
+        db::datasets::insert(&db, "d", "d", &ingested)
             .await
             .unwrap();
         let config = TrainConfig::default();
-        db::runs::create(&pool, "early", "d", &config)
-            .await
-            .unwrap();
-        db::runs::create(&pool, "late", "d", &config).await.unwrap();
-        db::runs::create(&pool, "waiting", "d", &config)
-            .await
-            .unwrap();
-        let first = db::runs::claim_next(&pool).await.unwrap().unwrap();
-        let second = db::runs::claim_next(&pool).await.unwrap().unwrap();
+        for id in ["early", "late", "live", "waiting"] {
+            db::runs::create(&db, id, "d", &config).await.unwrap();
+        }
+        let gone = Duration::ZERO;
+        let first = queue::claim_next(&db, "dead", gone).await.unwrap().unwrap();
+        let second = queue::claim_next(&db, "dead", gone).await.unwrap().unwrap();
         assert_eq!(
             (first.id.as_str(), second.id.as_str()),
             ("early", "late"),
             "oldest first"
         );
+        let live = queue::claim_next(&db, "alive", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(live.unwrap().id, "live");
         let summary = PhaseSummary {
             phase: Phase::Warmup,
             epochs_run: 3,
@@ -74,18 +118,24 @@ mod tests {
             best_val_accuracy: 0.9,
             seconds: 1.0,
         };
-        db::epochs::phase_done(&pool, "late", &summary)
-            .await
-            .unwrap();
+        db::epochs::phase_done(&db, "late", &summary).await.unwrap();
         let checkpoint = storage.warmup_checkpoint("late");
         std::fs::create_dir_all(checkpoint.parent().unwrap()).unwrap();
         std::fs::write(&checkpoint, b"head").unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
 
-        assert_eq!(recover(&pool, &storage).await.unwrap(), (1, 1));
-        let early = db::runs::get(&pool, "early").await.unwrap().unwrap();
-        assert_eq!(early.status, RunStatus::Failed);
-        assert_eq!(early.error.as_deref(), Some(INTERRUPTED));
-        let late = db::runs::get(&pool, "late").await.unwrap().unwrap();
+        assert_eq!(reap(&db, &objects).await.unwrap(), (2, 0));
+        let early = db::runs::get(&db, "early").await.unwrap().unwrap();
+        assert_eq!(
+            early.status,
+            RunStatus::Queued,
+            "no checkpoint: starts over"
+        );
+        assert_eq!(
+            early.phase_states()[0],
+            (Phase::Warmup, PhaseStatus::Pending)
+        );
+        let late = db::runs::get(&db, "late").await.unwrap().unwrap();
         assert_eq!(late.status, RunStatus::Queued);
         assert_eq!(
             late.phase_states(),
@@ -95,11 +145,74 @@ mod tests {
                 (Phase::Baseline, PhaseStatus::Skipped)
             ]
         );
-        let waiting = db::runs::get(&pool, "waiting").await.unwrap().unwrap();
+        let live = db::runs::get(&db, "live").await.unwrap().unwrap();
+        assert_eq!(
+            live.status,
+            RunStatus::Running,
+            "a renewed lease is left alone"
+        );
+        assert_eq!(live.worker_id.as_deref(), Some("alive"));
+        let waiting = db::runs::get(&db, "waiting").await.unwrap().unwrap();
         assert_eq!(
             waiting.status,
             RunStatus::Queued,
             "queued runs are untouched"
+        );
+
+        // The dead worker's late writes are refused now that the run is not its own.
+        assert!(
+            !queue::finish(&db, "early", RunStatus::Failed, None, Guard::Holder("dead"))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            queue::heartbeat(&db, "early", "dead", gone).await.unwrap(),
+            queue::Lease::Lost
+        );
+    }
+
+    #[sqlx::test(migrations = "migrations/sqlite")]
+    async fn a_run_whose_lease_keeps_lapsing_fails_after_the_last_attempt(pool: sqlx::SqlitePool) {
+        let db = Db::from(pool);
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::Storage::new(dir.path());
+        storage.prepare().unwrap();
+        let objects = Objects::local(storage.clone());
+        let ingested = Ingested {
+            classes: vec!["a".into(), "b".into()],
+            images: Vec::new(),
+            skipped: Vec::new(),
+            warnings: Vec::new(),
+            dir: dir.path().into(),
+        };
+        db::datasets::insert(&db, "d", "d", &ingested)
+            .await
+            .unwrap();
+        db::runs::create(&db, "r", "d", &TrainConfig::default())
+            .await
+            .unwrap();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let claimed = queue::claim_next(&db, "w", Duration::ZERO)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(claimed.attempts, attempt);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let expected = if attempt < MAX_ATTEMPTS {
+                (1, 0)
+            } else {
+                (0, 1)
+            };
+            assert_eq!(reap(&db, &objects).await.unwrap(), expected);
+        }
+        let run = db::runs::get(&db, "r").await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Failed);
+        assert_eq!(run.error, Some(gave_up(MAX_ATTEMPTS)));
+        assert!(
+            queue::claim_next(&db, "w", Duration::ZERO)
+                .await
+                .unwrap()
+                .is_none()
         );
     }
 }

@@ -1,10 +1,10 @@
-//! The training workers: each claims the oldest queued run, trains it on a blocking thread,
-//! and turns the trainer's events into database rows and live events.
+//! The training workers: each claims the oldest queued run under a lease, trains it on a
+//! blocking thread while renewing the lease (which also carries cancels made through any
+//! API process), and turns the trainer's events into database rows and live events.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use sqlx::SqlitePool;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,11 +14,13 @@ use super::Jobs;
 use super::compute::{Failure, Stopped, compute};
 use super::events::{EventKind, RunEvent};
 use super::progress::Tracker;
+use crate::db::queue::{self, Claimed, Guard, Lease};
 use crate::db::status::{RunStatus, resumes_after_warmup};
-use crate::db::{self, models::Success, runs::Claimed};
+use crate::db::{self, Db, models::Success};
 use crate::ml::config::TrainConfig;
 use crate::ml::data::{FolderDataset, Sample};
 use crate::ml::events::{Cancel, Phase, PhaseSummary, Stage, TrainEvent};
+use crate::objects::Kind;
 use crate::storage::Storage;
 
 /// Least time between two progress writes of one run.
@@ -29,7 +31,13 @@ const POLL: Duration = Duration::from_secs(2);
 /// What a worker needs.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub db: SqlitePool,
+    pub db: Db,
+    pub objects: crate::objects::Objects,
+    /// This process's worker name (each worker adds its number): host, process id and a
+    /// random part, so that a restarted process never reuses a dead one's name.
+    pub name: String,
+    /// How long a claim lasts without a heartbeat.
+    pub lease: Duration,
     pub jobs: Jobs,
     pub storage: Storage,
     pub device: burn::prelude::Device,
@@ -48,16 +56,50 @@ pub fn spawn_workers(
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                work(&ctx, &shutdown).await;
+                let me = format!("{}-{n}", ctx.name);
+                work(&ctx, &me, &shutdown).await;
                 tracing::info!(worker = n, "worker stopped");
             })
         })
         .collect()
 }
 
-async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
+/// A worker name for this process.
+pub fn process_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    format!("{host}-{}-{tag}", std::process::id())
+}
+
+/// How often a training worker renews its lease and looks for a cancel: a third of the
+/// lease (so two heartbeats can fail before it lapses), at most every 2 s (cancels land
+/// within that).
+fn heartbeat_every(lease: Duration) -> Duration {
+    (lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+/// How often an idle or busy worker looks for runs whose lease lapsed: every half lease, at
+/// least every 5 s (other processes' leases may be shorter than this one's).
+fn reap_every(lease: Duration) -> Duration {
+    (lease / 2).min(Duration::from_secs(5))
+}
+
+async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
+    let mut next_reap = Instant::now();
     while !shutdown.is_cancelled() {
-        let claimed = match db::runs::claim_next(&ctx.db).await {
+        if Instant::now() >= next_reap {
+            next_reap = Instant::now() + reap_every(ctx.lease);
+            match super::reap(&ctx.db, &ctx.objects).await {
+                Ok((0, 0)) => {}
+                Ok((requeued, failed)) => {
+                    tracing::warn!(requeued, failed, "reaped runs whose worker stopped")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not look for lapsed leases"),
+            }
+        }
+        let claimed = match queue::claim_next(&ctx.db, me, ctx.lease).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "could not claim a queued run; retrying");
@@ -73,16 +115,20 @@ async fn work(ctx: &WorkerContext, shutdown: &CancellationToken) {
             continue;
         };
         let id = run.id.clone();
-        let span = tracing::info_span!("run", run_id = %id, attempt = run.attempts);
-        if let Err(e) = execute(ctx, run, shutdown).instrument(span).await {
+        let span = tracing::info_span!("run", run_id = %id, attempt = run.attempts, worker = me);
+        if let Err(e) = execute(ctx, me, run, shutdown).instrument(span).await {
             // A database failure mid-run: the run cannot be trusted to resume.
             tracing::error!(run_id = %id, error = format!("{e:#}"), "run aborted by an internal error");
             ctx.jobs.unregister(&id);
             let message = "internal error while training; see the server log";
-            if db::runs::finish(&ctx.db, &id, RunStatus::Failed, Some(message))
-                .await
-                .is_ok()
-            {
+            let ended = queue::finish(
+                &ctx.db,
+                &id,
+                RunStatus::Failed,
+                Some(message),
+                Guard::Holder(me),
+            );
+            if ended.await.unwrap_or(false) {
                 ctx.jobs
                     .publish_status(&id, RunStatus::Failed, Some(message.into()));
             }
@@ -98,9 +144,15 @@ async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDat
         .ok_or_else(|| Failure::plain("its dataset was deleted"))?;
     let classes: Vec<String> = dataset.classes.iter().map(|c| c.name.clone()).collect();
     let dir = ctx.storage.dataset(dataset_id);
-    let samples = db::datasets::files(&ctx.db, dataset_id)
+    let files = db::datasets::files(&ctx.db, dataset_id)
         .await
-        .map_err(|e| Failure::internal("reading the dataset's files", e))?
+        .map_err(|e| Failure::internal("reading the dataset's files", e))?;
+    let names: Vec<String> = files.iter().map(|f| f.file_name()).collect();
+    ctx.objects
+        .fetch_dataset(dataset_id, &names)
+        .await
+        .map_err(|e| Failure::internal("fetching the dataset from the object store", e))?;
+    let samples = files
         .into_iter()
         .map(|f| Sample {
             path: dir.join(f.file_name()),
@@ -116,6 +168,7 @@ async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDat
 
 async fn execute(
     ctx: &WorkerContext,
+    me: &str,
     run: Claimed,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -129,7 +182,7 @@ async fn execute(
     };
     let dataset = match dataset {
         Ok(d) => d,
-        Err(e) => return fail(ctx, &id, &e).await,
+        Err(e) => return fail(ctx, me, &id, &e).await,
     };
 
     // Resume after the warm-up when an earlier attempt finished it and left its checkpoint.
@@ -137,7 +190,8 @@ async fn execute(
     let before = db::runs::get(&ctx.db, &id)
         .await?
         .context("claimed run vanished")?;
-    let resume = resumes_after_warmup(&before.phase_states(), &checkpoint);
+    let stored = ctx.objects.fetch_checkpoint(&id).await?;
+    let resume = resumes_after_warmup(&before.phase_states(), stored);
     let (prior_metrics, prior_phases) = if resume {
         tracing::info!("resuming after the warm-up from its checkpoint");
         let metrics = db::epochs::metrics(&ctx.db, &id).await?;
@@ -156,14 +210,14 @@ async fn execute(
             .collect();
         (metrics, phases)
     } else {
-        db::runs::reset_phases_from(&ctx.db, &id, Phase::Warmup).await?;
+        queue::reset_phases_from(&ctx.db, &id, Phase::Warmup).await?;
         (Vec::new(), Vec::new())
     };
 
     let cancel = Cancel::default();
     ctx.jobs.register(&id, cancel.clone());
     // A cancel that came between the claim and the registration.
-    if db::runs::cancel_requested(&ctx.db, &id).await? {
+    if queue::cancel_requested(&ctx.db, &id).await? {
         cancel.cancel();
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
@@ -190,8 +244,25 @@ async fn execute(
     let mut tracker = Tracker::new(&config, resume.then_some(Phase::Finetune));
     let mut last_write = Instant::now() - PROGRESS_EVERY;
     let mut stopping_for_shutdown = false;
+    let mut lost = false;
+    let mut heartbeat = tokio::time::interval(heartbeat_every(ctx.lease));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = heartbeat.tick(), if !lost => {
+                match queue::heartbeat(&ctx.db, &id, me, ctx.lease).await {
+                    Ok(Lease::Held { cancel: true }) => cancel.cancel(),
+                    Ok(Lease::Held { cancel: false }) => {}
+                    Ok(Lease::Lost) => {
+                        tracing::warn!("the run's lease was lost (it lapsed and the run was \
+                            re-queued); stopping it and writing nothing more");
+                        lost = true;
+                        cancel.cancel();
+                    }
+                    // Keeps training: the lease outlives a couple of missed heartbeats.
+                    Err(e) => tracing::warn!(error = %e, "could not renew the run's lease"),
+                }
+            }
             event = rx.recv() => {
                 let Some(event) = event else { break };
                 if let Err(e) = on_event(ctx, &id, event, &mut tracker, &mut last_write, config.batch_size).await {
@@ -211,8 +282,17 @@ async fn execute(
     }
     let result = compute.await;
     ctx.jobs.unregister(&id);
+    if lost {
+        return Ok(());
+    }
     match result {
         Ok(Ok(done)) => {
+            // Stored before the row that points at it.
+            if let Err(e) = ctx.objects.publish_model(&id).await {
+                let _ = std::fs::remove_dir_all(ctx.storage.model(&id));
+                let failure = Failure::internal("storing the model in the object store", e);
+                return fail(ctx, me, &id, &failure).await;
+            }
             let success = Success {
                 run_id: &id,
                 dataset_id: run.dataset_id.as_deref(),
@@ -224,49 +304,61 @@ async fn execute(
             // The model is on disk: a passing database fault must not orphan it.
             let mut wait = Duration::from_millis(250);
             let mut attempt = 1;
-            while let Err(e) = db::models::record_success(&ctx.db, &success).await {
-                if attempt == RECORD_ATTEMPTS {
-                    // No row will ever point at the model: do not leave it behind.
-                    let _ = std::fs::remove_dir_all(ctx.storage.model(&id));
-                    return Err(e.into());
+            let recorded = loop {
+                match db::models::record_success(&ctx.db, &success, me).await {
+                    Ok(recorded) => break recorded,
+                    Err(e) if attempt == RECORD_ATTEMPTS => {
+                        // No row will ever point at the model: do not leave it behind.
+                        forget(ctx, Kind::Model, &id).await;
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "recording the model failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        (wait, attempt) = (wait * 2, attempt + 1);
+                    }
                 }
-                tracing::warn!(error = %e, attempt, "recording the model failed; retrying");
-                tokio::time::sleep(wait).await;
-                (wait, attempt) = (wait * 2, attempt + 1);
+            };
+            if !recorded {
+                tracing::warn!("the run's lease was lost before its model was recorded; discarded");
+                forget(ctx, Kind::Model, &id).await;
+                return Ok(());
             }
-            let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
+            forget(ctx, Kind::Run, &id).await;
             tracing::info!(val_accuracy = done.accuracy, "run succeeded");
             ctx.jobs.publish_status(&id, RunStatus::Succeeded, None);
         }
         Ok(Err(Stopped::Cancelled)) => {
-            let user = db::runs::cancel_requested(&ctx.db, &id).await?;
+            let user = queue::cancel_requested(&ctx.db, &id).await?;
             if stopping_for_shutdown && !user {
                 let now = db::runs::get(&ctx.db, &id)
                     .await?
                     .context("running run vanished")?;
-                let from = if resumes_after_warmup(&now.phase_states(), &checkpoint) {
+                let stored = ctx.objects.has_checkpoint(&id).await.unwrap_or(false);
+                let from = if resumes_after_warmup(&now.phase_states(), stored) {
                     Phase::Finetune
                 } else {
                     Phase::Warmup
                 };
-                db::runs::requeue(&ctx.db, &id, from).await?;
+                queue::requeue(&ctx.db, &id, from, Guard::Holder(me)).await?;
                 tracing::info!(
                     resume_from = %from,
                     "run left queued to resume at the next start"
                 );
                 ctx.jobs.publish_status(&id, RunStatus::Queued, None);
             } else {
-                db::runs::finish(&ctx.db, &id, RunStatus::Cancelled, None).await?;
-                let _ = std::fs::remove_dir_all(ctx.storage.run_dir(&id));
+                queue::finish(&ctx.db, &id, RunStatus::Cancelled, None, Guard::Holder(me)).await?;
+                forget(ctx, Kind::Run, &id).await;
                 tracing::info!("run cancelled");
                 ctx.jobs.publish_status(&id, RunStatus::Cancelled, None);
             }
         }
-        Ok(Err(Stopped::Failed(f))) => fail(ctx, &id, &f).await?,
+        Ok(Err(Stopped::Failed(f))) => fail(ctx, me, &id, &f).await?,
         Err(join) => {
             tracing::error!(error = %join, "training thread panicked");
             fail(
                 ctx,
+                me,
                 &id,
                 &Failure::plain("internal error: the training thread crashed"),
             )
@@ -276,14 +368,21 @@ async fn execute(
     Ok(())
 }
 
-async fn fail(ctx: &WorkerContext, id: &str, failure: &Failure) -> anyhow::Result<()> {
+async fn fail(ctx: &WorkerContext, me: &str, id: &str, failure: &Failure) -> anyhow::Result<()> {
     match &failure.detail {
         Some(detail) => tracing::error!(error = %detail, "run failed"),
         None => tracing::warn!(error = %failure.public, "run failed"),
     }
     let message = failure.public.as_str();
-    db::runs::finish(&ctx.db, id, RunStatus::Failed, Some(message)).await?;
-    let _ = std::fs::remove_dir_all(ctx.storage.run_dir(id));
+    queue::finish(
+        &ctx.db,
+        id,
+        RunStatus::Failed,
+        Some(message),
+        Guard::Holder(me),
+    )
+    .await?;
+    forget(ctx, Kind::Run, id).await;
     ctx.jobs
         .publish_status(id, RunStatus::Failed, Some(message.to_string()));
     Ok(())
@@ -364,6 +463,14 @@ async fn on_event(
         });
     }
     Ok(())
+}
+
+/// Deletes a run's checkpoints or an unrecorded model, locally and in the store; a failure
+/// only leaves garbage behind, so it is logged.
+async fn forget(ctx: &WorkerContext, what: Kind, id: &str) {
+    if let Err(e) = ctx.objects.remove(what, id).await {
+        tracing::warn!(error = %e, ?what, "could not delete leftover files");
+    }
 }
 
 /// Tries to record a finished model before the run is given up (0.25 s, then doubling).

@@ -10,6 +10,8 @@ use transferd::{AppState, Settings, app};
 
 pub struct Harness {
     pub state: AppState,
+    /// The same database, for assertions in SQL.
+    pub pool: SqlitePool,
     pub dir: tempfile::TempDir,
 }
 
@@ -19,7 +21,8 @@ pub fn harness(pool: SqlitePool, tweak: impl FnOnce(&mut Settings)) -> Harness {
     settings.limits.min_images_per_class = 2;
     tweak(&mut settings);
     Harness {
-        state: AppState::for_tests(pool, settings),
+        state: AppState::for_tests(pool.clone(), settings),
+        pool,
         dir,
     }
 }

@@ -1,0 +1,339 @@
+//! The queue: claiming runs, leases, ends and cancels. A claimed run names the worker that
+//! holds it (`worker_id`) and when that claim lapses (`lease_expires_at`); the worker renews
+//! the lease while it trains. Every write that ends or re-queues a run says who may do it
+//! ([`Guard`]), so a worker that lost its lease cannot overwrite the run's new life.
+
+use std::time::Duration;
+
+use sqlx::FromRow;
+
+use super::runs::position;
+use super::status::{PhaseStatus, RunStatus};
+use super::{Db, Tx, now, now_millis, on_pool, on_tx};
+use crate::ml::events::Phase;
+
+/// A run a worker has claimed.
+#[derive(Debug, Clone, FromRow)]
+pub struct Claimed {
+    pub id: String,
+    pub dataset_id: Option<String>,
+    pub config: String,
+    pub attempts: i64,
+}
+
+/// Who may end or re-queue a run.
+#[derive(Debug, Clone, Copy)]
+pub enum Guard<'a> {
+    /// Anyone (the API, for a queued run or an explicit cancel).
+    Anyone,
+    /// Only this worker, and only while the run is still `running` under its lease.
+    Holder(&'a str),
+    /// Anyone, if the run is `running` and its lease lapsed before this time (Unix ms).
+    Lapsed(i64),
+}
+
+impl Guard<'_> {
+    /// The guard's condition on `runs`, with its two parameters numbered from `first`
+    /// (bound by [`Guard::bind`]) and the running status from `running`.
+    fn clause(first: usize, running: usize) -> String {
+        let (holder, lapsed) = (first, first + 1);
+        format!(
+            "(${holder} IS NULL OR (status = ${running} AND worker_id = ${holder})) \
+             AND (${lapsed} IS NULL OR (status = ${running} AND \
+             (lease_expires_at IS NULL OR lease_expires_at < ${lapsed})))"
+        )
+    }
+
+    fn holder(&self) -> Option<&str> {
+        match self {
+            Guard::Holder(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    fn lapsed(&self) -> Option<i64> {
+        match self {
+            Guard::Lapsed(t) => Some(*t),
+            _ => None,
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Moves the oldest queued run to `running` under `worker`'s lease and returns it. On
+/// PostgreSQL the candidate row is taken with `FOR UPDATE SKIP LOCKED`, so workers racing
+/// for the queue each get a different run and never wait on each other; SQLite's single
+/// writer makes the one statement atomic by itself.
+pub async fn claim_next(
+    db: &Db,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<Claimed>, sqlx::Error> {
+    let lock = match db {
+        Db::Sqlite(_) => "",
+        Db::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+    };
+    let sql = format!(
+        "UPDATE runs SET status = $1, attempts = attempts + 1, error = NULL, \
+         worker_id = $3, lease_expires_at = $4, started_at = COALESCE(started_at, $5), \
+         updated_at = $5 \
+         WHERE id = (SELECT id FROM runs WHERE status = $2 ORDER BY created_at, id LIMIT 1{lock}) \
+         RETURNING id, dataset_id, config, attempts"
+    );
+    let (time, expires) = (now(), now_millis() + millis(lease));
+    on_pool!(db, pool => {
+        sqlx::query_as(&sql)
+            .bind(RunStatus::Running)
+            .bind(RunStatus::Queued)
+            .bind(worker)
+            .bind(expires)
+            .bind(&time)
+            .fetch_optional(pool)
+            .await
+    })
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Renewed; `cancel` is whether someone asked, through any API process, to stop it.
+    Held { cancel: bool },
+    /// The run is no longer this worker's (its lease lapsed and it was reaped or claimed
+    /// again, or it ended): stop training it and write nothing more.
+    Lost,
+}
+
+/// Renews `worker`'s lease on run `id` for another `lease`.
+pub async fn heartbeat(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    lease: Duration,
+) -> Result<Lease, sqlx::Error> {
+    let expires = now_millis() + millis(lease);
+    let cancel: Option<bool> = on_pool!(db, pool => {
+        sqlx::query_scalar(
+            "UPDATE runs SET lease_expires_at = $1 \
+             WHERE id = $2 AND worker_id = $3 AND status = $4 RETURNING cancel_requested",
+        )
+        .bind(expires)
+        .bind(id)
+        .bind(worker)
+        .bind(RunStatus::Running)
+        .fetch_optional(pool)
+        .await
+    })?;
+    Ok(cancel.map_or(Lease::Lost, |cancel| Lease::Held { cancel }))
+}
+
+/// Ids of `running` runs whose lease lapsed before `at` (Unix ms): their worker died or
+/// lost touch with the database.
+pub async fn lapsed(db: &Db, at: i64) -> Result<Vec<String>, sqlx::Error> {
+    on_pool!(db, pool => {
+        sqlx::query_scalar(
+            "SELECT id FROM runs WHERE status = $1 \
+             AND (lease_expires_at IS NULL OR lease_expires_at < $2) ORDER BY created_at, id",
+        )
+        .bind(RunStatus::Running)
+        .bind(at)
+        .fetch_all(pool)
+        .await
+    })
+}
+
+/// Ends a run with `status` (one that [`RunStatus::is_over`]) if `guard` allows; phases that
+/// never finished end with it, as [`PhaseStatus::on_run_end`] says. `false` if the guard
+/// did not match (nothing was written).
+pub async fn finish(
+    db: &Db,
+    id: &str,
+    status: RunStatus,
+    error: Option<&str>,
+    guard: Guard<'_>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = super::write(db).await?;
+    let done = finish_in(&mut tx, id, status, error, guard).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// [`finish`] inside a caller's write transaction.
+pub async fn finish_in(
+    tx: &mut Tx,
+    id: &str,
+    status: RunStatus,
+    error: Option<&str>,
+    guard: Guard<'_>,
+) -> Result<bool, sqlx::Error> {
+    debug_assert!(status.is_over(), "{status} does not end a run");
+    let sql = format!(
+        "UPDATE runs SET status = $1, error = $2, eta_seconds = NULL, lease_expires_at = NULL, \
+         percent = CASE WHEN $1 = $4 THEN 100 ELSE percent END, \
+         finished_at = $5, updated_at = $5 WHERE id = $3 AND {}",
+        Guard::clause(6, 8)
+    );
+    let time = now();
+    let (running_to, pending_to) = PhaseStatus::on_run_end(status);
+    on_tx!(tx, conn => {
+        let ended = sqlx::query(&sql)
+            .bind(status)
+            .bind(error)
+            .bind(id)
+            .bind(RunStatus::Succeeded)
+            .bind(&time)
+            .bind(guard.holder())
+            .bind(guard.lapsed())
+            .bind(RunStatus::Running)
+            .execute(&mut *conn)
+            .await?;
+        if ended.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE run_phases SET status = CASE status WHEN $3 THEN $1 ELSE $2 END, \
+             updated_at = $6 WHERE run_id = $5 AND status IN ($3, $4)",
+        )
+        .bind(running_to)
+        .bind(pending_to)
+        .bind(PhaseStatus::Running)
+        .bind(PhaseStatus::Pending)
+        .bind(id)
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+    });
+    Ok(true)
+}
+
+/// Puts a run back in the queue if `guard` allows, keeping the phases before `from_phase`
+/// (their metrics and status) and forgetting everything from it on.
+pub async fn requeue(
+    db: &Db,
+    id: &str,
+    from_phase: Phase,
+    guard: Guard<'_>,
+) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "UPDATE runs SET status = $1, phase = NULL, stage = NULL, step = NULL, \
+         steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
+         lease_expires_at = NULL, updated_at = $2 WHERE id = $3 AND {}",
+        Guard::clause(4, 6)
+    );
+    let mut tx = super::write(db).await?;
+    let time = now();
+    let moved = on_tx!(&mut tx, conn => {
+        sqlx::query(&sql)
+            .bind(RunStatus::Queued)
+            .bind(&time)
+            .bind(id)
+            .bind(guard.holder())
+            .bind(guard.lapsed())
+            .bind(RunStatus::Running)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+    });
+    if moved == 0 {
+        return Ok(false);
+    }
+    reset_phases_in(&mut tx, id, from_phase).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Forgets the phases from `from_phase` on (status back to pending, their epochs deleted),
+/// before a run starts them again.
+pub async fn reset_phases_from(db: &Db, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
+    let mut tx = super::write(db).await?;
+    reset_phases_in(&mut tx, id, from_phase).await?;
+    tx.commit().await
+}
+
+async fn reset_phases_in(tx: &mut Tx, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
+    let position = position(from_phase);
+    let time = now();
+    on_tx!(tx, conn => {
+        sqlx::query(
+            "DELETE FROM epoch_metrics WHERE run_id = $1 AND phase IN \
+             (SELECT phase FROM run_phases WHERE run_id = $1 AND position >= $2)",
+        )
+        .bind(id)
+        .bind(position)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE run_phases SET status = $1, epochs_run = 0, best_epoch = NULL, \
+             best_val_loss = NULL, best_val_accuracy = NULL, seconds = NULL, updated_at = $5 \
+             WHERE run_id = $2 AND position >= $3 AND status != $4",
+        )
+        .bind(PhaseStatus::Pending)
+        .bind(id)
+        .bind(position)
+        .bind(PhaseStatus::Skipped)
+        .bind(&time)
+        .execute(&mut *conn)
+        .await?;
+    });
+    Ok(())
+}
+
+/// What a cancel request did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    NotFound,
+    /// It was queued and is now cancelled.
+    Cancelled,
+    /// It is running; the worker that holds it stops it at its next heartbeat.
+    Requested,
+    /// It had already ended with this status.
+    AlreadyEnded(RunStatus),
+}
+
+pub async fn cancel(db: &Db, id: &str) -> Result<CancelOutcome, sqlx::Error> {
+    // One write transaction: no worker can claim the run between the check and the end.
+    let mut tx = super::write(db).await?;
+    let time = now();
+    let flagged: Option<RunStatus> = on_tx!(&mut tx, conn => {
+        sqlx::query_scalar(
+            "UPDATE runs SET cancel_requested = TRUE, updated_at = $2 \
+             WHERE id = $1 AND status IN ($3, $4) RETURNING status",
+        )
+        .bind(id)
+        .bind(&time)
+        .bind(RunStatus::Queued)
+        .bind(RunStatus::Running)
+        .fetch_optional(&mut *conn)
+        .await?
+    });
+    let outcome = match flagged {
+        Some(RunStatus::Queued) => {
+            finish_in(&mut tx, id, RunStatus::Cancelled, None, Guard::Anyone).await?;
+            CancelOutcome::Cancelled
+        }
+        Some(_) => CancelOutcome::Requested,
+        None => {
+            let status: Option<RunStatus> = on_tx!(&mut tx, conn => {
+                sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?
+            });
+            status.map_or(CancelOutcome::NotFound, CancelOutcome::AlreadyEnded)
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Whether someone asked to cancel the run.
+pub async fn cancel_requested(db: &Db, id: &str) -> Result<bool, sqlx::Error> {
+    on_pool!(db, pool => {
+        sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+    })
+}

@@ -1,0 +1,418 @@
+//! Where datasets, warm-up checkpoints and models are kept for good: the data directory
+//! itself (the default: one machine), or an object store every process shares
+//! (`--object-store s3://bucket/prefix`, or `file:///shared/folder`), through the
+//! `object_store` crate. With a store, the data directory is only a cache: files are
+//! fetched into it when a process needs them (a worker its run's dataset and checkpoint, an
+//! API replica a model it predicts with), so it can be deleted at any time.
+//!
+//! Keys mirror the data directory: `datasets/<id>/<file>`, `models/<id>/<file>`,
+//! `runs/<id>/<file>`. A folder is published file by file after it is complete on local
+//! disk and before any database row points at it, so a row never names missing objects;
+//! a failed publish deletes what it wrote.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::ObjectStore;
+use object_store::path::Path as Key;
+
+use crate::storage::Storage;
+
+/// Files moved at once in a publish or a fetch.
+const PARALLEL: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("invalid object store URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("the object store at {url} failed: {source}")]
+    Store {
+        url: String,
+        source: object_store::Error,
+    },
+    #[error("the local cache: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The data directory, and the shared store when there is one. Cheap to clone.
+#[derive(Clone)]
+pub struct Objects {
+    storage: Storage,
+    remote: Option<Arc<Remote>>,
+}
+
+struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: Key,
+    /// The URL, for messages.
+    url: String,
+}
+
+impl Objects {
+    /// Everything on the data directory (no store).
+    pub fn local(storage: Storage) -> Self {
+        Self {
+            storage,
+            remote: None,
+        }
+    }
+
+    /// Opens `url` (`s3://bucket/prefix` with the endpoint and credentials from the
+    /// standard `AWS_*` variables, or `file:///folder`) and checks that it answers.
+    pub async fn open(url: &str, storage: Storage) -> Result<Self, ObjectError> {
+        let bad = |reason: String| ObjectError::Url {
+            url: url.to_string(),
+            reason,
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Key) = if let Some(rest) =
+            url.strip_prefix("s3://")
+        {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket named".into()));
+            }
+            let store = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            let prefix = Key::parse(prefix.trim_matches('/')).map_err(|e| bad(e.to_string()))?;
+            (Arc::new(store), prefix)
+        } else if let Some(dir) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(dir).map_err(|e| bad(e.to_string()))?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                .map_err(|e| bad(e.to_string()))?;
+            (Arc::new(store), Key::default())
+        } else {
+            return Err(bad("expected s3://BUCKET/PREFIX or file:///FOLDER".into()));
+        };
+        let remote = Remote {
+            store,
+            prefix,
+            url: url.to_string(),
+        };
+        // Fails now, naming the URL, rather than at the first upload.
+        remote
+            .store
+            .list_with_delimiter(Some(&remote.prefix))
+            .await
+            .map_err(|e| remote.failed(e))?;
+        Ok(Self {
+            storage,
+            remote: Some(Arc::new(remote)),
+        })
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Publishes a dataset's folder (complete on local disk).
+    pub async fn publish_dataset(&self, id: &str) -> Result<(), ObjectError> {
+        self.publish(&format!("datasets/{id}"), &self.storage.dataset(id))
+            .await
+    }
+
+    /// Makes sure the dataset's files `names` are in the local cache.
+    pub async fn fetch_dataset(&self, id: &str, names: &[String]) -> Result<(), ObjectError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let dir = self.storage.dataset(id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let missing: Vec<(String, PathBuf)> = names
+            .iter()
+            .map(|name| (format!("datasets/{id}/{name}"), dir.join(name)))
+            .filter(|(_, path)| !path.is_file())
+            .collect();
+        futures_util::stream::iter(missing)
+            .map(|(key, path)| {
+                let (remote, storage) = (remote.clone(), self.storage.clone());
+                async move { remote.download(&key, &path, &storage).await }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes a model's folder (complete on local disk).
+    pub async fn publish_model(&self, id: &str) -> Result<(), ObjectError> {
+        self.publish(&format!("models/{id}"), &self.storage.model(id))
+            .await
+    }
+
+    /// The model's folder in the local cache, fetched first if needed.
+    pub async fn fetch_model(&self, id: &str) -> Result<PathBuf, ObjectError> {
+        let dir = self.storage.model(id);
+        if let Some(remote) = &self.remote
+            && !dir.is_dir()
+        {
+            remote
+                .download_dir(&format!("models/{id}"), &dir, &self.storage)
+                .await?;
+        }
+        Ok(dir)
+    }
+
+    /// Publishes a run's warm-up checkpoint (written on local disk).
+    pub async fn publish_checkpoint(&self, run_id: &str) -> Result<(), ObjectError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let file = self.storage.warmup_checkpoint(run_id);
+        remote.upload(&checkpoint_key(run_id), &file).await
+    }
+
+    /// Whether the run's warm-up checkpoint is stored.
+    pub async fn has_checkpoint(&self, run_id: &str) -> Result<bool, ObjectError> {
+        let Some(remote) = &self.remote else {
+            return Ok(self.storage.warmup_checkpoint(run_id).is_file());
+        };
+        match remote
+            .store
+            .head(&remote.key(&checkpoint_key(run_id)))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(remote.failed(e)),
+        }
+    }
+
+    /// Whether the run's warm-up checkpoint is stored; fetched into the local cache if so.
+    pub async fn fetch_checkpoint(&self, run_id: &str) -> Result<bool, ObjectError> {
+        if !self.has_checkpoint(run_id).await? {
+            return Ok(false);
+        }
+        if let Some(remote) = &self.remote {
+            let file = self.storage.warmup_checkpoint(run_id);
+            remote
+                .download(&checkpoint_key(run_id), &file, &self.storage)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// Deletes a dataset's, model's or run's objects and local files.
+    pub async fn remove(&self, what: Kind, id: &str) -> Result<(), ObjectError> {
+        let local = match what {
+            Kind::Dataset => self.storage.dataset(id),
+            Kind::Model => self.storage.model(id),
+            Kind::Run => self.storage.run_dir(id),
+        };
+        if let Err(e) = tokio::fs::remove_dir_all(&local).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(e.into());
+        }
+        if let Some(remote) = &self.remote {
+            remote
+                .delete_all(&format!("{}/{id}", what.folder()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ids under `datasets/` in the store older than `age` (orphans are then those no
+    /// database row names); empty without a store.
+    pub async fn stored_datasets(
+        &self,
+        age: std::time::Duration,
+    ) -> Result<Vec<String>, ObjectError> {
+        let Some(remote) = &self.remote else {
+            return Ok(Vec::new());
+        };
+        let cutoff = crate::db::now_millis() - age.as_millis() as i64;
+        let listed = remote
+            .store
+            .list_with_delimiter(Some(&remote.key("datasets")))
+            .await
+            .map_err(|e| remote.failed(e))?;
+        let mut ids = Vec::new();
+        for dir in listed.common_prefixes {
+            let Some(id) = dir.filename().map(str::to_string) else {
+                continue;
+            };
+            let newest = remote
+                .store
+                .list(Some(&dir))
+                .map_ok(|m| m.last_modified.timestamp_millis())
+                .try_fold(None, |acc: Option<_>, t| async move {
+                    Ok(Some(acc.map_or(t, |a| t.max(a))))
+                })
+                .await
+                .map_err(|e| remote.failed(e))?;
+            if newest.is_none_or(|t| t < cutoff) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn publish(&self, key: &str, dir: &Path) -> Result<(), ObjectError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let mut files = Vec::new();
+        let mut entries = tokio::fs::read_dir(dir).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            if entry.file_type().await?.is_file() {
+                files.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let jobs: Vec<(String, PathBuf)> = files
+            .iter()
+            .map(|name| (format!("{key}/{name}"), dir.join(name)))
+            .collect();
+        let uploaded = futures_util::stream::iter(jobs)
+            .map(|(key, path)| {
+                let remote = remote.clone();
+                async move { remote.upload(&key, &path).await }
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect::<Vec<_>>()
+            .await;
+        if let Err(e) = uploaded {
+            // Leaves no half folder behind for a row to point at later.
+            if let Err(cleanup) = remote.delete_all(key).await {
+                tracing::warn!(error = %cleanup, key, "could not delete a half-published folder");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// What [`Objects::remove`] deletes.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Dataset,
+    Model,
+    Run,
+}
+
+impl Kind {
+    fn folder(self) -> &'static str {
+        match self {
+            Kind::Dataset => "datasets",
+            Kind::Model => "models",
+            Kind::Run => "runs",
+        }
+    }
+}
+
+fn checkpoint_key(run_id: &str) -> String {
+    format!("runs/{run_id}/warmup-head.bpk")
+}
+
+impl Remote {
+    fn key(&self, relative: &str) -> Key {
+        relative
+            .split('/')
+            .fold(self.prefix.clone(), |k, part| k.child(part))
+    }
+
+    fn failed(&self, source: object_store::Error) -> ObjectError {
+        ObjectError::Store {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    async fn upload(&self, relative: &str, file: &Path) -> Result<(), ObjectError> {
+        let bytes = tokio::fs::read(file).await?;
+        self.store
+            .put(&self.key(relative), bytes.into())
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+
+    /// Downloads one object to `file`, through a temporary file renamed into place (a
+    /// reader never sees half a file).
+    async fn download(
+        &self,
+        relative: &str,
+        file: &Path,
+        storage: &Storage,
+    ) -> Result<(), ObjectError> {
+        let bytes = self
+            .store
+            .get(&self.key(relative))
+            .await
+            .map_err(|e| self.failed(e))?
+            .bytes()
+            .await
+            .map_err(|e| self.failed(e))?;
+        let tmp = storage
+            .tmp()
+            .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::write(&tmp, &bytes).await?;
+        if let Some(parent) = file.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        tokio::fs::rename(&tmp, file).await?;
+        Ok(())
+    }
+
+    /// Downloads every object under `relative/` into a staging folder renamed to `dir`.
+    async fn download_dir(
+        &self,
+        relative: &str,
+        dir: &Path,
+        storage: &Storage,
+    ) -> Result<(), ObjectError> {
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&self.key(relative)))
+            .try_collect()
+            .await
+            .map_err(|e| self.failed(e))?;
+        if listed.is_empty() {
+            return Err(self.failed(object_store::Error::NotFound {
+                path: relative.to_string(),
+                source: "no objects under this key".into(),
+            }));
+        }
+        let staging = storage
+            .tmp()
+            .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::create_dir_all(&staging).await?;
+        for meta in &listed {
+            let name = meta.location.filename().unwrap_or("file").to_string();
+            let rel = format!("{relative}/{name}");
+            self.download(&rel, &staging.join(&name), storage).await?;
+        }
+        if let Some(parent) = dir.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        match tokio::fs::rename(&staging, dir).await {
+            Ok(()) => Ok(()),
+            // Another request fetched it first: theirs is as good as ours.
+            Err(_) if dir.is_dir() => {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_all(&self, relative: &str) -> Result<(), ObjectError> {
+        let keys = self
+            .store
+            .list(Some(&self.key(relative)))
+            .map_ok(|m| m.location)
+            .boxed();
+        self.store
+            .delete_stream(keys)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(())
+    }
+}
