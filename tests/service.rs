@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::client::{follow, get, start_run, tiny, upload, wait_healthy, wait_status};
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -50,124 +52,6 @@ impl Server {
     async fn stop(self) {
         self.token.cancel();
         self.handle.await.unwrap().unwrap();
-    }
-}
-
-async fn wait_healthy(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-            && r.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server at {base} never became ready");
-}
-
-/// A run small enough for CI; `finetune_epochs` sets how long the fine-tune lasts (forced
-/// on: the fixtures are small data, where `auto` would skip it).
-fn tiny(finetune_epochs: usize) -> Value {
-    json!({
-        "backbone": "lite0", "input_size": 128, "batch_size": 8, "views": 2,
-        "finetune": {"enabled": true, "epochs": finetune_epochs, "unfreeze": 1, "patience": finetune_epochs},
-    })
-}
-
-async fn upload(base: &str) -> Value {
-    let form = reqwest::multipart::Form::new().text("name", "pets").part(
-        "file",
-        reqwest::multipart::Part::bytes(common::pets_zip()).file_name("pets.zip"),
-    );
-    let res = reqwest::Client::new()
-        .post(format!("{base}/api/datasets"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    res.json().await.unwrap()
-}
-
-async fn start_run(base: &str, dataset: &Value, config: Value) -> String {
-    let res = reqwest::Client::new()
-        .post(format!("{base}/api/runs"))
-        .json(&json!({"dataset_id": dataset["id"], "config": config}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 202);
-    let run: Value = res.json().await.unwrap();
-    run["id"].as_str().unwrap().to_string()
-}
-
-async fn get(base: &str, path: &str) -> Value {
-    let res = reqwest::get(format!("{base}{path}")).await.unwrap();
-    assert!(res.status().is_success(), "{path}: {}", res.status());
-    res.json().await.unwrap()
-}
-
-/// Reads SSE events of a run until `stop` says so or the stream ends.
-async fn follow(
-    base: &str,
-    run: &str,
-    mut stop: impl FnMut(&str, &Value) -> bool,
-) -> Vec<(String, Value)> {
-    let mut res = reqwest::get(format!("{base}/api/runs/{run}/events"))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let mut buf = String::new();
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline.into(), res.chunk())
-        .await
-        .expect("SSE stream stalled")
-    {
-        buf.push_str(std::str::from_utf8(&chunk).unwrap());
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let mut name = String::new();
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    name = v.trim().to_string();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.trim_start());
-                }
-            }
-            if data.is_empty() {
-                continue; // keep-alive comment
-            }
-            let value: Value = serde_json::from_str(&data).unwrap();
-            let done = stop(&name, &value);
-            events.push((name, value));
-            if done {
-                return events;
-            }
-        }
-    }
-    events
-}
-
-async fn wait_status(base: &str, run: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let r = get(base, &format!("/api/runs/{run}")).await;
-        if r["status"] == want {
-            return r;
-        }
-        assert!(
-            !["succeeded", "failed", "cancelled"].contains(&r["status"].as_str().unwrap()),
-            "run ended {} while waiting for {want}: {r}",
-            r["status"]
-        );
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {want}: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -459,12 +343,11 @@ async fn shutdown_mid_run_leaves_it_queued_and_a_restart_resumes_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_recovers_its_run_after_restart() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_transferd"))
-        .args(["--data-dir"])
-        .arg(dir.path())
-        .args([
+    let weights = common::weights_path();
+    let mut child = common::process::Proc::spawn(
+        dir.path(),
+        &[
             "serve",
             "--addr",
             "127.0.0.1:0",
@@ -475,29 +358,12 @@ async fn a_killed_server_recovers_its_run_after_restart() {
             // The dead process's claim lapses after this long; then any worker takes it.
             "--lease-seconds",
             "2",
-        ])
-        .arg("--weights")
-        .arg(common::weights_path())
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            // JSON logs: one object per line.
-            let event: Value = serde_json::from_str(&line).expect("a JSON log line");
-            if event["fields"]["message"] == "listening" {
-                let _ = tx.send(event["fields"]["addr"].as_str().unwrap().to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server logs its address");
-    let base = format!("http://{addr}");
+            "--weights",
+            weights.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (base, addr) = (child.base.clone(), child.addr.clone());
     wait_healthy(&base).await;
     let health = std::process::Command::new(env!("CARGO_BIN_EXE_transferd"))
         .args(["healthcheck", "--addr", &addr])
@@ -507,8 +373,7 @@ async fn a_killed_server_recovers_its_run_after_restart() {
     let dataset = upload(&base).await;
     let run = start_run(&base, &dataset, tiny(6)).await;
     follow(&base, &run, first_finetune_epoch).await;
-    child.kill().unwrap(); // SIGKILL: no shutdown code runs
-    child.wait().unwrap();
+    child.kill(); // SIGKILL: no shutdown code runs
 
     let server = start(dir.path()).await;
     let base = server.base.clone();

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod harness;
 pub mod postgres;
+pub mod process;
+pub mod seaweed;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -92,21 +92,36 @@ impl Cluster {
             "--no-sync",
         ]);
         run(initdb, "initdb");
-        let port = free_port();
+        let cluster = Cluster {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        cluster.launch();
+        cluster
+    }
+
+    fn launch(&self) {
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c max_connections=200",
-            dir.path().display()
+            self.port,
+            self.dir.path().display()
         );
-        let mut start = as_server_user(&bin.join("pg_ctl"));
+        let mut start = as_server_user(&self.bin.join("pg_ctl"));
         start
             .arg("-D")
-            .arg(&data)
+            .arg(self.dir.path().join("data"))
             .arg("-l")
-            .arg(dir.path().join("log"))
+            .arg(self.dir.path().join("log"))
             .args(["-w", "-o", &options, "start"]);
         run(start, "pg_ctl start");
-        Cluster { dir, bin, port }
+    }
+
+    /// Stops the server at once and starts it again on the same files and port.
+    pub fn restart(&self) {
+        self.kill();
+        self.launch();
     }
 
     /// The URL of database `name` (not created).
