@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// `file:///FOLDER`. With a store, the data directory is only a cache.
     #[arg(long, env = "TRANSFERD_OBJECT_STORE")]
     pub object_store: Option<String>,
+    /// With `--object-store`: most bytes of datasets and models this process keeps copies
+    /// of in its data directory (least recently used ones are deleted beyond it; those in
+    /// use stay).
+    #[arg(long, env = "TRANSFERD_LOCAL_CACHE_BYTES", default_value_t = 20 << 30)]
+    pub local_cache_bytes: u64,
     /// Largest accepted upload (the zip as sent), in bytes.
     #[arg(long, env = "TRANSFERD_MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
     pub max_upload_bytes: u64,
@@ -179,6 +184,7 @@ pub struct Settings {
     pub database_url: String,
     /// `--object-store`; `None`: the data directory.
     pub object_store: Option<String>,
+    pub local_cache_bytes: u64,
     pub limits: Limits,
     pub max_upload_bytes: u64,
     /// Runs this process trains at once; 0 for an API replica.
@@ -224,6 +230,7 @@ impl Settings {
             public_hosts: args.public_hosts.clone(),
             database_url,
             object_store: args.object_store.clone(),
+            local_cache_bytes: args.local_cache_bytes,
             limits: Limits {
                 max_entries: args.max_zip_entries,
                 max_total_bytes: args.max_uncompressed_bytes,

@@ -76,7 +76,7 @@ impl Service {
         tracing::info!(backend = selected.backend, adapter = ?selected.adapter, "compute device");
         let objects = match &settings.object_store {
             None => Objects::local(storage.clone()),
-            Some(url) => Objects::open(url, storage.clone()).await?,
+            Some(url) => Objects::open(url, storage.clone(), settings.local_cache_bytes).await?,
         };
         let pool = db::connect(&settings.database_url).await?;
         tracing::info!(engine = pool.engine(), url = %db::redacted(&settings.database_url), "database");

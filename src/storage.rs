@@ -37,8 +37,12 @@ impl Storage {
         self.datasets().join(id)
     }
 
+    pub fn models(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
     pub fn model(&self, id: &str) -> PathBuf {
-        self.root.join("models").join(id)
+        self.models().join(id)
     }
 
     /// The warm-up checkpoint of a run.

@@ -164,3 +164,51 @@ fn healthcheck_fails_when_nothing_answers() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to"));
 }
+
+#[test]
+fn an_unreachable_database_or_object_store_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::postgres::free_port();
+    let serve = |extra: &[&str], env: &[(&str, String)]| {
+        let mut cmd = transferd();
+        cmd.arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.output().unwrap()
+    };
+    let db_url = format!("postgres://app:hunter2@127.0.0.1:{port}/transferd");
+    let out = serve(&["--database-url", &db_url], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "cannot reach the database at postgres://app:***@127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+
+    let env = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ACCESS_KEY_ID", "key".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "topsecret".to_string()),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ];
+    let out = serve(&["--object-store", "s3://models/team"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("the object store at s3://models/team failed"),
+        "{err}"
+    );
+    assert!(!err.contains("topsecret"), "{err}");
+    let out = serve(&["--object-store", "ftp://elsewhere"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid object store URL ftp://elsewhere"),
+        "{err}"
+    );
+}

@@ -326,3 +326,30 @@ async fn an_unreachable_database_is_named_without_its_password() {
     );
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test]
+async fn a_database_that_goes_away_gives_json_503s() {
+    use tower::ServiceExt;
+    let (pg, db) = fresh().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = transferd::AppState::for_tests(db, transferd::Settings::defaults(dir.path()));
+    let get = |state: transferd::AppState| async move {
+        let req = axum::http::Request::get("/api/datasets")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = transferd::app(state).oneshot(req).await.unwrap();
+        let status = res.status();
+        let retry = res.headers().get("retry-after").cloned();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+        (status, retry, body)
+    };
+    assert_eq!(get(state.clone()).await.0, 200);
+    pg.kill();
+    let (status, retry, body) = get(state.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    assert!(retry.is_some());
+}

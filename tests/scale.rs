@@ -4,7 +4,8 @@
 //! replica A and queue two runs; both workers train at once; an SSE client on replica B
 //! sees progress from both; `kill -9` a worker mid-run, and the other takes its run after
 //! the lease lapses and finishes it; a cancel through B stops a run the other worker holds;
-//! both replicas predict; then everything restarts and nothing is lost.
+//! both replicas predict; an upload while the store is down is a 503 that stores nothing;
+//! then everything restarts and nothing is lost.
 
 mod common;
 
@@ -191,12 +192,34 @@ async fn two_replicas_and_two_workers_share_postgres_and_s3() {
         "the same model gives the same answer"
     );
 
+    // With the object store down an upload is refused with a JSON 503 and leaves no row.
+    s3.stop();
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(common::pets_zip()).file_name("pets.zip"),
+    );
+    let res = reqwest::Client::new()
+        .post(format!("{}/api/datasets", b.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let listed = get(&a.base, "/api/datasets").await;
+    assert_eq!(
+        listed.as_array().unwrap().len(),
+        1,
+        "no row names missing objects"
+    );
+
     // 6. Restart everything, API replicas on empty data directories: nothing is lost.
     for p in [&mut a, &mut b, &mut w2] {
         p.stop();
     }
     pg.restart();
-    s3.restart();
+    s3.start_again();
     s3.ready(BUCKET).await;
     let a2 = fleet.api(dirs[4].path());
     let _w3 = fleet.worker(dirs[5].path());

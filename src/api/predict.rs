@@ -205,7 +205,7 @@ pub async fn predict(
     .await
     .map_err(|e| ApiError::internal("decoding images", e))??;
     // Any replica serves any model: fetched from the shared store on first use.
-    let dir = state.objects.fetch_model(&model.id).await?;
+    let (dir, _kept) = state.objects.fetch_model(&model.id).await?;
     let probabilities = state
         .inference
         .predict(admitted, &model.id, dir, views)

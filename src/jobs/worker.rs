@@ -136,8 +136,12 @@ async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
     }
 }
 
-/// Builds the trainer's dataset from the database rows and the files on disk.
-async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDataset, Failure> {
+/// Builds the trainer's dataset from the database rows and the files on disk (fetched from
+/// the shared store first, and kept in the local cache while the pin lives).
+async fn load_dataset(
+    ctx: &WorkerContext,
+    dataset_id: &str,
+) -> Result<(FolderDataset, Option<crate::objects::Pin>), Failure> {
     let dataset = db::datasets::get(&ctx.db, dataset_id)
         .await
         .map_err(|e| Failure::internal("reading the dataset", e))?
@@ -148,7 +152,8 @@ async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDat
         .await
         .map_err(|e| Failure::internal("reading the dataset's files", e))?;
     let names: Vec<String> = files.iter().map(|f| f.file_name()).collect();
-    ctx.objects
+    let pin = ctx
+        .objects
         .fetch_dataset(dataset_id, &names)
         .await
         .map_err(|e| Failure::internal("fetching the dataset from the object store", e))?;
@@ -159,11 +164,12 @@ async fn load_dataset(ctx: &WorkerContext, dataset_id: &str) -> Result<FolderDat
             label: classes.iter().position(|c| *c == f.class).unwrap_or(0),
         })
         .collect();
-    Ok(FolderDataset {
+    let dataset = FolderDataset {
         classes,
         samples,
         skipped: Vec::new(),
-    })
+    };
+    Ok((dataset, pin))
 }
 
 async fn execute(
@@ -180,7 +186,7 @@ async fn execute(
         Some(d) => load_dataset(ctx, d).await,
         None => Err(Failure::plain("its dataset was deleted")),
     };
-    let dataset = match dataset {
+    let (dataset, _kept) = match dataset {
         Ok(d) => d,
         Err(e) => return fail(ctx, me, &id, &e).await,
     };

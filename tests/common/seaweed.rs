@@ -122,13 +122,14 @@ impl Seaweed {
         .collect()
     }
 
-    /// Kills the server and starts it again on the same folder and ports.
-    pub fn restart(&mut self) {
-        self.kill();
+    /// Starts the server again (after [`Seaweed::stop`]) on the same folder and ports.
+    pub fn start_again(&mut self) {
+        self.stop();
         self.launch();
     }
 
-    fn kill(&mut self) {
+    /// Kills the server.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -138,6 +139,6 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
 }

@@ -19,6 +19,11 @@ use object_store::path::Path as Key;
 
 use crate::storage::Storage;
 
+mod cache;
+
+use self::cache::Cache;
+pub use self::cache::Pin;
+
 /// Files moved at once in a publish or a fetch.
 const PARALLEL: usize = 16;
 
@@ -40,6 +45,8 @@ pub enum ObjectError {
 pub struct Objects {
     storage: Storage,
     remote: Option<Arc<Remote>>,
+    /// The local copies of a shared store's folders.
+    cache: Arc<Cache>,
 }
 
 struct Remote {
@@ -55,12 +62,14 @@ impl Objects {
         Self {
             storage,
             remote: None,
+            cache: Arc::new(Cache::new(u64::MAX)),
         }
     }
 
     /// Opens `url` (`s3://bucket/prefix` with the endpoint and credentials from the
-    /// standard `AWS_*` variables, or `file:///folder`) and checks that it answers.
-    pub async fn open(url: &str, storage: Storage) -> Result<Self, ObjectError> {
+    /// standard `AWS_*` variables, or `file:///folder`) and checks that it answers. Local
+    /// copies of its datasets and models are kept up to `cache_bytes`.
+    pub async fn open(url: &str, storage: Storage, cache_bytes: u64) -> Result<Self, ObjectError> {
         let bad = |reason: String| ObjectError::Url {
             url: url.to_string(),
             reason,
@@ -100,6 +109,7 @@ impl Objects {
         Ok(Self {
             storage,
             remote: Some(Arc::new(remote)),
+            cache: Arc::new(Cache::new(cache_bytes)),
         })
     }
 
@@ -117,13 +127,19 @@ impl Objects {
             .await
     }
 
-    /// Makes sure the dataset's files `names` are in the local cache.
-    pub async fn fetch_dataset(&self, id: &str, names: &[String]) -> Result<(), ObjectError> {
+    /// Makes sure the dataset's files `names` are in the local cache, and keeps them there
+    /// while the returned pin lives.
+    pub async fn fetch_dataset(
+        &self,
+        id: &str,
+        names: &[String],
+    ) -> Result<Option<Pin>, ObjectError> {
         let Some(remote) = &self.remote else {
-            return Ok(());
+            return Ok(None);
         };
         let dir = self.storage.dataset(id);
         tokio::fs::create_dir_all(&dir).await?;
+        let pin = self.cache.pin(&dir);
         let missing: Vec<(String, PathBuf)> = names
             .iter()
             .map(|name| (format!("datasets/{id}/{name}"), dir.join(name)))
@@ -137,7 +153,8 @@ impl Objects {
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<_>>()
             .await?;
-        Ok(())
+        self.trim().await;
+        Ok(Some(pin))
     }
 
     /// Publishes a model's folder (complete on local disk).
@@ -146,17 +163,39 @@ impl Objects {
             .await
     }
 
-    /// The model's folder in the local cache, fetched first if needed.
-    pub async fn fetch_model(&self, id: &str) -> Result<PathBuf, ObjectError> {
+    /// The model's folder in the local cache, fetched first if needed, and kept there while
+    /// the returned pin lives.
+    pub async fn fetch_model(&self, id: &str) -> Result<(PathBuf, Option<Pin>), ObjectError> {
         let dir = self.storage.model(id);
-        if let Some(remote) = &self.remote
-            && !dir.is_dir()
-        {
+        let Some(remote) = &self.remote else {
+            return Ok((dir, None));
+        };
+        let pin = self.cache.pin(&dir);
+        if !dir.is_dir() {
             remote
                 .download_dir(&format!("models/{id}"), &dir, &self.storage)
                 .await?;
+            // The rename made a new folder: mark it used now.
+            let fresh = self.cache.pin(&dir);
+            self.trim().await;
+            return Ok((dir, Some(fresh)));
         }
-        Ok(dir)
+        Ok((dir, Some(pin)))
+    }
+
+    /// Deletes the least recently used cached folders beyond the budget.
+    async fn trim(&self) {
+        let cache = self.cache.clone();
+        let roots = vec![self.storage.datasets(), self.storage.models()];
+        let evicted = tokio::task::spawn_blocking(move || cache.trim(&roots)).await;
+        if let Ok(evicted) = evicted
+            && !evicted.is_empty()
+        {
+            tracing::info!(
+                ?evicted,
+                "local cache over its budget: least recently used copies deleted"
+            );
+        }
     }
 
     /// Publishes a run's warm-up checkpoint (written on local disk).
@@ -285,6 +324,16 @@ impl Objects {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// A few quick retries of a failed request: a store that is down gets a 503 to the client
+/// within seconds, not after object_store's default three minutes.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(15),
     }
 }
 
