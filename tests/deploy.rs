@@ -116,3 +116,35 @@ fn compose_example_uses_the_image_port_and_a_named_volume() {
         assert!(line.starts_with("TRANSFERD_"), "{line}");
     }
 }
+
+#[test]
+fn the_scale_out_example_runs_each_role_with_real_flags() {
+    let c = read("compose.scale.yaml");
+    assert!(c.contains("\"serve\", \"--no-worker\""));
+    assert!(c.contains("[\"worker\""));
+    assert!(c.contains("DATABASE_URL: postgres://"));
+    assert!(c.contains("TRANSFERD_OBJECT_STORE: s3://"));
+    // Every flag the file passes is one `transferd worker --help` (the same flags as
+    // `serve`) documents, and every TRANSFERD_* variable is one it reads.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_transferd"))
+        .args(["worker", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let settings = c.lines().filter(|l| !l.trim_start().starts_with('#'));
+    let words: Vec<&str> = settings
+        .flat_map(|l| l.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')))
+        .collect();
+    assert!(
+        words.contains(&"--lease-seconds"),
+        "the check sees the flags"
+    );
+    for word in words {
+        if word.starts_with("--") || word.starts_with("TRANSFERD_") {
+            assert!(
+                help.contains(word),
+                "{word} is not a flag or variable of transferd"
+            );
+        }
+    }
+}

