@@ -83,6 +83,11 @@ impl Objects {
             }
             let store = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
+                .with_retry(retry())
+                .with_client_options(
+                    object_store::ClientOptions::new()
+                        .with_connect_timeout(std::time::Duration::from_secs(5)),
+                )
                 .build()
                 .map_err(|e| bad(e.to_string()))?;
             let prefix = Key::parse(prefix.trim_matches('/')).map_err(|e| bad(e.to_string()))?;
