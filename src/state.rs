@@ -56,6 +56,14 @@ pub struct Service {
 impl Service {
     /// Everything `serve` does before it listens.
     pub async fn start(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        // Separate API and worker processes share run events and cancels only through
+        // PostgreSQL; on SQLite an SSE stream would never hear of another process's run.
+        let split = settings.role == crate::config::Role::Worker || settings.workers == 0;
+        anyhow::ensure!(
+            !split || db::is_postgres(&settings.database_url),
+            "`serve --no-worker` and `worker` run beside other processes and need a shared \
+             PostgreSQL database (--database-url postgres://…); with SQLite, run `serve`"
+        );
         let storage = Storage::new(&settings.data_dir);
         storage.prepare().with_context(|| {
             format!(
@@ -86,13 +94,13 @@ impl Service {
         } else {
             quarantine_orphans(&storage, &known, &settings.database_url)?;
         }
-        let (requeued, failed) = reap(&pool, &objects).await?;
-        if requeued + failed > 0 {
-            tracing::warn!(requeued, failed, "recovered runs whose worker stopped");
-        }
         let jobs = Jobs::connect(&pool, &shutdown)
             .await
             .context("listening for run events on the database")?;
+        let (requeued, failed) = reap(&pool, &objects, &jobs).await?;
+        if requeued + failed > 0 {
+            tracing::warn!(requeued, failed, "recovered runs whose worker stopped");
+        }
         let inference = Inference::start(
             selected.device.clone(),
             settings.model_cache,
@@ -163,8 +171,13 @@ fn quarantine_orphans(
 
 /// Dataset objects no row names, left by an upload that failed between its publish and its
 /// insert. Only those older than an hour: a younger one may be another replica's upload
-/// whose rows are about to commit. A failure is logged; the next start-up tries again.
+/// whose rows are about to commit. A database with no dataset at all is more likely the
+/// wrong database than a crash, so then nothing is deleted. A failure is logged; the next
+/// start-up tries again.
 async fn clear_orphan_objects(objects: &Objects, known: &[String]) {
+    if known.is_empty() {
+        return;
+    }
     let stored = match objects
         .stored_datasets(std::time::Duration::from_secs(3600))
         .await

@@ -9,6 +9,7 @@ use common::harness::{error_message, harness, pets_with, zip_request};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::SqlitePool;
+use std::time::Duration;
 use tower::ServiceExt;
 use transferd::app;
 
@@ -1151,6 +1152,33 @@ async fn live_event_streams_are_capped(pool: SqlitePool) {
         StatusCode::OK,
         "a closed stream gives its place back"
     );
+}
+
+#[sqlx::test(migrations = "migrations/sqlite")]
+async fn a_stream_ends_when_its_run_ends_even_if_the_event_is_missed(pool: SqlitePool) {
+    let h = harness(pool.clone(), |_| {});
+    let (_, ds) = h.upload(common::pets_zip()).await;
+    let (_, run) = h
+        .json("POST", "/api/runs", json!({"dataset_id": ds["id"]}))
+        .await;
+    let id = run["id"].as_str().unwrap();
+    let req = Request::get(format!("/api/runs/{id}/events"))
+        .body(Body::empty())
+        .unwrap();
+    let res = app(h.state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // Ended behind the stream's back: no event is published (as when another process's
+    // notification is lost).
+    let db = transferd::db::Db::from(pool);
+    transferd::db::queue::cancel(&db, id).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(30), res.into_body().collect())
+        .await
+        .expect("the stream ends once the database says the run is over")
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("event: status"), "{text}");
+    assert!(text.contains("\"status\":\"cancelled\""), "{text}");
 }
 
 #[sqlx::test(migrations = "migrations/sqlite")]

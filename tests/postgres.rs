@@ -96,9 +96,12 @@ async fn every_table_reads_back_what_was_written() {
         learning_rate: 1e-3,
         seconds: 2.0,
     };
-    db::epochs::add_epoch(&db, "r1", &m).await.unwrap();
-    db::epochs::add_epoch(&db, "r1", &m).await.unwrap(); // an upsert, not a duplicate
-    assert_eq!(db::epochs::metrics(&db, "r1").await.unwrap(), vec![m]);
+    db::epochs::add_epoch(&db, "r1", "w1", &m).await.unwrap();
+    db::epochs::add_epoch(&db, "r1", "w1", &m).await.unwrap(); // an upsert, not a duplicate
+    assert_eq!(
+        db::epochs::metrics(&db, "r1").await.unwrap(),
+        vec![m.clone()]
+    );
     let summary = PhaseSummary {
         phase: Phase::Warmup,
         epochs_run: 1,
@@ -107,12 +110,37 @@ async fn every_table_reads_back_what_was_written() {
         best_val_accuracy: 0.85,
         seconds: 2.0,
     };
-    db::epochs::phase_done(&db, "r1", &summary).await.unwrap();
+    db::epochs::phase_done(&db, "r1", "w1", &summary)
+        .await
+        .unwrap();
+    let stale = EpochMetrics {
+        epoch: 2,
+        ..m.clone()
+    };
+    db::epochs::add_epoch(&db, "r1", "w2", &stale)
+        .await
+        .unwrap();
+    assert_eq!(
+        db::epochs::metrics(&db, "r1").await.unwrap().len(),
+        1,
+        "w2 does not hold r1"
+    );
     let progress = db::epochs::Progress {
         percent: 40.0,
         ..Default::default()
     };
-    db::epochs::set_progress(&db, "r1", &progress)
+    db::epochs::set_progress(
+        &db,
+        "r1",
+        "w2",
+        &db::epochs::Progress {
+            percent: 99.0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    db::epochs::set_progress(&db, "r1", "w1", &progress)
         .await
         .unwrap();
     let run = db::runs::get(&db, "r1").await.unwrap().unwrap();
@@ -258,7 +286,11 @@ async fn a_lapsed_lease_is_lost_and_the_run_queued_again() {
     let storage = transferd::storage::Storage::new(storage_dir.path());
     storage.prepare().unwrap();
     let objects = transferd::objects::Objects::local(storage);
-    assert_eq!(transferd::jobs::reap(&db, &objects).await.unwrap(), (1, 0));
+    let jobs = transferd::jobs::Jobs::new();
+    assert_eq!(
+        transferd::jobs::reap(&db, &objects, &jobs).await.unwrap(),
+        (1, 0)
+    );
     assert_eq!(
         queue::heartbeat(&db, "r", "dead", short).await.unwrap(),
         Lease::Lost

@@ -50,7 +50,7 @@ impl Fleet {
             "--min-images-per-class",
             "2",
             "--lease-seconds",
-            "3",
+            "5",
             "--weights",
             &self.weights,
         ]);

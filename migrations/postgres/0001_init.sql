@@ -52,7 +52,8 @@ CREATE TABLE runs (
     created_at       TEXT COLLATE "C" NOT NULL,
     updated_at       TEXT NOT NULL,
     worker_id        TEXT,
-    lease_expires_at BIGINT
+    lease_expires_at BIGINT,
+    lapses           BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_queue ON runs (status, created_at);
 CREATE INDEX runs_by_dataset ON runs (dataset_id, status);

@@ -302,6 +302,7 @@ pub async fn upload(
         return Err(ApiError::internal("moving an upload into place", e));
     }
     // With a shared object store the files are there before any row names them.
+    let _kept = state.objects.keep(Kind::Dataset, &id);
     if let Err(e) = state.objects.publish_dataset(&id).await {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e.into());

@@ -15,7 +15,12 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::db;
 use crate::error::{ApiError, ErrorBody};
+use crate::jobs::RunEvent;
+use crate::jobs::events::EventKind;
 use crate::state::AppState;
+
+/// How often a live stream checks the database for the end of its run.
+const POLL_ENDED: Duration = Duration::from_secs(10);
 
 /// The live stream: it reads, and lasts as long as the run (no request timeout).
 pub fn streams() -> Router<AppState> {
@@ -60,33 +65,53 @@ pub async fn events(
     let stream: BoxStream<'static, Result<Event, Infallible>> = if ended {
         first.boxed()
     } else {
-        // Forwards this run's events and ends right after the one that ends the run.
-        let live = stream::unfold((BroadcastStream::new(rx), false), move |(mut rx, over)| {
+        // This run's live events, and, should the one that ends it be missed (a database
+        // listener reconnecting, a reaper in a process without subscribers), its end as
+        // the database has it, looked up every POLL_ENDED.
+        let live = BroadcastStream::new(rx).filter_map({
             let id = id.clone();
+            move |e| {
+                // Other runs' events, or a lag that cost some progress events, are skipped.
+                let mine = e.ok().filter(|e| e.run_id == id);
+                std::future::ready(mine)
+            }
+        });
+        let db = state.db.clone();
+        let from_db = stream::unfold((), move |()| {
+            let (db, id) = (db.clone(), id.clone());
             async move {
-                if over {
-                    return None;
-                }
-                loop {
-                    match rx.next().await? {
-                        Ok(e) if e.run_id == id => {
-                            let over = e.kind.is_final();
-                            return Some((e, (rx, over)));
-                        }
-                        // Other runs' events, or a lag that cost some progress events.
-                        _ => continue,
-                    }
-                }
+                tokio::time::sleep(POLL_ENDED).await;
+                let end = match db::runs::get(&db, &id).await {
+                    Ok(Some(run)) if run.status.is_over() => Some(RunEvent {
+                        run_id: id,
+                        kind: EventKind::Status {
+                            status: run.status,
+                            error: run.error,
+                        },
+                    }),
+                    _ => None,
+                };
+                Some((end, ()))
             }
         })
-        .map(move |e| {
-            let _place = &place;
-            Ok(Event::default()
-                .event(e.kind.name())
-                .json_data(&e)
-                .unwrap_or_else(|_| Event::default().comment("unencodable event")))
-        })
-        .take_until(state.shutdown.clone().cancelled_owned());
+        .filter_map(std::future::ready);
+        // Ends right after the event that ends the run.
+        let live = stream::select(live, from_db)
+            .scan(false, |over, e| {
+                if *over {
+                    return std::future::ready(None);
+                }
+                *over = e.kind.is_final();
+                std::future::ready(Some(e))
+            })
+            .map(move |e| {
+                let _place = &place;
+                Ok(Event::default()
+                    .event(e.kind.name())
+                    .json_data(&e)
+                    .unwrap_or_else(|_| Event::default().comment("unencodable event")))
+            })
+            .take_until(state.shutdown.clone().cancelled_owned());
         first.chain(live).boxed()
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))

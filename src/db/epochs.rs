@@ -1,5 +1,7 @@
 //! What a run records as it trains: live progress, one row per epoch, each phase's best
-//! epoch, and the final evaluation.
+//! epoch, and the final evaluation. Every write names the worker that trains the run and
+//! lands only while that worker still holds the run's lease, so a worker that lost its run
+//! cannot overwrite what the run's new holder records.
 
 use super::status::{PhaseStatus, RunStatus};
 use super::{Db, now, on_pool, on_tx};
@@ -17,12 +19,17 @@ pub struct Progress {
     pub eta_seconds: Option<f64>,
 }
 
-pub async fn set_progress(db: &Db, id: &str, p: &Progress) -> Result<(), sqlx::Error> {
+pub async fn set_progress(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    p: &Progress,
+) -> Result<(), sqlx::Error> {
     let time = now();
     on_pool!(db, pool => sqlx::query(
         "UPDATE runs SET phase = $1, stage = $2, step = $3, steps_total = $4, epoch = $5, \
          epochs_total = $6, percent = $7, eta_seconds = $8, updated_at = $11 \
-         WHERE id = $9 AND status = $10",
+         WHERE id = $9 AND status = $10 AND worker_id = $12",
     )
     // `phase` holds the phase; `stage` names the stage, the frozen pass included.
     .bind(p.stage.and_then(|s| match s {
@@ -39,6 +46,7 @@ pub async fn set_progress(db: &Db, id: &str, p: &Progress) -> Result<(), sqlx::E
     .bind(id)
     .bind(RunStatus::Running)
     .bind(&time)
+    .bind(worker)
     .execute(pool)
     .await
     .map(|_| ()))?;
@@ -46,20 +54,40 @@ pub async fn set_progress(db: &Db, id: &str, p: &Progress) -> Result<(), sqlx::E
 }
 
 /// Records a finished epoch and marks its phase running.
-pub async fn add_epoch(db: &Db, id: &str, m: &EpochMetrics) -> Result<(), sqlx::Error> {
+/// The condition "run `$run` is still held by worker `$worker`", for the writes below.
+fn held(run: usize, worker: usize, running: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM runs WHERE id = ${run} AND worker_id = ${worker} \
+         AND status = ${running})"
+    )
+}
+
+pub async fn add_epoch(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    m: &EpochMetrics,
+) -> Result<(), sqlx::Error> {
+    let insert = format!(
+        "INSERT INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
+         val_loss, val_accuracy, learning_rate, seconds, created_at, updated_at) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10 WHERE {} \
+         ON CONFLICT (run_id, phase, epoch) DO UPDATE SET \
+         train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy, \
+         val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, \
+         learning_rate = excluded.learning_rate, seconds = excluded.seconds, \
+         updated_at = excluded.updated_at",
+        held(1, 11, 12)
+    );
+    let update = format!(
+        "UPDATE run_phases SET status = $1, epochs_run = $2, updated_at = $5 \
+         WHERE run_id = $3 AND phase = $4 AND {}",
+        held(3, 6, 7)
+    );
     let time = now();
     let mut tx = super::write(db).await?;
     on_tx!(&mut tx, conn => {
-        sqlx::query(
-            "INSERT INTO epoch_metrics (run_id, phase, epoch, train_loss, train_accuracy, \
-             val_loss, val_accuracy, learning_rate, seconds, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) \
-             ON CONFLICT (run_id, phase, epoch) DO UPDATE SET \
-             train_loss = excluded.train_loss, train_accuracy = excluded.train_accuracy, \
-             val_loss = excluded.val_loss, val_accuracy = excluded.val_accuracy, \
-             learning_rate = excluded.learning_rate, seconds = excluded.seconds, \
-             updated_at = excluded.updated_at",
-        )
+        sqlx::query(&insert)
         .bind(id)
         .bind(m.phase)
         .bind(m.epoch as i64)
@@ -70,31 +98,39 @@ pub async fn add_epoch(db: &Db, id: &str, m: &EpochMetrics) -> Result<(), sqlx::
         .bind(m.learning_rate)
         .bind(m.seconds)
         .bind(&time)
+        .bind(worker)
+        .bind(RunStatus::Running)
         .execute(&mut *conn)
         .await?;
-        sqlx::query(
-            "UPDATE run_phases SET status = $1, epochs_run = $2, updated_at = $5 \
-             WHERE run_id = $3 AND phase = $4",
-        )
+        sqlx::query(&update)
         .bind(PhaseStatus::Running)
         .bind(m.epoch as i64)
         .bind(id)
         .bind(m.phase)
         .bind(&time)
+        .bind(worker)
+        .bind(RunStatus::Running)
         .execute(&mut *conn)
         .await?;
     });
     tx.commit().await
 }
 
-pub async fn phase_done(db: &Db, id: &str, s: &PhaseSummary) -> Result<(), sqlx::Error> {
+pub async fn phase_done(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    s: &PhaseSummary,
+) -> Result<(), sqlx::Error> {
     let time = now();
+    let sql = format!(
+        "UPDATE run_phases SET status = $1, epochs_run = $2, best_epoch = $3, \
+         best_val_loss = $4, best_val_accuracy = $5, seconds = $6, updated_at = $9 \
+         WHERE run_id = $7 AND phase = $8 AND {}",
+        held(7, 10, 11)
+    );
     on_pool!(db, pool => {
-        sqlx::query(
-            "UPDATE run_phases SET status = $1, epochs_run = $2, best_epoch = $3, \
-             best_val_loss = $4, best_val_accuracy = $5, seconds = $6, updated_at = $9 \
-             WHERE run_id = $7 AND phase = $8",
-        )
+        sqlx::query(&sql)
         .bind(PhaseStatus::Succeeded)
         .bind(s.epochs_run as i64)
         .bind(s.best_epoch as i64)
@@ -104,6 +140,8 @@ pub async fn phase_done(db: &Db, id: &str, s: &PhaseSummary) -> Result<(), sqlx:
         .bind(id)
         .bind(s.phase)
         .bind(&time)
+        .bind(worker)
+        .bind(RunStatus::Running)
         .execute(pool)
         .await
         .map(|_| ())

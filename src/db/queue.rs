@@ -1,7 +1,9 @@
 //! The queue: claiming runs, leases, ends and cancels. A claimed run names the worker that
-//! holds it (`worker_id`) and when that claim lapses (`lease_expires_at`); the worker renews
-//! the lease while it trains. Every write that ends or re-queues a run says who may do it
-//! ([`Guard`]), so a worker that lost its lease cannot overwrite the run's new life.
+//! holds it (`worker_id`) and when that claim lapses (`lease_expires_at`, Unix ms on the
+//! database's clock, so workers on machines whose clocks disagree still agree on it); the
+//! worker renews the lease while it trains. Every write that ends or re-queues a run says
+//! who may do it ([`Guard`]), so a worker that lost its lease cannot overwrite the run's new
+//! life.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use sqlx::FromRow;
 
 use super::runs::position;
 use super::status::{PhaseStatus, RunStatus};
-use super::{Db, Tx, now, now_millis, on_pool, on_tx};
+use super::{Db, Tx, now, on_pool, on_tx};
 use crate::ml::events::Phase;
 
 /// A run a worker has claimed.
@@ -28,32 +30,44 @@ pub enum Guard<'a> {
     Anyone,
     /// Only this worker, and only while the run is still `running` under its lease.
     Holder(&'a str),
-    /// Anyone, if the run is `running` and its lease lapsed before this time (Unix ms).
-    Lapsed(i64),
+    /// Anyone, if the run is `running` and its lease has lapsed.
+    Lapsed,
+}
+
+/// "Now" in Unix milliseconds on the database's clock, as each engine writes it.
+const SQLITE_MILLIS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+const POSTGRES_MILLIS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
+fn db_millis(db: &Db) -> &'static str {
+    match db {
+        Db::Sqlite(_) => SQLITE_MILLIS,
+        Db::Postgres(_) => POSTGRES_MILLIS,
+    }
+}
+
+fn tx_millis(tx: &Tx) -> &'static str {
+    match tx {
+        Tx::Sqlite(_) => SQLITE_MILLIS,
+        Tx::Postgres(_) => POSTGRES_MILLIS,
+    }
 }
 
 impl Guard<'_> {
-    /// The guard's condition on `runs`, with its two parameters numbered from `first`
-    /// (bound by [`Guard::bind`]) and the running status from `running`.
-    fn clause(first: usize, running: usize) -> String {
-        let (holder, lapsed) = (first, first + 1);
+    /// The guard's condition on `runs`: its parameter is number `holder` (bound by
+    /// [`Guard::holder`]), the running status `running`, the clock `millis`.
+    fn clause(&self, holder: usize, running: usize, millis: &str) -> String {
+        let lapsed = matches!(self, Guard::Lapsed);
         format!(
             "(${holder} IS NULL OR (status = ${running} AND worker_id = ${holder})) \
-             AND (${lapsed} IS NULL OR (status = ${running} AND \
-             (lease_expires_at IS NULL OR lease_expires_at < ${lapsed})))"
+             AND ({} OR (status = ${running} AND \
+             (lease_expires_at IS NULL OR lease_expires_at < {millis})))",
+            if lapsed { "FALSE" } else { "TRUE" }
         )
     }
 
     fn holder(&self) -> Option<&str> {
         match self {
             Guard::Holder(w) => Some(w),
-            _ => None,
-        }
-    }
-
-    fn lapsed(&self) -> Option<i64> {
-        match self {
-            Guard::Lapsed(t) => Some(*t),
             _ => None,
         }
     }
@@ -78,18 +92,19 @@ pub async fn claim_next(
     };
     let sql = format!(
         "UPDATE runs SET status = $1, attempts = attempts + 1, error = NULL, \
-         worker_id = $3, lease_expires_at = $4, started_at = COALESCE(started_at, $5), \
+         worker_id = $3, lease_expires_at = {} + $4, started_at = COALESCE(started_at, $5), \
          updated_at = $5 \
          WHERE id = (SELECT id FROM runs WHERE status = $2 ORDER BY created_at, id LIMIT 1{lock}) \
-         RETURNING id, dataset_id, config, attempts"
+         RETURNING id, dataset_id, config, attempts",
+        db_millis(db)
     );
-    let (time, expires) = (now(), now_millis() + millis(lease));
+    let time = now();
     on_pool!(db, pool => {
         sqlx::query_as(&sql)
             .bind(RunStatus::Running)
             .bind(RunStatus::Queued)
             .bind(worker)
-            .bind(expires)
+            .bind(millis(lease))
             .bind(&time)
             .fetch_optional(pool)
             .await
@@ -113,34 +128,43 @@ pub async fn heartbeat(
     worker: &str,
     lease: Duration,
 ) -> Result<Lease, sqlx::Error> {
-    let expires = now_millis() + millis(lease);
+    let sql = format!(
+        "UPDATE runs SET lease_expires_at = {} + $1 \
+         WHERE id = $2 AND worker_id = $3 AND status = $4 RETURNING cancel_requested",
+        db_millis(db)
+    );
     let cancel: Option<bool> = on_pool!(db, pool => {
-        sqlx::query_scalar(
-            "UPDATE runs SET lease_expires_at = $1 \
-             WHERE id = $2 AND worker_id = $3 AND status = $4 RETURNING cancel_requested",
-        )
-        .bind(expires)
-        .bind(id)
-        .bind(worker)
-        .bind(RunStatus::Running)
-        .fetch_optional(pool)
-        .await
+        sqlx::query_scalar(&sql)
+            .bind(millis(lease))
+            .bind(id)
+            .bind(worker)
+            .bind(RunStatus::Running)
+            .fetch_optional(pool)
+            .await
     })?;
     Ok(cancel.map_or(Lease::Lost, |cancel| Lease::Held { cancel }))
 }
 
-/// Ids of `running` runs whose lease lapsed before `at` (Unix ms): their worker died or
-/// lost touch with the database.
-pub async fn lapsed(db: &Db, at: i64) -> Result<Vec<String>, sqlx::Error> {
+/// A `running` run whose lease lapsed: its worker died or lost touch with the database.
+#[derive(Debug, Clone, FromRow)]
+pub struct Lapsed {
+    pub id: String,
+    /// Lapses before this one.
+    pub lapses: i64,
+}
+
+/// The runs whose lease has lapsed, oldest first.
+pub async fn lapsed(db: &Db) -> Result<Vec<Lapsed>, sqlx::Error> {
+    let sql = format!(
+        "SELECT id, lapses FROM runs WHERE status = $1 \
+         AND (lease_expires_at IS NULL OR lease_expires_at < {}) ORDER BY created_at, id",
+        db_millis(db)
+    );
     on_pool!(db, pool => {
-        sqlx::query_scalar(
-            "SELECT id FROM runs WHERE status = $1 \
-             AND (lease_expires_at IS NULL OR lease_expires_at < $2) ORDER BY created_at, id",
-        )
-        .bind(RunStatus::Running)
-        .bind(at)
-        .fetch_all(pool)
-        .await
+        sqlx::query_as(&sql)
+            .bind(RunStatus::Running)
+            .fetch_all(pool)
+            .await
     })
 }
 
@@ -173,7 +197,7 @@ pub async fn finish_in(
         "UPDATE runs SET status = $1, error = $2, eta_seconds = NULL, lease_expires_at = NULL, \
          percent = CASE WHEN $1 = $4 THEN 100 ELSE percent END, \
          finished_at = $5, updated_at = $5 WHERE id = $3 AND {}",
-        Guard::clause(6, 8)
+        guard.clause(6, 7, tx_millis(tx))
     );
     let time = now();
     let (running_to, pending_to) = PhaseStatus::on_run_end(status);
@@ -185,7 +209,6 @@ pub async fn finish_in(
             .bind(RunStatus::Succeeded)
             .bind(&time)
             .bind(guard.holder())
-            .bind(guard.lapsed())
             .bind(RunStatus::Running)
             .execute(&mut *conn)
             .await?;
@@ -209,20 +232,22 @@ pub async fn finish_in(
 }
 
 /// Puts a run back in the queue if `guard` allows, keeping the phases before `from_phase`
-/// (their metrics and status) and forgetting everything from it on.
+/// (their metrics and status) and forgetting everything from it on. A re-queue of a lapsed
+/// lease counts as a lapse.
 pub async fn requeue(
     db: &Db,
     id: &str,
     from_phase: Phase,
     guard: Guard<'_>,
 ) -> Result<bool, sqlx::Error> {
+    let mut tx = super::write(db).await?;
     let sql = format!(
         "UPDATE runs SET status = $1, phase = NULL, stage = NULL, step = NULL, \
          steps_total = NULL, epoch = NULL, epochs_total = NULL, eta_seconds = NULL, \
-         lease_expires_at = NULL, updated_at = $2 WHERE id = $3 AND {}",
-        Guard::clause(4, 6)
+         lease_expires_at = NULL, lapses = lapses + {}, updated_at = $2 WHERE id = $3 AND {}",
+        i64::from(matches!(guard, Guard::Lapsed)),
+        guard.clause(4, 5, tx_millis(&tx))
     );
-    let mut tx = super::write(db).await?;
     let time = now();
     let moved = on_tx!(&mut tx, conn => {
         sqlx::query(&sql)
@@ -230,7 +255,6 @@ pub async fn requeue(
             .bind(&time)
             .bind(id)
             .bind(guard.holder())
-            .bind(guard.lapsed())
             .bind(RunStatus::Running)
             .execute(&mut *conn)
             .await?
@@ -245,11 +269,28 @@ pub async fn requeue(
 }
 
 /// Forgets the phases from `from_phase` on (status back to pending, their epochs deleted),
-/// before a run starts them again.
-pub async fn reset_phases_from(db: &Db, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {
+/// before `worker` starts them again; `false` (nothing done) if the run is not its own.
+pub async fn reset_phases_from(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    from_phase: Phase,
+) -> Result<bool, sqlx::Error> {
     let mut tx = super::write(db).await?;
+    let holds: Option<String> = on_tx!(&mut tx, conn => {
+        sqlx::query_scalar("SELECT id FROM runs WHERE id = $1 AND worker_id = $2 AND status = $3")
+            .bind(id)
+            .bind(worker)
+            .bind(RunStatus::Running)
+            .fetch_optional(&mut *conn)
+            .await?
+    });
+    if holds.is_none() {
+        return Ok(false);
+    }
     reset_phases_in(&mut tx, id, from_phase).await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }
 
 async fn reset_phases_in(tx: &mut Tx, id: &str, from_phase: Phase) -> Result<(), sqlx::Error> {

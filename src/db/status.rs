@@ -120,6 +120,16 @@ pub fn resumes_after_warmup(phases: &[(Phase, PhaseStatus)], checkpoint: bool) -
         && checkpoint
 }
 
+/// Where a run that goes back to the queue starts again: after its warm-up when it
+/// [`resumes_after_warmup`], from the warm-up otherwise.
+pub fn restart_from(phases: &[(Phase, PhaseStatus)], checkpoint: bool) -> Phase {
+    if resumes_after_warmup(phases, checkpoint) {
+        Phase::Finetune
+    } else {
+        Phase::Warmup
+    }
+}
+
 impl std::str::FromStr for PhaseStatus {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {

@@ -5,8 +5,11 @@
 mod compute;
 pub mod events;
 pub mod inference;
+mod lease;
 mod notify;
+mod outcome;
 mod progress;
+mod record;
 mod recovery;
 mod worker;
 
@@ -21,7 +24,7 @@ use crate::db::status::RunStatus;
 use crate::ml::events::Cancel;
 
 pub use self::events::RunEvent;
-pub use self::recovery::{MAX_ATTEMPTS, reap};
+pub use self::recovery::{MAX_LAPSES, reap};
 pub use self::worker::{WorkerContext, process_name, spawn_workers};
 
 /// Handle to the training queue, cloned into every handler.

@@ -1,47 +1,42 @@
 //! Runs whose worker died: a `running` run whose lease lapsed goes back to the queue, after
 //! its warm-up when that finished and its checkpoint is stored, from the start otherwise;
-//! after [`MAX_ATTEMPTS`] claims it fails with a message saying so. Every worker reaps now
+//! at its [`MAX_LAPSES`]th lapse it fails with a message saying so (a graceful stop, which
+//! re-queues the run itself, is not a lapse). Every worker reaps now
 //! and then, and every process at start-up; runs that live workers hold (their leases
 //! renewed) are never touched, so any number of processes can share the queue.
 
+use super::Jobs;
 use crate::db::queue::{self, Guard};
-use crate::db::status::{RunStatus, resumes_after_warmup};
+use crate::db::status::{RunStatus, restart_from};
 use crate::db::{self, Db};
-use crate::ml::events::Phase;
 use crate::objects::Objects;
 
-/// Claims a run may have before a lapsed lease fails it instead of re-queuing it.
-pub const MAX_ATTEMPTS: i64 = 3;
+/// Lease lapses a run may have: at the last one it fails instead of going back to the queue.
+pub const MAX_LAPSES: i64 = 3;
 
-/// The message of a run given up after [`MAX_ATTEMPTS`].
-pub fn gave_up(attempts: i64) -> String {
+/// The message of a run given up after [`MAX_LAPSES`].
+pub fn gave_up(lapses: i64) -> String {
     format!(
-        "gave up after {attempts} attempts: each time, the worker training this run stopped \
+        "gave up after {lapses} attempts: each time, the worker training this run stopped \
          renewing its lease (it crashed, was killed or lost the database)"
     )
 }
 
-/// Re-queues or fails the runs whose lease lapsed. Returns (re-queued, failed).
-pub async fn reap(db: &Db, objects: &Objects) -> Result<(usize, usize), sqlx::Error> {
+/// Re-queues or fails the runs whose lease lapsed, announcing each change. Returns
+/// (re-queued, failed).
+pub async fn reap(db: &Db, objects: &Objects, jobs: &Jobs) -> Result<(usize, usize), sqlx::Error> {
     let (mut requeued, mut failed) = (0, 0);
-    let now = db::now_millis();
-    for id in queue::lapsed(db, now).await? {
+    for lapsed in queue::lapsed(db).await? {
+        let id = lapsed.id;
         let Some(run) = db::runs::get(db, &id).await? else {
             continue;
         };
         // Guard::Lapsed: a worker that renewed the lease since the query keeps the run.
-        if run.attempts >= MAX_ATTEMPTS {
-            let message = gave_up(run.attempts);
-            if queue::finish(
-                db,
-                &id,
-                RunStatus::Failed,
-                Some(&message),
-                Guard::Lapsed(now),
-            )
-            .await?
-            {
-                tracing::warn!(run_id = %id, attempts = run.attempts, "lease lapsed again: run failed");
+        if lapsed.lapses + 1 >= MAX_LAPSES {
+            let message = gave_up(lapsed.lapses + 1);
+            if queue::finish(db, &id, RunStatus::Failed, Some(&message), Guard::Lapsed).await? {
+                tracing::warn!(run_id = %id, lapses = lapsed.lapses + 1, "lease lapsed again: run failed");
+                jobs.publish_status(&id, RunStatus::Failed, Some(message));
                 failed += 1;
             }
             continue;
@@ -51,14 +46,11 @@ pub async fn reap(db: &Db, objects: &Objects) -> Result<(usize, usize), sqlx::Er
             tracing::warn!(run_id = %id, error = %e, "cannot tell whether a checkpoint is stored");
             false
         });
-        let from = if resumes_after_warmup(&run.phase_states(), checkpoint) {
-            Phase::Finetune
-        } else {
-            Phase::Warmup
-        };
-        if queue::requeue(db, &id, from, Guard::Lapsed(now)).await? {
+        let from = restart_from(&run.phase_states(), checkpoint);
+        if queue::requeue(db, &id, from, Guard::Lapsed).await? {
             tracing::warn!(run_id = %id, worker = ?run.worker_id, resume_from = %from,
                 "the run's lease lapsed (its worker stopped): re-queued");
+            jobs.publish_status(&id, RunStatus::Queued, None);
             requeued += 1;
         }
     }
@@ -73,7 +65,7 @@ mod tests {
     use crate::db::status::PhaseStatus;
     use crate::ingest::Ingested;
     use crate::ml::config::TrainConfig;
-    use crate::ml::events::PhaseSummary;
+    use crate::ml::events::{Phase, PhaseSummary};
 
     #[sqlx::test(migrations = "migrations/sqlite")]
     async fn lapsed_runs_resume_after_the_warmup_or_start_over_and_live_ones_stay(
@@ -118,13 +110,15 @@ mod tests {
             best_val_accuracy: 0.9,
             seconds: 1.0,
         };
-        db::epochs::phase_done(&db, "late", &summary).await.unwrap();
+        db::epochs::phase_done(&db, "late", "dead", &summary)
+            .await
+            .unwrap();
         let checkpoint = storage.warmup_checkpoint("late");
         std::fs::create_dir_all(checkpoint.parent().unwrap()).unwrap();
         std::fs::write(&checkpoint, b"head").unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
 
-        assert_eq!(reap(&db, &objects).await.unwrap(), (2, 0));
+        assert_eq!(reap(&db, &objects, &Jobs::new()).await.unwrap(), (2, 0));
         let early = db::runs::get(&db, "early").await.unwrap().unwrap();
         assert_eq!(
             early.status,
@@ -172,7 +166,7 @@ mod tests {
     }
 
     #[sqlx::test(migrations = "migrations/sqlite")]
-    async fn a_run_whose_lease_keeps_lapsing_fails_after_the_last_attempt(pool: sqlx::SqlitePool) {
+    async fn a_run_whose_lease_keeps_lapsing_fails_at_the_last_lapse(pool: sqlx::SqlitePool) {
         let db = Db::from(pool);
         let dir = tempfile::tempdir().unwrap();
         let storage = crate::storage::Storage::new(dir.path());
@@ -191,23 +185,41 @@ mod tests {
         db::runs::create(&db, "r", "d", &TrainConfig::default())
             .await
             .unwrap();
-        for attempt in 1..=MAX_ATTEMPTS {
-            let claimed = queue::claim_next(&db, "w", Duration::ZERO)
+        // A graceful stop re-queues the run without counting as a lapse.
+        queue::claim_next(&db, "w", Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        let from = Phase::Warmup;
+        assert!(
+            queue::requeue(&db, "r", from, Guard::Holder("w"))
+                .await
+                .unwrap()
+        );
+        let jobs = Jobs::new();
+        let mut events = jobs.subscribe();
+        for lapse in 1..=MAX_LAPSES {
+            queue::claim_next(&db, "w", Duration::ZERO)
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(claimed.attempts, attempt);
             tokio::time::sleep(Duration::from_millis(5)).await;
-            let expected = if attempt < MAX_ATTEMPTS {
-                (1, 0)
+            let (expected, status) = if lapse < MAX_LAPSES {
+                ((1, 0), RunStatus::Queued)
             } else {
-                (0, 1)
+                ((0, 1), RunStatus::Failed)
             };
-            assert_eq!(reap(&db, &objects).await.unwrap(), expected);
+            assert_eq!(reap(&db, &objects, &jobs).await.unwrap(), expected);
+            let event = events.try_recv().expect("each reap is announced");
+            assert!(
+                matches!(event.kind, crate::jobs::events::EventKind::Status { status: s, .. } if s == status),
+                "{event:?}"
+            );
         }
         let run = db::runs::get(&db, "r").await.unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Failed);
-        assert_eq!(run.error, Some(gave_up(MAX_ATTEMPTS)));
+        assert_eq!(run.attempts, MAX_LAPSES + 1);
+        assert_eq!(run.error, Some(gave_up(MAX_LAPSES)));
         assert!(
             queue::claim_next(&db, "w", Duration::ZERO)
                 .await

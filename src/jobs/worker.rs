@@ -1,6 +1,7 @@
-//! The training workers: each claims the oldest queued run under a lease, trains it on a
-//! blocking thread while renewing the lease (which also carries cancels made through any
-//! API process), and turns the trainer's events into database rows and live events.
+//! The training workers: each claims the oldest queued run under a lease (renewed by
+//! `jobs::lease` for as long as it holds the run), trains it on a blocking thread, turns the
+//! trainer's events into rows and live events (`jobs::record`), and ends it
+//! (`jobs::outcome`). Between runs a worker also reaps runs whose lease lapsed.
 
 use std::time::{Duration, Instant};
 
@@ -12,21 +13,23 @@ use tracing::Instrument;
 
 use super::Jobs;
 use super::compute::{Failure, Stopped, compute};
-use super::events::{EventKind, RunEvent};
+use super::lease::Held;
+use super::outcome;
 use super::progress::Tracker;
-use crate::db::queue::{self, Claimed, Guard, Lease};
+use super::record::{PROGRESS_EVERY, on_event};
+use crate::db::queue::{self, Claimed, Guard};
 use crate::db::status::{RunStatus, resumes_after_warmup};
-use crate::db::{self, Db, models::Success};
+use crate::db::{self, Db};
 use crate::ml::config::TrainConfig;
 use crate::ml::data::{FolderDataset, Sample};
-use crate::ml::events::{Cancel, Phase, PhaseSummary, Stage, TrainEvent};
-use crate::objects::Kind;
+use crate::ml::events::{Cancel, Phase, PhaseSummary, TrainEvent};
+use crate::objects::ObjectError;
 use crate::storage::Storage;
 
-/// Least time between two progress writes of one run.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How often an idle worker looks at the queue even without a wake-up.
 const POLL: Duration = Duration::from_secs(2);
+/// The failure of a run whose dataset was deleted.
+const DATASET_GONE: &str = "its dataset was deleted";
 
 /// What a worker needs.
 #[derive(Clone)]
@@ -73,15 +76,9 @@ pub fn process_name() -> String {
     format!("{host}-{}-{tag}", std::process::id())
 }
 
-/// How often a training worker renews its lease and looks for a cancel: a third of the
-/// lease (so two heartbeats can fail before it lapses), at most every 2 s (cancels land
-/// within that).
-fn heartbeat_every(lease: Duration) -> Duration {
-    (lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(2))
-}
-
-/// How often an idle or busy worker looks for runs whose lease lapsed: every half lease, at
-/// least every 5 s (other processes' leases may be shorter than this one's).
+/// How often a worker between runs looks for runs whose lease lapsed: every half lease, at
+/// least every 5 s (other processes' leases may be shorter than this one's). A worker busy
+/// with a run does not reap; another idle one, or this one once done, does.
 fn reap_every(lease: Duration) -> Duration {
     (lease / 2).min(Duration::from_secs(5))
 }
@@ -91,7 +88,7 @@ async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {
         if Instant::now() >= next_reap {
             next_reap = Instant::now() + reap_every(ctx.lease);
-            match super::reap(&ctx.db, &ctx.objects).await {
+            match super::reap(&ctx.db, &ctx.objects, &ctx.jobs).await {
                 Ok((0, 0)) => {}
                 Ok((requeued, failed)) => {
                     tracing::warn!(requeued, failed, "reaped runs whose worker stopped")
@@ -116,7 +113,19 @@ async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
         };
         let id = run.id.clone();
         let span = tracing::info_span!("run", run_id = %id, attempt = run.attempts, worker = me);
-        if let Err(e) = execute(ctx, me, run, shutdown).instrument(span).await {
+        // Renewed from the claim until the run is over here, whatever it is doing.
+        let cancel = Cancel::default();
+        let held = Held::start(
+            ctx.db.clone(),
+            id.clone(),
+            me.to_string(),
+            ctx.lease,
+            cancel.clone(),
+        );
+        if let Err(e) = execute(ctx, me, run, &held, cancel, shutdown)
+            .instrument(span)
+            .await
+        {
             // A database failure mid-run: the run cannot be trusted to resume.
             tracing::error!(run_id = %id, error = format!("{e:#}"), "run aborted by an internal error");
             ctx.jobs.unregister(&id);
@@ -136,16 +145,30 @@ async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
     }
 }
 
+/// Why a run's dataset could not be loaded.
+enum Loading {
+    /// The run cannot train (its dataset is gone, the database failed).
+    Failed(Failure),
+    /// The object store cannot be reached now; the run can wait in the queue.
+    Store(ObjectError),
+}
+
+impl From<Failure> for Loading {
+    fn from(f: Failure) -> Self {
+        Loading::Failed(f)
+    }
+}
+
 /// Builds the trainer's dataset from the database rows and the files on disk (fetched from
 /// the shared store first, and kept in the local cache while the pin lives).
 async fn load_dataset(
     ctx: &WorkerContext,
     dataset_id: &str,
-) -> Result<(FolderDataset, Option<crate::objects::Pin>), Failure> {
+) -> Result<(FolderDataset, Option<crate::objects::Pin>), Loading> {
     let dataset = db::datasets::get(&ctx.db, dataset_id)
         .await
         .map_err(|e| Failure::internal("reading the dataset", e))?
-        .ok_or_else(|| Failure::plain("its dataset was deleted"))?;
+        .ok_or_else(|| Failure::plain(DATASET_GONE))?;
     let classes: Vec<String> = dataset.classes.iter().map(|c| c.name.clone()).collect();
     let dir = ctx.storage.dataset(dataset_id);
     let files = db::datasets::files(&ctx.db, dataset_id)
@@ -156,7 +179,7 @@ async fn load_dataset(
         .objects
         .fetch_dataset(dataset_id, &names)
         .await
-        .map_err(|e| Failure::internal("fetching the dataset from the object store", e))?;
+        .map_err(Loading::Store)?;
     let samples = files
         .into_iter()
         .map(|f| Sample {
@@ -176,6 +199,8 @@ async fn execute(
     ctx: &WorkerContext,
     me: &str,
     run: Claimed,
+    held: &Held,
+    cancel: Cancel,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let id = run.id.clone();
@@ -184,11 +209,16 @@ async fn execute(
     let config: TrainConfig = serde_json::from_str(&run.config).context("stored run config")?;
     let dataset = match run.dataset_id.as_deref() {
         Some(d) => load_dataset(ctx, d).await,
-        None => Err(Failure::plain("its dataset was deleted")),
+        None => Err(Loading::Failed(Failure::plain(DATASET_GONE))),
     };
     let (dataset, _kept) = match dataset {
         Ok(d) => d,
-        Err(e) => return fail(ctx, me, &id, &e).await,
+        Err(Loading::Failed(e)) => return outcome::fail(ctx, me, &id, &e).await,
+        Err(Loading::Store(e)) => {
+            tracing::warn!(error = %e, "could not fetch the dataset");
+            let why = "the object store failed while fetching the dataset";
+            return outcome::back_to_queue(ctx, me, &id, why).await;
+        }
     };
 
     // Resume after the warm-up when an earlier attempt finished it and left its checkpoint.
@@ -196,7 +226,14 @@ async fn execute(
     let before = db::runs::get(&ctx.db, &id)
         .await?
         .context("claimed run vanished")?;
-    let stored = ctx.objects.fetch_checkpoint(&id).await?;
+    let stored = match ctx.objects.fetch_checkpoint(&id).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not fetch the warm-up checkpoint");
+            let why = "the object store failed while fetching the checkpoint";
+            return outcome::back_to_queue(ctx, me, &id, why).await;
+        }
+    };
     let resume = resumes_after_warmup(&before.phase_states(), stored);
     let (prior_metrics, prior_phases) = if resume {
         tracing::info!("resuming after the warm-up from its checkpoint");
@@ -216,11 +253,12 @@ async fn execute(
             .collect();
         (metrics, phases)
     } else {
-        queue::reset_phases_from(&ctx.db, &id, Phase::Warmup).await?;
+        if !queue::reset_phases_from(&ctx.db, &id, me, Phase::Warmup).await? {
+            return Ok(()); // no longer ours
+        }
         (Vec::new(), Vec::new())
     };
 
-    let cancel = Cancel::default();
     ctx.jobs.register(&id, cancel.clone());
     // A cancel that came between the claim and the registration.
     if queue::cancel_requested(&ctx.db, &id).await? {
@@ -250,28 +288,15 @@ async fn execute(
     let mut tracker = Tracker::new(&config, resume.then_some(Phase::Finetune));
     let mut last_write = Instant::now() - PROGRESS_EVERY;
     let mut stopping_for_shutdown = false;
-    let mut lost = false;
-    let mut heartbeat = tokio::time::interval(heartbeat_every(ctx.lease));
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = heartbeat.tick(), if !lost => {
-                match queue::heartbeat(&ctx.db, &id, me, ctx.lease).await {
-                    Ok(Lease::Held { cancel: true }) => cancel.cancel(),
-                    Ok(Lease::Held { cancel: false }) => {}
-                    Ok(Lease::Lost) => {
-                        tracing::warn!("the run's lease was lost (it lapsed and the run was \
-                            re-queued); stopping it and writing nothing more");
-                        lost = true;
-                        cancel.cancel();
-                    }
-                    // Keeps training: the lease outlives a couple of missed heartbeats.
-                    Err(e) => tracing::warn!(error = %e, "could not renew the run's lease"),
-                }
-            }
             event = rx.recv() => {
                 let Some(event) = event else { break };
-                if let Err(e) = on_event(ctx, &id, event, &mut tracker, &mut last_write, config.batch_size).await {
+                if held.lost() {
+                    continue; // the run is someone else's now: record nothing more
+                }
+                let recorded = on_event(ctx, &id, me, event, &mut tracker, &mut last_write, config.batch_size).await;
+                if let Err(e) = recorded {
                     // Stop the compute too: its results could no longer be recorded.
                     cancel.cancel();
                     let _ = compute.await;
@@ -288,205 +313,17 @@ async fn execute(
     }
     let result = compute.await;
     ctx.jobs.unregister(&id);
-    if lost {
+    if held.lost() {
         return Ok(());
     }
     match result {
-        Ok(Ok(done)) => {
-            // Stored before the row that points at it.
-            if let Err(e) = ctx.objects.publish_model(&id).await {
-                let _ = std::fs::remove_dir_all(ctx.storage.model(&id));
-                let failure = Failure::internal("storing the model in the object store", e);
-                return fail(ctx, me, &id, &failure).await;
-            }
-            let success = Success {
-                run_id: &id,
-                dataset_id: run.dataset_id.as_deref(),
-                classes: &done.classes,
-                input_size: done.input_size,
-                val_accuracy: done.accuracy,
-                evaluation: &done.evaluation,
-            };
-            // The model is on disk: a passing database fault must not orphan it.
-            let mut wait = Duration::from_millis(250);
-            let mut attempt = 1;
-            let recorded = loop {
-                match db::models::record_success(&ctx.db, &success, me).await {
-                    Ok(recorded) => break recorded,
-                    Err(e) if attempt == RECORD_ATTEMPTS => {
-                        // No row will ever point at the model: do not leave it behind.
-                        forget(ctx, Kind::Model, &id).await;
-                        return Err(e.into());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "recording the model failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        (wait, attempt) = (wait * 2, attempt + 1);
-                    }
-                }
-            };
-            if !recorded {
-                tracing::warn!("the run's lease was lost before its model was recorded; discarded");
-                forget(ctx, Kind::Model, &id).await;
-                return Ok(());
-            }
-            forget(ctx, Kind::Run, &id).await;
-            tracing::info!(val_accuracy = done.accuracy, "run succeeded");
-            ctx.jobs.publish_status(&id, RunStatus::Succeeded, None);
-        }
-        Ok(Err(Stopped::Cancelled)) => {
-            let user = queue::cancel_requested(&ctx.db, &id).await?;
-            if stopping_for_shutdown && !user {
-                let now = db::runs::get(&ctx.db, &id)
-                    .await?
-                    .context("running run vanished")?;
-                let stored = ctx.objects.has_checkpoint(&id).await.unwrap_or(false);
-                let from = if resumes_after_warmup(&now.phase_states(), stored) {
-                    Phase::Finetune
-                } else {
-                    Phase::Warmup
-                };
-                queue::requeue(&ctx.db, &id, from, Guard::Holder(me)).await?;
-                tracing::info!(
-                    resume_from = %from,
-                    "run left queued to resume at the next start"
-                );
-                ctx.jobs.publish_status(&id, RunStatus::Queued, None);
-            } else {
-                queue::finish(&ctx.db, &id, RunStatus::Cancelled, None, Guard::Holder(me)).await?;
-                forget(ctx, Kind::Run, &id).await;
-                tracing::info!("run cancelled");
-                ctx.jobs.publish_status(&id, RunStatus::Cancelled, None);
-            }
-        }
-        Ok(Err(Stopped::Failed(f))) => fail(ctx, me, &id, &f).await?,
+        Ok(Ok(done)) => outcome::succeeded(ctx, me, &id, run.dataset_id.as_deref(), &done).await,
+        Ok(Err(Stopped::Cancelled)) => outcome::stopped(ctx, me, &id, stopping_for_shutdown).await,
+        Ok(Err(Stopped::Failed(f))) => outcome::fail(ctx, me, &id, &f).await,
         Err(join) => {
             tracing::error!(error = %join, "training thread panicked");
-            fail(
-                ctx,
-                me,
-                &id,
-                &Failure::plain("internal error: the training thread crashed"),
-            )
-            .await?
+            let failure = Failure::plain("internal error: the training thread crashed");
+            outcome::fail(ctx, me, &id, &failure).await
         }
-    }
-    Ok(())
-}
-
-async fn fail(ctx: &WorkerContext, me: &str, id: &str, failure: &Failure) -> anyhow::Result<()> {
-    match &failure.detail {
-        Some(detail) => tracing::error!(error = %detail, "run failed"),
-        None => tracing::warn!(error = %failure.public, "run failed"),
-    }
-    let message = failure.public.as_str();
-    queue::finish(
-        &ctx.db,
-        id,
-        RunStatus::Failed,
-        Some(message),
-        Guard::Holder(me),
-    )
-    .await?;
-    forget(ctx, Kind::Run, id).await;
-    ctx.jobs
-        .publish_status(id, RunStatus::Failed, Some(message.to_string()));
-    Ok(())
-}
-
-async fn on_event(
-    ctx: &WorkerContext,
-    id: &str,
-    event: TrainEvent,
-    tracker: &mut Tracker,
-    last_write: &mut Instant,
-    batch_size: usize,
-) -> anyhow::Result<()> {
-    let mut force = false;
-    match event {
-        TrainEvent::Progress { stage, done, total } => {
-            tracker.step(stage, done, total);
-            if let Some(per_second) = tracker.rate(done) {
-                // Frozen-pass steps are views; training steps are batches.
-                let images = if stage == Stage::FrozenPass {
-                    1
-                } else {
-                    batch_size
-                };
-                metrics::gauge!("transferd_training_images_per_second", "stage" => stage.as_str())
-                    .set(per_second * images as f64);
-            }
-        }
-        TrainEvent::Epoch(m) => {
-            metrics::counter!("transferd_training_epochs_total", "phase" => m.phase.as_str())
-                .increment(1);
-            tracing::info!(phase = %m.phase, epoch = m.epoch, train_loss = m.train_loss,
-                val_loss = m.val_loss, val_accuracy = m.val_accuracy, seconds = m.seconds, "epoch");
-            tracker.epoch(m.phase, m.epoch);
-            best_effort(
-                "recording an epoch",
-                db::epochs::add_epoch(&ctx.db, id, &m).await,
-            );
-            ctx.jobs.publish(RunEvent {
-                run_id: id.to_string(),
-                kind: EventKind::Epoch { metrics: m },
-            });
-            force = true;
-        }
-        TrainEvent::PhaseDone(summary) => {
-            tracker.phase_done(summary.phase);
-            best_effort(
-                "recording a phase",
-                db::epochs::phase_done(&ctx.db, id, &summary).await,
-            );
-            tracing::info!(phase = %summary.phase, best_epoch = summary.best_epoch,
-                val_accuracy = summary.best_val_accuracy, "phase finished");
-            ctx.jobs.publish(RunEvent {
-                run_id: id.to_string(),
-                kind: EventKind::PhaseFinished { summary },
-            });
-            force = true;
-        }
-    }
-    if force || last_write.elapsed() >= PROGRESS_EVERY {
-        *last_write = Instant::now();
-        let p = &tracker.last;
-        best_effort(
-            "recording progress",
-            db::epochs::set_progress(&ctx.db, id, p).await,
-        );
-        ctx.jobs.publish(RunEvent {
-            run_id: id.to_string(),
-            kind: EventKind::Progress {
-                phase: p.stage,
-                step: p.step.unwrap_or(0) as usize,
-                steps_total: p.steps_total.unwrap_or(0) as usize,
-                epoch: p.epoch.map(|e| e as usize),
-                epochs_total: p.epochs_total.map(|e| e as usize),
-                percent: p.percent,
-                eta_seconds: p.eta_seconds,
-            },
-        });
-    }
-    Ok(())
-}
-
-/// Deletes a run's checkpoints or an unrecorded model, locally and in the store; a failure
-/// only leaves garbage behind, so it is logged.
-async fn forget(ctx: &WorkerContext, what: Kind, id: &str) {
-    if let Err(e) = ctx.objects.remove(what, id).await {
-        tracing::warn!(error = %e, ?what, "could not delete leftover files");
-    }
-}
-
-/// Tries to record a finished model before the run is given up (0.25 s, then doubling).
-const RECORD_ATTEMPTS: u32 = 6;
-
-/// Progress is worth recording, not worth a run: a write that fails (a busy or full disk)
-/// is logged and counted, and training goes on.
-fn best_effort(what: &'static str, result: Result<(), sqlx::Error>) {
-    if let Err(e) = result {
-        metrics::counter!("transferd_progress_write_failures_total").increment(1);
-        tracing::warn!(error = %e, what, "a progress write failed; the run goes on");
     }
 }

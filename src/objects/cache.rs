@@ -96,7 +96,9 @@ impl Cache {
             if total <= self.budget {
                 break;
             }
-            if self.pins.lock().expect("not poisoned").contains_key(&dir) {
+            // Checked and deleted under the lock: no pin can slip in between.
+            let pins = self.pins.lock().expect("not poisoned");
+            if pins.contains_key(&dir) {
                 continue;
             }
             if std::fs::remove_dir_all(&dir).is_ok() {

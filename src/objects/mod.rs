@@ -20,9 +20,11 @@ use object_store::path::Path as Key;
 use crate::storage::Storage;
 
 mod cache;
+mod remote;
 
 use self::cache::Cache;
 pub use self::cache::Pin;
+use self::remote::Remote;
 
 /// Files moved at once in a publish or a fetch.
 const PARALLEL: usize = 16;
@@ -47,13 +49,6 @@ pub struct Objects {
     remote: Option<Arc<Remote>>,
     /// The local copies of a shared store's folders.
     cache: Arc<Cache>,
-}
-
-struct Remote {
-    store: Arc<dyn ObjectStore>,
-    prefix: Key,
-    /// The URL, for messages.
-    url: String,
 }
 
 impl Objects {
@@ -84,10 +79,6 @@ impl Objects {
             let store = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
                 .with_retry(retry())
-                .with_client_options(
-                    object_store::ClientOptions::new()
-                        .with_connect_timeout(std::time::Duration::from_secs(5)),
-                )
                 .build()
                 .map_err(|e| bad(e.to_string()))?;
             let prefix = Key::parse(prefix.trim_matches('/')).map_err(|e| bad(e.to_string()))?;
@@ -120,6 +111,21 @@ impl Objects {
 
     pub fn is_shared(&self) -> bool {
         self.remote.is_some()
+    }
+
+    /// Keeps a local folder out of the cache's evictions while the pin lives (a fresh upload
+    /// or model being published); `None` without a store, where nothing is evicted.
+    pub fn keep(&self, what: Kind, id: &str) -> Option<Pin> {
+        self.remote.as_ref()?;
+        Some(self.cache.pin(&self.folder_of(what, id)))
+    }
+
+    fn folder_of(&self, what: Kind, id: &str) -> PathBuf {
+        match what {
+            Kind::Dataset => self.storage.dataset(id),
+            Kind::Model => self.storage.model(id),
+            Kind::Run => self.storage.run_dir(id),
+        }
     }
 
     pub fn storage(&self) -> &Storage {
@@ -244,11 +250,7 @@ impl Objects {
 
     /// Deletes a dataset's, model's or run's objects and local files.
     pub async fn remove(&self, what: Kind, id: &str) -> Result<(), ObjectError> {
-        let local = match what {
-            Kind::Dataset => self.storage.dataset(id),
-            Kind::Model => self.storage.model(id),
-            Kind::Run => self.storage.run_dir(id),
-        };
+        let local = self.folder_of(what, id);
         if let Err(e) = tokio::fs::remove_dir_all(&local).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -362,111 +364,4 @@ impl Kind {
 
 fn checkpoint_key(run_id: &str) -> String {
     format!("runs/{run_id}/warmup-head.bpk")
-}
-
-impl Remote {
-    fn key(&self, relative: &str) -> Key {
-        relative
-            .split('/')
-            .fold(self.prefix.clone(), |k, part| k.child(part))
-    }
-
-    fn failed(&self, source: object_store::Error) -> ObjectError {
-        ObjectError::Store {
-            url: self.url.clone(),
-            source,
-        }
-    }
-
-    async fn upload(&self, relative: &str, file: &Path) -> Result<(), ObjectError> {
-        let bytes = tokio::fs::read(file).await?;
-        self.store
-            .put(&self.key(relative), bytes.into())
-            .await
-            .map_err(|e| self.failed(e))?;
-        Ok(())
-    }
-
-    /// Downloads one object to `file`, through a temporary file renamed into place (a
-    /// reader never sees half a file).
-    async fn download(
-        &self,
-        relative: &str,
-        file: &Path,
-        storage: &Storage,
-    ) -> Result<(), ObjectError> {
-        let bytes = self
-            .store
-            .get(&self.key(relative))
-            .await
-            .map_err(|e| self.failed(e))?
-            .bytes()
-            .await
-            .map_err(|e| self.failed(e))?;
-        let tmp = storage
-            .tmp()
-            .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&tmp, &bytes).await?;
-        if let Some(parent) = file.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::rename(&tmp, file).await?;
-        Ok(())
-    }
-
-    /// Downloads every object under `relative/` into a staging folder renamed to `dir`.
-    async fn download_dir(
-        &self,
-        relative: &str,
-        dir: &Path,
-        storage: &Storage,
-    ) -> Result<(), ObjectError> {
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&self.key(relative)))
-            .try_collect()
-            .await
-            .map_err(|e| self.failed(e))?;
-        if listed.is_empty() {
-            return Err(self.failed(object_store::Error::NotFound {
-                path: relative.to_string(),
-                source: "no objects under this key".into(),
-            }));
-        }
-        let staging = storage
-            .tmp()
-            .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::create_dir_all(&staging).await?;
-        for meta in &listed {
-            let name = meta.location.filename().unwrap_or("file").to_string();
-            let rel = format!("{relative}/{name}");
-            self.download(&rel, &staging.join(&name), storage).await?;
-        }
-        if let Some(parent) = dir.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        match tokio::fs::rename(&staging, dir).await {
-            Ok(()) => Ok(()),
-            // Another request fetched it first: theirs is as good as ours.
-            Err(_) if dir.is_dir() => {
-                let _ = tokio::fs::remove_dir_all(&staging).await;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn delete_all(&self, relative: &str) -> Result<(), ObjectError> {
-        let keys = self
-            .store
-            .list(Some(&self.key(relative)))
-            .map_ok(|m| m.location)
-            .boxed();
-        self.store
-            .delete_stream(keys)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| self.failed(e))?;
-        Ok(())
-    }
 }
