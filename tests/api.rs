@@ -1170,7 +1170,7 @@ async fn a_stream_ends_when_its_run_ends_even_if_the_event_is_missed(pool: Sqlit
     // Ended behind the stream's back: no event is published (as when another process's
     // notification is lost).
     let db = transferd::db::Db::from(pool);
-    transferd::db::queue::cancel(&db, id).await.unwrap();
+    transferd::db::cancel::cancel(&db, id).await.unwrap();
     let body = tokio::time::timeout(Duration::from_secs(30), res.into_body().collect())
         .await
         .expect("the stream ends once the database says the run is over")

@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::postgres::Cluster;
-use transferd::db::queue::{self, CancelOutcome, Guard, Lease};
+use transferd::db::cancel::CancelOutcome;
+use transferd::db::queue::{self, Guard, Lease};
 use transferd::db::status::{PhaseStatus, RunStatus};
 use transferd::db::{self, Db, Page};
 use transferd::ingest::Ingested;
@@ -187,15 +188,15 @@ async fn every_table_reads_back_what_was_written() {
 
     db::runs::create(&db, "r3", "d2", &config).await.unwrap();
     assert_eq!(
-        queue::cancel(&db, "r3").await.unwrap(),
+        db::cancel::cancel(&db, "r3").await.unwrap(),
         CancelOutcome::Cancelled
     );
     assert_eq!(
-        queue::cancel(&db, "r3").await.unwrap(),
+        db::cancel::cancel(&db, "r3").await.unwrap(),
         CancelOutcome::AlreadyEnded(RunStatus::Cancelled)
     );
     assert_eq!(
-        queue::cancel(&db, "nope").await.unwrap(),
+        db::cancel::cancel(&db, "nope").await.unwrap(),
         CancelOutcome::NotFound
     );
     let counts = db::runs::count_by_status(&db).await.unwrap();
@@ -273,7 +274,7 @@ async fn a_lapsed_lease_is_lost_and_the_run_queued_again() {
         Lease::Held { cancel: false }
     );
     assert_eq!(
-        queue::cancel(&db, "r").await.unwrap(),
+        db::cancel::cancel(&db, "r").await.unwrap(),
         CancelOutcome::Requested
     );
     assert_eq!(

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::body::{media_type, parse_json, read_limited};
 use crate::db::status::RunStatus;
-use crate::db::{self, queue::CancelOutcome, runs::Run};
+use crate::db::{self, cancel::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
 use crate::ml::config::TrainConfig;
 use crate::ml::evaluate::{Calibration, ClassReport, Evaluation};
@@ -286,7 +286,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
-    match db::queue::cancel(&state.db, &id).await? {
+    match db::cancel::cancel(&state.db, &id).await? {
         CancelOutcome::NotFound => return Err(not_found(&id)),
         CancelOutcome::AlreadyEnded(status) => {
             return Err(ApiError::Conflict(format!(

@@ -5,6 +5,7 @@
 //! lock, claiming from the queue) the difference sits next to the query, in one `match`.
 //! Each engine's migrations are applied when the pool opens.
 
+pub mod cancel;
 pub mod datasets;
 pub mod epochs;
 pub mod models;

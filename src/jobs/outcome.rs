@@ -84,7 +84,7 @@ pub(super) async fn stopped(
     id: &str,
     for_shutdown: bool,
 ) -> anyhow::Result<()> {
-    let user = queue::cancel_requested(&ctx.db, id).await?;
+    let user = crate::db::cancel::cancel_requested(&ctx.db, id).await?;
     if for_shutdown && !user {
         return requeue(ctx, me, id, "run left queued to resume at the next start").await;
     }

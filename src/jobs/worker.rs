@@ -261,7 +261,7 @@ async fn execute(
 
     ctx.jobs.register(&id, cancel.clone());
     // A cancel that came between the claim and the registration.
-    if queue::cancel_requested(&ctx.db, &id).await? {
+    if crate::db::cancel::cancel_requested(&ctx.db, &id).await? {
         cancel.cancel();
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
