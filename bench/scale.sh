@@ -31,7 +31,7 @@ trap cleanup EXIT
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
     "$(grep -m1 -o -w -E 'avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 WEED="$(tests/tools/weed.sh)"
-echo "PostgreSQL: $("$PGBIN/postgres" --version); SeaweedFS: $("$WEED" version | head -1)"
+echo "PostgreSQL: $("$PGBIN/postgres" --version); SeaweedFS: $("$WEED" version 2>/dev/null | grep -m1 '^version')"
 
 mkdir "$WORK/pg"
 [ "$(id -u)" = 0 ] && chown postgres "$WORK/pg"
