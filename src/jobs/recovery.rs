@@ -66,14 +66,13 @@ mod tests {
     use crate::ingest::Ingested;
     use crate::ml::config::TrainConfig;
     use crate::ml::events::{Phase, PhaseSummary};
+    use crate::storage::Storage;
 
-    #[sqlx::test(migrations = "migrations/sqlite")]
-    async fn lapsed_runs_resume_after_the_warmup_or_start_over_and_live_ones_stay(
-        pool: sqlx::SqlitePool,
-    ) {
+    /// A database with dataset `d`, and a local data directory.
+    async fn setup(pool: sqlx::SqlitePool) -> (Db, tempfile::TempDir, Storage, Objects) {
         let db = Db::from(pool);
         let dir = tempfile::tempdir().unwrap();
-        let storage = crate::storage::Storage::new(dir.path());
+        let storage = Storage::new(dir.path());
         storage.prepare().unwrap();
         let objects = Objects::local(storage.clone());
         let ingested = Ingested {
@@ -86,6 +85,14 @@ mod tests {
         db::datasets::insert(&db, "d", "d", &ingested)
             .await
             .unwrap();
+        (db, dir, storage, objects)
+    }
+
+    #[sqlx::test(migrations = "migrations/sqlite")]
+    async fn lapsed_runs_resume_after_the_warmup_or_start_over_and_live_ones_stay(
+        pool: sqlx::SqlitePool,
+    ) {
+        let (db, _dir, storage, objects) = setup(pool).await;
         let config = TrainConfig::default();
         for id in ["early", "late", "live", "waiting"] {
             db::runs::create(&db, id, "d", &config).await.unwrap();
@@ -167,21 +174,7 @@ mod tests {
 
     #[sqlx::test(migrations = "migrations/sqlite")]
     async fn a_run_whose_lease_keeps_lapsing_fails_at_the_last_lapse(pool: sqlx::SqlitePool) {
-        let db = Db::from(pool);
-        let dir = tempfile::tempdir().unwrap();
-        let storage = crate::storage::Storage::new(dir.path());
-        storage.prepare().unwrap();
-        let objects = Objects::local(storage.clone());
-        let ingested = Ingested {
-            classes: vec!["a".into(), "b".into()],
-            images: Vec::new(),
-            skipped: Vec::new(),
-            warnings: Vec::new(),
-            dir: dir.path().into(),
-        };
-        db::datasets::insert(&db, "d", "d", &ingested)
-            .await
-            .unwrap();
+        let (db, _dir, _storage, objects) = setup(pool).await;
         db::runs::create(&db, "r", "d", &TrainConfig::default())
             .await
             .unwrap();
