@@ -90,7 +90,7 @@ impl Service {
         tracing::info!(engine = pool.engine(), url = %db::redacted(&settings.database_url), "database");
         let known = db::datasets::ids(&pool).await?;
         if objects.is_shared() {
-            clear_orphan_objects(&objects, &known).await;
+            clear_orphan_objects(&pool, &objects, &known).await?;
         } else {
             quarantine_orphans(&storage, &known, &settings.database_url)?;
         }
@@ -169,30 +169,62 @@ fn quarantine_orphans(
     Ok(())
 }
 
-/// Dataset objects no row names, left by an upload that failed between its publish and its
-/// insert. Only those older than an hour: a younger one may be another replica's upload
-/// whose rows are about to commit. A database with no dataset at all is more likely the
-/// wrong database than a crash, so then nothing is deleted. A failure is logged; the next
-/// start-up tries again.
-async fn clear_orphan_objects(objects: &Objects, known: &[String]) {
-    if known.is_empty() {
-        return;
+/// Objects no row names: a dataset whose upload failed between its publish and its
+/// insert, a model whose record failed, a run's checkpoint left by a crash. Only folders
+/// untouched for an hour: a younger one may belong to another process's upload or run
+/// about to commit. A database with no dataset at all is more likely the wrong database
+/// than a crash, so then nothing is deleted. Failures are logged; the next start-up tries
+/// again.
+async fn clear_orphan_objects(
+    db: &Db,
+    objects: &Objects,
+    datasets: &[String],
+) -> anyhow::Result<()> {
+    use crate::db::status::RunStatus;
+    use crate::objects::Kind;
+    if datasets.is_empty() {
+        return Ok(());
     }
-    let stored = match objects
-        .stored_datasets(std::time::Duration::from_secs(3600))
-        .await
-    {
-        Ok(ids) => ids,
-        Err(e) => return tracing::warn!(error = %e, "could not list stored datasets"),
-    };
-    for id in stored.iter().filter(|id| !known.contains(id)) {
-        match objects.remove(crate::objects::Kind::Dataset, id).await {
-            Ok(()) => tracing::warn!(dataset_id = %id, "deleted stored files no dataset row names"),
+    let models: Vec<String> = db::models::list(db, &db::Page::ALL)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    // A run's checkpoint is needed only while the run can still train.
+    let mut live: Vec<String> = Vec::new();
+    for status in [RunStatus::Queued, RunStatus::Running] {
+        live.extend(
+            db::runs::list(db, Some(status), &db::Page::ALL)
+                .await?
+                .into_iter()
+                .map(|r| r.id),
+        );
+    }
+    for (what, known) in [
+        (Kind::Dataset, datasets),
+        (Kind::Model, &models[..]),
+        (Kind::Run, &live[..]),
+    ] {
+        let stored = match objects
+            .stored(what, std::time::Duration::from_secs(3600))
+            .await
+        {
+            Ok(ids) => ids,
             Err(e) => {
-                tracing::warn!(dataset_id = %id, error = %e, "could not delete orphaned objects")
+                tracing::warn!(error = %e, ?what, "could not list stored objects");
+                continue;
+            }
+        };
+        for id in stored.iter().filter(|id| !known.contains(id)) {
+            match objects.remove(what, id).await {
+                Ok(()) => tracing::warn!(id = %id, ?what, "deleted stored files no row needs"),
+                Err(e) => {
+                    tracing::warn!(id = %id, ?what, error = %e, "could not delete orphaned objects")
+                }
             }
         }
     }
+    Ok(())
 }
 
 impl AppState {
@@ -223,5 +255,62 @@ impl AppState {
             settings: Arc::new(settings),
             shutdown: CancellationToken::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[sqlx::test(migrations = "migrations/sqlite")]
+    async fn only_old_objects_no_row_needs_are_cleared(pool: sqlx::SqlitePool) {
+        let db = Db::from(pool);
+        let ingested = crate::ingest::Ingested {
+            classes: vec!["a".into(), "b".into()],
+            images: Vec::new(),
+            skipped: Vec::new(),
+            warnings: Vec::new(),
+            dir: ".".into(),
+        };
+        db::datasets::insert(&db, "kept", "kept", &ingested)
+            .await
+            .unwrap();
+        let (cache, shared) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let storage = Storage::new(cache.path());
+        storage.prepare().unwrap();
+        let url = format!("file://{}", shared.path().display());
+        let objects = Objects::open(&url, storage, u64::MAX).await.unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let put = |key: &str, old: bool| {
+            let file = shared.path().join(key);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, b"x").unwrap();
+            if old {
+                let f = std::fs::File::options().write(true).open(&file).unwrap();
+                f.set_modified(hour_ago).unwrap();
+            }
+        };
+        for (key, old) in [
+            ("datasets/kept/a.jpg", true),
+            ("datasets/orphan/a.jpg", true),
+            ("datasets/uploading/a.jpg", false),
+            ("models/unrecorded/model.bpk", true),
+            ("runs/ended/warmup-head.bpk", true),
+        ] {
+            put(key, old);
+        }
+        let known = db::datasets::ids(&db).await.unwrap();
+        clear_orphan_objects(&db, &objects, &known).await.unwrap();
+        let left = |key: &str| shared.path().join(key).exists();
+        assert!(left("datasets/kept/a.jpg"), "a dataset with its row stays");
+        assert!(left("datasets/uploading/a.jpg"), "a young upload stays");
+        assert!(!left("datasets/orphan/a.jpg"));
+        assert!(!left("models/unrecorded/model.bpk"));
+        assert!(!left("runs/ended/warmup-head.bpk"));
+
+        // With no dataset rows at all (a wrong database?), nothing is touched.
+        put("datasets/orphan/a.jpg", true);
+        clear_orphan_objects(&db, &objects, &[]).await.unwrap();
+        assert!(left("datasets/orphan/a.jpg"));
     }
 }

@@ -293,6 +293,8 @@ pub async fn upload(
     // The folder gets its final name before the rows commit; a crash in between leaves an
     // orphan folder that start-up removes, never a row without its files.
     let dir = state.storage.dataset(&id);
+    // Out of the cache's evictions from the moment it has its name until it is stored.
+    let _kept = state.objects.keep(Kind::Dataset, &id);
     let (from, to) = (staging.clone(), dir.clone());
     let moved = tokio::task::spawn_blocking(move || crate::durable::rename(&from, &to))
         .await
@@ -302,7 +304,6 @@ pub async fn upload(
         return Err(ApiError::internal("moving an upload into place", e));
     }
     // With a shared object store the files are there before any row names them.
-    let _kept = state.objects.keep(Kind::Dataset, &id);
     if let Err(e) = state.objects.publish_dataset(&id).await {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e.into());

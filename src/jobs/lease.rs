@@ -43,9 +43,30 @@ impl Held {
             let mut beat = tokio::time::interval(heartbeat_every(lease));
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             beat.tick().await; // the first tick is now, and the claim just set the lease
+            let mut renewed = tokio::time::Instant::now();
             loop {
                 beat.tick().await;
-                match queue::heartbeat(&db, &id, &worker, lease).await {
+                // Cut off from the database for a whole lease, the run must be presumed
+                // reaped and taken by another worker.
+                if renewed.elapsed() >= lease {
+                    tracing::warn!(run_id = %id, "the lease could not be renewed for its whole \
+                        length; presumed lost: stopping the run and writing nothing more");
+                    flag.store(true, Ordering::SeqCst);
+                    cancel.cancel();
+                    return;
+                }
+                let answer = tokio::time::timeout(
+                    heartbeat_every(lease),
+                    queue::heartbeat(&db, &id, &worker, lease),
+                );
+                let Ok(answer) = answer.await else {
+                    tracing::warn!(run_id = %id, "renewing the run's lease timed out");
+                    continue;
+                };
+                if matches!(answer, Ok(Lease::Held { .. })) {
+                    renewed = tokio::time::Instant::now();
+                }
+                match answer {
                     Ok(Lease::Held { cancel: true }) => cancel.cancel(),
                     Ok(Lease::Held { cancel: false }) => {}
                     Ok(Lease::Lost) => {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::compute::{Failure, Finished};
+use super::lease::Held;
 use super::worker::WorkerContext;
 use crate::db::queue::{self, Guard};
 use crate::db::status::{RunStatus, restart_from};
@@ -22,21 +23,21 @@ const RECORD_ATTEMPTS: u32 = 6;
 pub(super) async fn succeeded(
     ctx: &WorkerContext,
     me: &str,
-    id: &str,
+    claim: (&str, i64),
     dataset_id: Option<&str>,
     done: &Finished,
+    held: &Held,
 ) -> anyhow::Result<()> {
-    // Stored before the row that points at it; kept in the cache while it is published.
-    let _kept = ctx.objects.keep(Kind::Model, id);
+    let id = claim.0;
+    // Stored before the row that points at it, under the run's name: only while the run is
+    // ours. (The worker keeps the folder out of the cache's evictions until then.)
+    if held.lost() {
+        return Ok(());
+    }
     if let Err(e) = ctx.objects.publish_model(id).await {
         tracing::warn!(error = %e, "could not store the model");
-        return back_to_queue(
-            ctx,
-            me,
-            id,
-            "the object store failed while storing the model",
-        )
-        .await;
+        let why = "the object store failed while storing the model";
+        return back_to_queue(ctx, me, claim, why).await;
     }
     let success = Success {
         run_id: id,
@@ -53,8 +54,8 @@ pub(super) async fn succeeded(
         match db::models::record_success(&ctx.db, &success, me).await {
             Ok(recorded) => break recorded,
             Err(e) if attempt == RECORD_ATTEMPTS => {
-                // No row will ever point at the model: do not leave it behind.
-                forget(ctx, Kind::Model, id).await;
+                // The stored model stays: whether the run is still ours cannot be known
+                // without the database, and start-up sweeps away a model no row names.
                 return Err(e.into());
             }
             Err(e) => {
@@ -128,14 +129,23 @@ pub(super) async fn fail(
 /// does not claim it straight back while the store is still down.
 pub(super) const STORE_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Claims after which a run the object store keeps failing fails instead of going back.
+const STORE_ATTEMPTS: i64 = 5;
+
 /// The object store cannot be reached: the run goes back to the queue (after its warm-up if
-/// the checkpoint is stored) rather than failing, and the worker pauses.
+/// the checkpoint is stored) rather than failing, and the worker pauses; after
+/// [`STORE_ATTEMPTS`] claims it fails. `claim` is the run's id and its claim count.
 pub(super) async fn back_to_queue(
     ctx: &WorkerContext,
     me: &str,
-    id: &str,
+    claim: (&str, i64),
     why: &str,
 ) -> anyhow::Result<()> {
+    let (id, attempts) = claim;
+    if attempts >= STORE_ATTEMPTS {
+        let message = format!("{why} ({attempts} attempts)");
+        return fail(ctx, me, id, &Failure::plain(message)).await;
+    }
     requeue(ctx, me, id, why).await?;
     tokio::time::sleep(STORE_BACKOFF).await;
     Ok(())

@@ -179,7 +179,10 @@ async fn load_dataset(
         .objects
         .fetch_dataset(dataset_id, &names)
         .await
-        .map_err(Loading::Store)?;
+        .map_err(|e| match e {
+            e if e.is_outage() => Loading::Store(e),
+            e => Loading::Failed(Failure::internal("fetching the dataset", e)),
+        })?;
     let samples = files
         .into_iter()
         .map(|f| Sample {
@@ -217,7 +220,7 @@ async fn execute(
         Err(Loading::Store(e)) => {
             tracing::warn!(error = %e, "could not fetch the dataset");
             let why = "the object store failed while fetching the dataset";
-            return outcome::back_to_queue(ctx, me, &id, why).await;
+            return outcome::back_to_queue(ctx, me, (&id, run.attempts), why).await;
         }
     };
 
@@ -231,7 +234,7 @@ async fn execute(
         Err(e) => {
             tracing::warn!(error = %e, "could not fetch the warm-up checkpoint");
             let why = "the object store failed while fetching the checkpoint";
-            return outcome::back_to_queue(ctx, me, &id, why).await;
+            return outcome::back_to_queue(ctx, me, (&id, run.attempts), why).await;
         }
     };
     let resume = resumes_after_warmup(&before.phase_states(), stored);
@@ -264,6 +267,8 @@ async fn execute(
     if crate::db::cancel::cancel_requested(&ctx.db, &id).await? {
         cancel.cancel();
     }
+    // The model folder the compute writes stays out of the cache's evictions until stored.
+    let _model_kept = ctx.objects.keep(crate::objects::Kind::Model, &id);
     let (tx, mut rx) = mpsc::unbounded_channel::<TrainEvent>();
     let compute = {
         let ctx = ctx.clone();
@@ -317,7 +322,10 @@ async fn execute(
         return Ok(());
     }
     match result {
-        Ok(Ok(done)) => outcome::succeeded(ctx, me, &id, run.dataset_id.as_deref(), &done).await,
+        Ok(Ok(done)) => {
+            let claim = (id.as_str(), run.attempts);
+            outcome::succeeded(ctx, me, claim, run.dataset_id.as_deref(), &done, held).await
+        }
         Ok(Err(Stopped::Cancelled)) => outcome::stopped(ctx, me, &id, stopping_for_shutdown).await,
         Ok(Err(Stopped::Failed(f))) => outcome::fail(ctx, me, &id, &f).await,
         Err(join) => {

@@ -42,6 +42,15 @@ pub enum ObjectError {
     Io(#[from] std::io::Error),
 }
 
+impl ObjectError {
+    /// The store could not be reached or refused for now (worth waiting for), as opposed to
+    /// an object that is not there or a local disk problem.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, ObjectError::Store { source, .. }
+            if !matches!(source, object_store::Error::NotFound { .. }))
+    }
+}
+
 /// The data directory, and the shared store when there is one. Cheap to clone.
 #[derive(Clone)]
 pub struct Objects {
@@ -156,6 +165,7 @@ impl Objects {
             .map(|name| (format!("datasets/{id}/{name}"), dir.join(name)))
             .filter(|(_, path)| !path.is_file())
             .collect();
+        let fetched = missing.len();
         futures_util::stream::iter(missing)
             .map(|(key, path)| {
                 let (remote, storage) = (remote.clone(), self.storage.clone());
@@ -164,7 +174,9 @@ impl Objects {
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<_>>()
             .await?;
-        self.trim().await;
+        if fetched > 0 {
+            self.trim().await;
+        }
         Ok(Some(pin))
     }
 
@@ -264,10 +276,11 @@ impl Objects {
         Ok(())
     }
 
-    /// Ids under `datasets/` in the store older than `age` (orphans are then those no
-    /// database row names); empty without a store.
-    pub async fn stored_datasets(
+    /// Ids of the folders under `what`'s prefix in the store whose newest object is older
+    /// than `age` (orphans are then those no database row names); empty without a store.
+    pub async fn stored(
         &self,
+        what: Kind,
         age: std::time::Duration,
     ) -> Result<Vec<String>, ObjectError> {
         let Some(remote) = &self.remote else {
@@ -276,7 +289,7 @@ impl Objects {
         let cutoff = crate::db::now_millis() - age.as_millis() as i64;
         let listed = remote
             .store
-            .list_with_delimiter(Some(&remote.key("datasets")))
+            .list_with_delimiter(Some(&remote.key(what.folder())))
             .await
             .map_err(|e| remote.failed(e))?;
         let mut ids = Vec::new();
