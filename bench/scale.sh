@@ -22,7 +22,10 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 PIDS=()
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 cleanup() {
+    # weed mini does not exit on SIGTERM: SIGKILL after a moment.
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 2
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
