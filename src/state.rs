@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::config::Settings;
 use crate::db::{self, Db};
 use crate::jobs::inference::Inference;
-use crate::jobs::{Jobs, WorkerContext, reap, spawn_workers};
+use crate::jobs::{Jobs, WorkerContext, reap, spawn_reaper, spawn_workers};
 use crate::ml::backbone::Backbone;
 use crate::ml::backbones::Backbones;
 use crate::ml::device;
@@ -50,6 +50,7 @@ pub struct AppState {
 /// A started service: its state and its background tasks.
 pub struct Service {
     pub state: AppState,
+    /// The training workers and the lease reaper: awaited at shutdown.
     pub workers: Vec<JoinHandle<()>>,
 }
 
@@ -107,7 +108,7 @@ impl Service {
             settings.predict_batch,
             settings.predict_queue,
         );
-        let workers = spawn_workers(
+        let mut workers = spawn_workers(
             WorkerContext {
                 db: pool.clone(),
                 objects: objects.clone(),
@@ -121,6 +122,14 @@ impl Service {
             settings.workers,
             shutdown.clone(),
         );
+        // Every process, API replicas included, reaps lapsed leases: a run whose worker died
+        // is back in the queue within a lease and REAP_EVERY, even if every worker is busy.
+        workers.push(spawn_reaper(
+            pool.clone(),
+            objects.clone(),
+            jobs.clone(),
+            shutdown.clone(),
+        ));
         let state = AppState {
             db: pool,
             objects,

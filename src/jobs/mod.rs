@@ -24,7 +24,7 @@ use crate::db::status::RunStatus;
 use crate::ml::events::Cancel;
 
 pub use self::events::RunEvent;
-pub use self::recovery::{MAX_LAPSES, reap};
+pub use self::recovery::{MAX_LAPSES, REAP_EVERY, reap, spawn_reaper};
 pub use self::worker::{WorkerContext, process_name, spawn_workers};
 
 /// Handle to the training queue, cloned into every handler.

@@ -1,7 +1,8 @@
 //! Runs whose worker died: a `running` run whose lease lapsed goes back to the queue, after
 //! its warm-up when that finished and its checkpoint is stored, from the start otherwise;
 //! at its [`MAX_LAPSES`]th lapse it fails with a message saying so (a graceful stop, which
-//! re-queues the run itself, is not a lapse). Every worker reaps now
+//! re-queues the run itself, is not a lapse). Every process reaps at start-up and then
+//! every [`REAP_EVERY`] ([`spawn_reaper`]), whatever its role and however busy its workers. Every worker reaps now
 //! and then, and every process at start-up; runs that live workers hold (their leases
 //! renewed) are never touched, so any number of processes can share the queue.
 
@@ -10,6 +11,34 @@ use crate::db::queue::{self, Guard};
 use crate::db::status::{RunStatus, restart_from};
 use crate::db::{self, Db};
 use crate::objects::Objects;
+
+/// How often every process looks for lapsed leases. Leases are compared on the database's
+/// clock, so processes with different `--lease-seconds` agree on which have lapsed.
+pub const REAP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reaps every [`REAP_EVERY`] until `shutdown`.
+pub fn spawn_reaper(
+    db: Db,
+    objects: Objects,
+    jobs: Jobs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REAP_EVERY) => {}
+            }
+            match reap(&db, &objects, &jobs).await {
+                Ok((0, 0)) => {}
+                Ok((requeued, failed)) => {
+                    tracing::warn!(requeued, failed, "reaped runs whose worker stopped")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not look for lapsed leases"),
+            }
+        }
+    })
+}
 
 /// Lease lapses a run may have: at the last one it fails instead of going back to the queue.
 pub const MAX_LAPSES: i64 = 3;

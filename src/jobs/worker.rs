@@ -1,7 +1,7 @@
 //! The training workers: each claims the oldest queued run under a lease (renewed by
 //! `jobs::lease` for as long as it holds the run), trains it on a blocking thread, turns the
 //! trainer's events into rows and live events (`jobs::record`), and ends it
-//! (`jobs::outcome`). Between runs a worker also reaps runs whose lease lapsed.
+//! (`jobs::outcome`). Runs whose lease lapsed are reaped by `jobs::recovery`.
 
 use std::time::{Duration, Instant};
 
@@ -76,26 +76,8 @@ pub fn process_name() -> String {
     format!("{host}-{}-{tag}", std::process::id())
 }
 
-/// How often a worker between runs looks for runs whose lease lapsed: every half lease, at
-/// least every 5 s (other processes' leases may be shorter than this one's). A worker busy
-/// with a run does not reap; another idle one, or this one once done, does.
-fn reap_every(lease: Duration) -> Duration {
-    (lease / 2).min(Duration::from_secs(5))
-}
-
 async fn work(ctx: &WorkerContext, me: &str, shutdown: &CancellationToken) {
-    let mut next_reap = Instant::now();
     while !shutdown.is_cancelled() {
-        if Instant::now() >= next_reap {
-            next_reap = Instant::now() + reap_every(ctx.lease);
-            match super::reap(&ctx.db, &ctx.objects, &ctx.jobs).await {
-                Ok((0, 0)) => {}
-                Ok((requeued, failed)) => {
-                    tracing::warn!(requeued, failed, "reaped runs whose worker stopped")
-                }
-                Err(e) => tracing::warn!(error = %e, "could not look for lapsed leases"),
-            }
-        }
         let claimed = match queue::claim_next(&ctx.db, me, ctx.lease).await {
             Ok(c) => c,
             Err(e) => {
