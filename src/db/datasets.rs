@@ -149,14 +149,7 @@ pub async fn insert(
 
 pub async fn list(db: &Db, page: &super::Page) -> Result<Vec<Dataset>, sqlx::Error> {
     let sql = format!("SELECT * FROM datasets WHERE {}", super::Page::clause(1));
-    let rows: Vec<DatasetRow> = on_pool!(db, pool => {
-        sqlx::query_as(&sql)
-            .bind(page.time())
-            .bind(page.id())
-            .bind(page.limit())
-            .fetch_all(pool)
-            .await
-    })?;
+    let rows: Vec<DatasetRow> = page.rows(db, &sql).await?;
     rows.into_iter().map(DatasetRow::into_dataset).collect()
 }
 

@@ -140,31 +140,31 @@ pub fn is_postgres(url: &str) -> bool {
 /// Opens the database (creating a SQLite file if needed) and applies pending migrations.
 pub async fn connect(url: &str) -> Result<Db, ConnectError> {
     let shown = redacted(url);
+    let bad_url = |source| ConnectError::Url {
+        url: shown.clone(),
+        source,
+    };
+    let unreachable = |source| ConnectError::Unreachable {
+        url: shown.clone(),
+        source,
+    };
+    let migrate = |source| ConnectError::Migrate {
+        url: shown.clone(),
+        source,
+    };
     if is_postgres(url) {
-        let options = PgConnectOptions::from_str(url).map_err(|source| ConnectError::Url {
-            url: shown.clone(),
-            source,
-        })?;
+        let options = PgConnectOptions::from_str(url).map_err(bad_url)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|source| ConnectError::Unreachable {
-                url: shown.clone(),
-                source,
-            })?;
-        POSTGRES_MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|source| ConnectError::Migrate { url: shown, source })?;
+            .map_err(unreachable)?;
+        POSTGRES_MIGRATOR.run(&pool).await.map_err(migrate)?;
         return Ok(Db::Postgres(pool));
     }
     let options = SqliteConnectOptions::from_str(url)
-        .map_err(|source| ConnectError::Url {
-            url: shown.clone(),
-            source,
-        })?
+        .map_err(bad_url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
@@ -174,14 +174,8 @@ pub async fn connect(url: &str) -> Result<Db, ConnectError> {
         .max_connections(8)
         .connect_with(options)
         .await
-        .map_err(|source| ConnectError::Unreachable {
-            url: shown.clone(),
-            source,
-        })?;
-    SQLITE_MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| ConnectError::Migrate { url: shown, source })?;
+        .map_err(unreachable)?;
+    SQLITE_MIGRATOR.run(&pool).await.map_err(migrate)?;
     Ok(Db::Sqlite(pool))
 }
 
@@ -230,6 +224,24 @@ impl Page {
             "(${t} IS NULL OR (created_at, id) < (${t}, ${i})) \
              ORDER BY created_at DESC, id DESC LIMIT ${l}"
         )
+    }
+
+    /// The rows of `sql`, which ends in [`Page::clause`]`(1)` (its only parameters).
+    async fn rows<R>(&self, db: &Db, sql: &str) -> Result<Vec<R>, sqlx::Error>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin,
+    {
+        on_pool!(db, pool => {
+            sqlx::query_as(sql)
+                .bind(self.time())
+                .bind(self.id())
+                .bind(self.limit())
+                .fetch_all(pool)
+                .await
+        })
     }
 
     fn time(&self) -> Option<&str> {

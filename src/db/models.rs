@@ -127,14 +127,7 @@ pub async fn record_success(db: &Db, s: &Success<'_>, worker: &str) -> Result<bo
 
 pub async fn list(db: &Db, page: &super::Page) -> Result<Vec<Model>, sqlx::Error> {
     let sql = select(&format!("WHERE {}", super::Page::clause(1)));
-    let rows: Vec<ModelRow> = on_pool!(db, pool => {
-        sqlx::query_as(&sql)
-            .bind(page.time())
-            .bind(page.id())
-            .bind(page.limit())
-            .fetch_all(pool)
-            .await
-    })?;
+    let rows: Vec<ModelRow> = page.rows(db, &sql).await?;
     rows.into_iter().map(ModelRow::into_model).collect()
 }
 
