@@ -15,7 +15,7 @@ use crate::ml::backbone::Backbone;
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
 use crate::ml::evaluate::argmax;
 use crate::ml::events::{Cancel, Stage, TrainEvent};
-use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, train, weights};
+use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, ood, train, weights};
 
 /// transferd: turn a folder of labelled photos into an image classifier by transfer learning.
 #[derive(Debug, Parser)]
@@ -102,6 +102,24 @@ pub enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Write a trained model as a file to run elsewhere: ONNX (the whole network, softmax
+    /// included) or safetensors (the weights, with the config JSON).
+    Export {
+        /// Model directory written by `train` (or a service's `models/<id>`).
+        #[arg(long)]
+        model: PathBuf,
+        /// `onnx` or `safetensors`.
+        #[arg(long, default_value = "onnx", value_parser = parse_export_format)]
+        format: crate::ml::export::ExportFormat,
+        /// File to write (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_export_format(s: &str) -> Result<crate::ml::export::ExportFormat, String> {
+    s.parse()
+        .map_err(|e: crate::ml::export::UnknownFormat| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +208,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             images,
             device: d,
         } => predict(&model, &images, &d),
+        Command::Export { model, format, out } => {
+            let started = std::time::Instant::now();
+            let bytes = crate::ml::export::export_dir(&model, format)
+                .with_context(|| format!("exporting {}", model.display()))?;
+            let tmp = out.with_extension("partial");
+            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            crate::durable::rename(&tmp, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println_json(
+                json!({"out": out, "format": format.name(), "bytes": bytes.len(),
+                "seconds": started.elapsed().as_secs_f64()}),
+            )
+        }
     }
 }
 
@@ -396,9 +427,12 @@ fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<(
                     let probabilities: serde_json::Map<String, serde_json::Value> = classes
                         .iter()
                         .cloned()
-                        .zip(p.iter().map(|&v| json!(v)))
+                        .zip(p.probabilities.iter().map(|&v| json!(v)))
                         .collect();
-                    json!({"image": image, "label": classes[argmax(&p)], "probabilities": probabilities})
+                    let unknown = p.ood.is_some_and(|(s, t)| ood::is_unknown(s, t));
+                    let label = (!unknown).then(|| &classes[argmax(&p.probabilities)]);
+                    json!({"image": image, "label": label, "unknown": unknown,
+                        "ood_score": p.ood.map(|o| o.0), "probabilities": probabilities})
                 }
             },
         };

@@ -281,7 +281,7 @@ mod tests {
             warnings: Vec::new(),
             dir: ".".into(),
         };
-        db::datasets::insert(&db, "kept", "kept", &ingested)
+        db::datasets::insert(&db, "kept", "kept", &ingested, None)
             .await
             .unwrap();
         let (cache, shared) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

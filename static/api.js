@@ -129,3 +129,20 @@ export async function imageUrl(path) {
   if (!res.ok) throw new ApiError(res.status, null);
   return URL.createObjectURL(await res.blob());
 }
+
+/** The file name a `Content-Disposition` header gives (`filename*=UTF-8''…` or `filename="…"`). */
+function attachmentName(disposition) {
+  if (!disposition) return null;
+  const star = disposition.match(/filename\*\s*=\s*[\w-]+'[^']*'([^;]+)/i);
+  if (star) { try { return decodeURIComponent(star[1].trim()); } catch { /* fall back to filename= */ } }
+  const plain = disposition.match(/filename\s*=\s*(?:"([^"]*)"|([^;]+))/i);
+  return plain ? (plain[1] ?? plain[2]).trim() || null : null;
+}
+
+/** A download the API serves (fetched with the key): `{ blob, filename }`, the name from
+ *  `Content-Disposition` (null when it gives none). */
+export async function download(path) {
+  const res = await send(path);
+  if (!res.ok) return parse(res);
+  return { blob: await res.blob(), filename: attachmentName(res.headers.get('Content-Disposition')) };
+}

@@ -1,6 +1,7 @@
 //! The web page in a real headless Chromium (`tests/browser/e2e.mjs`, playwright-core): upload,
-//! train, follow, evaluation, predict, phone width, no console errors. Screenshots of each
-//! step go to `target/browser-screenshots/`.
+//! train, follow, evaluation, the dataset audit and a corrected dataset version, predict (a
+//! foreign image is "none of the classes"), phone width, no console errors. Screenshots of
+//! each step go to `target/browser-screenshots/`.
 //!
 //! It needs Node.js, Debian's `chromium` and `npm ci --prefix tests/browser`, so it is
 //! `#[ignore]`d: a plain `cargo test` lists it as ignored rather than passing it silently.
@@ -38,18 +39,31 @@ fn web_page_end_to_end_in_headless_chromium() {
         missing.join(", ")
     );
     let work = tempfile::tempdir().unwrap();
+    // The pets plus a re-encoded copy of a cat filed under dog: the audit must find it.
     let zip = work.path().join("pets.zip");
-    std::fs::write(&zip, common::pets_zip()).unwrap();
+    std::fs::write(&zip, common::pets_zip_with_near_duplicate()).unwrap();
+    // A flat pattern (vertical stripes of two flat colours) that looks like neither class.
+    let foreign = work.path().join("foreign.png");
+    image::RgbImage::from_fn(224, 224, |x, _| {
+        if (x / 28) % 2 == 0 {
+            image::Rgb([220, 40, 40])
+        } else {
+            image::Rgb([30, 70, 200])
+        }
+    })
+    .save(&foreign)
+    .unwrap();
     let out = Command::new("node")
         .arg(root.join("tests/browser/e2e.mjs"))
         .env("TRANSFERD_BIN", env!("CARGO_BIN_EXE_transferd"))
         .env("TRANSFERD_WEIGHTS", common::weights_path())
-        // The page's default backbone is `auto`, which picks Lite1 for the 24 fixture photos.
+        // The page's default backbone is `auto`, which picks Lite1 for the 25 fixture photos.
         .env(
             "TRANSFERD_WEIGHTS_LITE1",
             common::weights_of(transferd::ml::backbone::Backbone::Lite1),
         )
         .env("PETS_ZIP", &zip)
+        .env("FOREIGN", &foreign)
         .env("SAMPLES", common::fixtures().join("samples"))
         .env("STATIC_DIR", root.join("static"))
         .env("SCREENSHOTS", root.join("target/browser-screenshots"))

@@ -41,11 +41,11 @@ async fn every_table_reads_back_what_was_written() {
     let (_pg, db) = fresh().await;
     assert_eq!(db.engine(), "postgres");
     db.ping().await.unwrap();
-    let d = db::datasets::insert(&db, "d1", "pets", &two_classes())
+    let d = db::datasets::insert(&db, "d1", "pets", &two_classes(), None)
         .await
         .unwrap();
     assert_eq!((d.name.as_str(), d.total_images), ("pets", 0));
-    db::datasets::insert(&db, "d2", "more", &two_classes())
+    db::datasets::insert(&db, "d2", "more", &two_classes(), None)
         .await
         .unwrap();
     let first = db::datasets::list(
@@ -216,7 +216,7 @@ async fn every_table_reads_back_what_was_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_workers_never_claim_the_same_run() {
     let (_pg, db) = fresh().await;
-    db::datasets::insert(&db, "d", "d", &two_classes())
+    db::datasets::insert(&db, "d", "d", &two_classes(), None)
         .await
         .unwrap();
     let runs = 60;
@@ -258,7 +258,7 @@ async fn racing_workers_never_claim_the_same_run() {
 #[tokio::test]
 async fn a_lapsed_lease_is_lost_and_the_run_queued_again() {
     let (_pg, db) = fresh().await;
-    db::datasets::insert(&db, "d", "d", &two_classes())
+    db::datasets::insert(&db, "d", "d", &two_classes(), None)
         .await
         .unwrap();
     db::runs::create(&db, "r", "d", &TrainConfig::default())

@@ -74,6 +74,22 @@ pub async fn write_chunk(
 }
 
 /// Parses JSON; a mistake comes back as a 422 naming its field (`config.finetune.epochs`).
+/// A JSON request body of at most `limit` bytes. Only `application/json` is taken: a form
+/// or a `no-cors` fetch cannot send that type, which keeps other sites out too.
+pub async fn json_request<T: DeserializeOwned>(
+    request: axum::extract::Request,
+    limit: u64,
+    what: &str,
+) -> Result<T, ApiError> {
+    if media_type(request.headers()).as_deref() != Some("application/json") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send {what} as JSON, with Content-Type: application/json"
+        )));
+    }
+    let bytes = read_limited(request.into_body(), limit, what).await?;
+    parse_json(&bytes)
+}
+
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::BadRequest(

@@ -45,7 +45,7 @@ pub struct UploadQuery {
     pub name: Option<String>,
 }
 
-const MAX_NAME: usize = 200;
+pub(super) const MAX_NAME: usize = 200;
 /// Bytes the multipart `name` field may carry (read no further).
 const MAX_NAME_FIELD: usize = 1024;
 
@@ -290,12 +290,26 @@ pub async fn upload(
             return Err(e.into());
         }
     };
+    let dataset = store(&state, &id, &name, &staging, &ingested, None).await?;
+    Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+/// Moves a checked dataset folder (`staging`) into place, publishes it to the object store
+/// and records its rows; on failure nothing of it is left behind.
+pub(super) async fn store(
+    state: &AppState,
+    id: &str,
+    name: &str,
+    staging: &std::path::Path,
+    ingested: &crate::ingest::Ingested,
+    origin: Option<&db::datasets::Origin>,
+) -> Result<Dataset, ApiError> {
     // The folder gets its final name before the rows commit; a crash in between leaves an
     // orphan folder that start-up removes, never a row without its files.
-    let dir = state.storage.dataset(&id);
+    let dir = state.storage.dataset(id);
     // Out of the cache's evictions from the moment it has its name until it is stored.
-    let _kept = state.objects.keep(Kind::Dataset, &id);
-    let (from, to) = (staging.clone(), dir.clone());
+    let _kept = state.objects.keep(Kind::Dataset, id);
+    let (from, to) = (staging.to_path_buf(), dir.clone());
     let moved = tokio::task::spawn_blocking(move || crate::durable::rename(&from, &to))
         .await
         .map_err(|e| ApiError::internal("moving an upload into place", e))?;
@@ -304,18 +318,18 @@ pub async fn upload(
         return Err(ApiError::internal("moving an upload into place", e));
     }
     // With a shared object store the files are there before any row names them.
-    if let Err(e) = state.objects.publish_dataset(&id).await {
+    if let Err(e) = state.objects.publish_dataset(id).await {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         return Err(e.into());
     }
-    match db::datasets::insert(&state.db, &id, &name, &ingested).await {
+    match db::datasets::insert(&state.db, id, name, ingested, origin).await {
         Ok(dataset) => {
             tracing::info!(dataset_id = %id, images = dataset.total_images,
                 skipped = dataset.skipped.len(), "dataset stored");
-            Ok((StatusCode::CREATED, Json(dataset)))
+            Ok(dataset)
         }
         Err(e) => {
-            if let Err(cleanup) = state.objects.remove(Kind::Dataset, &id).await {
+            if let Err(cleanup) = state.objects.remove(Kind::Dataset, id).await {
                 tracing::warn!(dataset_id = %id, error = %cleanup, "could not remove an unrecorded upload");
             }
             Err(e.into())

@@ -2,17 +2,21 @@
 //! Every handler answers JSON; errors are [`crate::error::ApiError`].
 
 pub mod access;
+pub mod audit;
 mod body;
 pub mod datasets;
 pub mod events;
+pub mod export;
 mod headers;
 pub mod health;
 pub mod models;
 mod origin;
 pub mod page;
+mod photos;
 pub mod predict;
 pub mod runs;
 mod timeout;
+pub mod versions;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -29,9 +33,11 @@ use crate::state::AppState;
     info(title = "transferd", description = "Transfer learning as a service: upload a zip of labelled photos, train, predict."),
     paths(
         datasets::upload, datasets::list, datasets::show, datasets::delete, datasets::file,
+        versions::create,
         runs::create, runs::default_config, runs::list, runs::show, runs::metrics, runs::evaluation, runs::cancel,
+        audit::audit,
         events::events,
-        models::list, models::promote, models::remove,
+        models::list, models::promote, models::remove, export::export_model,
         predict::predict,
         health::healthz, health::readyz,
     ),
@@ -78,11 +84,14 @@ pub fn app(state: AppState) -> Router {
     let writes = Router::new()
         .merge(datasets::writes())
         .merge(runs::writes())
+        .merge(versions::writes())
         .merge(models::writes());
     let reads = Router::new()
         .merge(datasets::reads())
         .merge(runs::reads())
-        .merge(models::reads());
+        .merge(audit::reads())
+        .merge(models::reads())
+        .merge(export::reads());
     // Every route answers within the request timeout, except those that last as long as
     // their data: uploads and the live event stream.
     let timeout =

@@ -14,6 +14,7 @@ use crate::db;
 use crate::error::{ApiError, ErrorBody};
 use crate::jobs::inference::Admitted;
 use crate::ml::evaluate::argmax;
+use crate::ml::ood;
 use crate::ml::preprocess::{self, Preprocessing};
 use crate::state::AppState;
 
@@ -30,6 +31,9 @@ pub struct PredictQuery {
     pub model: Option<String>,
     /// Classes listed in `top_k` (default 5, at most the number of classes).
     pub top_k: Option<usize>,
+    /// Out-of-distribution score above which the answer is "none of the classes"; the
+    /// model's own threshold (calibrated at training) when left out.
+    pub unknown_threshold: Option<f64>,
 }
 
 /// A class and its probability.
@@ -44,8 +48,17 @@ pub struct Scored {
 pub struct ImagePrediction {
     /// The multipart file name, when one was sent.
     pub filename: Option<String>,
-    /// The most probable class.
-    pub label: String,
+    /// The most probable class; `null` when the image looks like none of the classes.
+    pub label: Option<String>,
+    /// True when the out-of-distribution score is above the threshold: the probabilities
+    /// are still listed, but the image is probably none of the classes.
+    pub unknown: bool,
+    /// Distance of the image's features from the nearest class (squared Mahalanobis over
+    /// the feature count); `null` for models trained before it existed.
+    pub ood_score: Option<f64>,
+    /// The threshold the answer used (the request's, else the model's).
+    pub unknown_threshold: Option<f64>,
+    /// Probability of the most probable class.
     pub confidence: f32,
     /// Calibrated probability of every class; they sum to 1.
     pub probabilities: std::collections::BTreeMap<String, f32>,
@@ -156,6 +169,14 @@ pub async fn predict(
     if q.top_k == Some(0) {
         return Err(ApiError::invalid("top_k", "must be at least 1"));
     }
+    if q.unknown_threshold
+        .is_some_and(|t| !t.is_finite() || t < 0.0)
+    {
+        return Err(ApiError::invalid(
+            "unknown_threshold",
+            "must be a finite number, 0 or more",
+        ));
+    }
     let started = std::time::Instant::now();
     // A place in the queue before the body is read: under overload a refusal costs neither
     // the upload's buffering nor a decode.
@@ -214,13 +235,22 @@ pub async fn predict(
     let predictions = probabilities
         .into_iter()
         .zip(names)
-        .map(|(p, filename)| {
+        .map(|(view, filename)| {
+            let p = view.probabilities;
             let best = argmax(&p);
+            let ood_score = view.ood.map(|o| o.0);
+            let threshold = q.unknown_threshold.or(view.ood.map(|o| o.1));
+            let unknown = ood_score
+                .zip(threshold)
+                .is_some_and(|(s, t)| ood::is_unknown(s, t));
             let mut order: Vec<usize> = (0..p.len()).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
             ImagePrediction {
                 filename,
-                label: model.classes[best].clone(),
+                label: (!unknown).then(|| model.classes[best].clone()),
+                unknown,
+                ood_score,
+                unknown_threshold: threshold,
                 confidence: p[best],
                 probabilities: model
                     .classes

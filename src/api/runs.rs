@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::body::{media_type, parse_json, read_limited};
+use super::body::json_request;
 use crate::db::status::RunStatus;
 use crate::db::{self, cancel::CancelOutcome, runs::Run};
 use crate::error::{ApiError, ErrorBody};
@@ -67,14 +67,7 @@ pub async fn create(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<(StatusCode, Json<Run>), ApiError> {
-    // A form or a `no-cors` fetch cannot send this type: it keeps other sites out too.
-    if media_type(request.headers()).as_deref() != Some("application/json") {
-        return Err(ApiError::UnsupportedMediaType(
-            "send the run as JSON, with Content-Type: application/json".into(),
-        ));
-    }
-    let bytes = read_limited(request.into_body(), MAX_BODY, "the run request").await?;
-    let req: CreateRun = parse_json(&bytes)?;
+    let req: CreateRun = json_request(request, MAX_BODY, "the run request").await?;
     req.config
         .validate()
         .map_err(|e| ApiError::invalid(format!("config.{}", e.field), e.message))?;
@@ -219,6 +212,9 @@ pub struct RunEvaluation {
     /// fine-tune kept or not, and why; head penalty; photos the served model saw). Absent
     /// for runs from before it was recorded.
     pub training: Option<TrainingReport>,
+    /// How "unknown" answers are decided: the out-of-distribution method and threshold
+    /// (absent for runs from before they existed).
+    pub ood: Option<crate::ml::ood::OodSummary>,
 }
 
 /// Confusion matrix, per-class precision/recall/F1, calibration and the misclassified images.
@@ -240,24 +236,16 @@ pub async fn evaluation(
         )));
     };
     let eval: Evaluation = db::json(&report)?;
-    let files = match run.dataset_id.as_deref() {
-        Some(d) => db::datasets::files(&state.db, d).await?,
-        None => Vec::new(),
-    };
-    // Images are stored as <sha256>.<format>; the file name finds the row.
-    let by_name: std::collections::HashMap<String, &db::datasets::DatasetFile> =
-        files.iter().map(|f| (f.file_name(), f)).collect();
+    let photos = super::photos::Photos::of(&state.db, run.dataset_id.as_deref()).await?;
     let misclassified = eval
         .misclassified
         .into_iter()
         .map(|m| {
-            let file = std::path::Path::new(&m.path)
-                .file_name()
-                .and_then(|n| by_name.get(n.to_string_lossy().as_ref()).copied());
+            let link = photos.link(&m.path);
             MisclassifiedImage {
-                file_id: file.map(|f| f.id),
-                image_url: file.map(|f| format!("/api/datasets/{}/files/{}", f.dataset_id, f.id)),
-                original_name: file.map(|f| f.original_name.clone()),
+                file_id: link.as_ref().map(|l| l.file_id),
+                original_name: link.as_ref().map(|l| l.original_name.clone()),
+                image_url: link.map(|l| l.image_url),
                 true_label: m.true_label,
                 predicted: m.predicted,
                 probabilities: m.probabilities,
@@ -273,6 +261,7 @@ pub async fn evaluation(
         calibration: eval.calibration,
         misclassified,
         training: eval.training,
+        ood: eval.ood,
     }))
 }
 

@@ -54,7 +54,7 @@ async fn round(
         warnings: Vec::new(),
         dir: ".".into(),
     };
-    db::datasets::insert(db, "bench", "bench", &ingested).await?;
+    db::datasets::insert(db, "bench", "bench", &ingested, None).await?;
     let config = TrainConfig::default();
     for i in 0..runs {
         db::runs::create(db, &format!("run-{i:06}"), "bench", &config).await?;

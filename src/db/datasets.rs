@@ -28,8 +28,20 @@ pub struct Dataset {
     /// them).
     pub skipped: Vec<Skipped>,
     pub warnings: Vec<String>,
+    /// For a version made from another dataset: which, and what changed.
+    pub origin: Option<Origin>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Where a dataset version came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Origin {
+    pub parent_id: String,
+    /// Images of the parent left out.
+    pub excluded: usize,
+    /// Images filed under another class than in the parent.
+    pub relabelled: usize,
 }
 
 /// The `report` column.
@@ -38,6 +50,8 @@ struct Report {
     counts: Vec<usize>,
     skipped: Vec<Skipped>,
     warnings: Vec<String>,
+    #[serde(default)]
+    origin: Option<Origin>,
 }
 
 #[derive(FromRow)]
@@ -67,6 +81,7 @@ impl DatasetRow {
             skipped_count: report.skipped.len(),
             skipped: report.skipped,
             warnings: report.warnings,
+            origin: report.origin,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -100,11 +115,13 @@ pub async fn insert(
     id: &str,
     name: &str,
     ingested: &Ingested,
+    origin: Option<&Origin>,
 ) -> Result<Dataset, sqlx::Error> {
     let report = Report {
         counts: ingested.dataset().counts(),
         skipped: ingested.skipped.clone(),
         warnings: ingested.warnings.clone(),
+        origin: origin.cloned(),
     };
     let time = now();
     let mut tx = super::write(db).await?;

@@ -230,7 +230,7 @@ mod tests {
             warnings: Vec::new(),
             dir: ".".into(),
         };
-        crate::db::datasets::insert(&pool, "d", "d", &ingested)
+        crate::db::datasets::insert(&pool, "d", "d", &ingested, None)
             .await
             .unwrap();
         assert!(default_model(&pool).await.unwrap().is_none());

@@ -9,11 +9,13 @@ mod folder;
 mod layout;
 mod names;
 mod pipeline;
+mod version;
 mod zip;
 
 use std::path::PathBuf;
 
 pub use self::folder::{Staged, ingest_folder, stage_folder};
+pub use self::version::{Kept, derive_version};
 pub use self::zip::ingest_zip;
 pub use crate::ml::data::Skipped;
 

@@ -183,6 +183,13 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// The stored format name of a format name read back from the database.
+pub(super) fn known_format(name: &str) -> Option<&'static str> {
+    ["jpeg", "png", "webp", "gif", "bmp"]
+        .into_iter()
+        .find(|f| *f == name)
+}
+
 fn format_name(format: ImageFormat) -> &'static str {
     match format {
         ImageFormat::Jpeg => "jpeg",
@@ -254,7 +261,7 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), IngestError>
 }
 
 /// Class list, the per-class minimum, and the warnings.
-fn finish(mut out: Ingested, limits: &Limits) -> Result<Ingested, IngestError> {
+pub(super) fn finish(mut out: Ingested, limits: &Limits) -> Result<Ingested, IngestError> {
     let mut classes: Vec<String> = out.images.iter().map(|i| i.class.clone()).collect();
     classes.sort();
     classes.dedup();

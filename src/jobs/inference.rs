@@ -14,14 +14,14 @@ use std::sync::{Arc, mpsc};
 use burn::prelude::Device;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::ml::infer::Predictor;
+use crate::ml::infer::{Predictor, ViewPrediction};
 
 /// One request: preprocessed views for one model.
 struct Job {
     model_id: String,
     dir: PathBuf,
     views: Vec<Vec<f32>>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+    reply: oneshot::Sender<Result<Vec<ViewPrediction>, String>>,
     /// The request's place in the queue, given back when it is answered.
     _admitted: Admitted,
 }
@@ -189,14 +189,15 @@ impl Inference {
         self.queue.queued()
     }
 
-    /// Calibrated probabilities of `views` under the model in `dir`.
+    /// Calibrated probabilities (and out-of-distribution scores) of `views` under the model in
+    /// `dir`.
     pub async fn predict(
         &self,
         admitted: Admitted,
         model_id: &str,
         dir: PathBuf,
         views: Vec<Vec<f32>>,
-    ) -> Result<Vec<Vec<f32>>, InferenceError> {
+    ) -> Result<Vec<ViewPrediction>, InferenceError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Message::Predict(Job {
@@ -306,7 +307,7 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
         views.append(&mut job.views);
         waiting.push_back((job, n));
     }
-    let mut done: VecDeque<Vec<f32>> = VecDeque::with_capacity(views.len());
+    let mut done: VecDeque<ViewPrediction> = VecDeque::with_capacity(views.len());
     for pass in forward_passes(views.len(), max_batch) {
         metrics::histogram!("transferd_predict_batch_size").record(pass.len() as f64);
         // A panic in a forward pass fails this batch's requests, not every later one.
@@ -335,7 +336,7 @@ fn run_batch(cache: &mut Cache, device: &Device, jobs: Vec<Job>, max_batch: usiz
 
 /// Frees the job's queue places, then replies (so a requester that has its answer sees
 /// its places given back). A requester that gave up is not an error.
-fn answer(job: Job, result: Result<Vec<Vec<f32>>, String>) {
+fn answer(job: Job, result: Result<Vec<ViewPrediction>, String>) {
     let Job {
         reply, _admitted, ..
     } = job;

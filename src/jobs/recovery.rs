@@ -111,7 +111,7 @@ mod tests {
             warnings: Vec::new(),
             dir: dir.path().into(),
         };
-        db::datasets::insert(&db, "d", "d", &ingested)
+        db::datasets::insert(&db, "d", "d", &ingested, None)
             .await
             .unwrap();
         (db, dir, storage, objects)

@@ -15,6 +15,7 @@ use super::config::TrainConfig;
 use super::evaluate::Evaluation;
 use super::events::{EpochMetrics, PhaseSummary};
 use super::head::{TransferModel, TransferModelConfig};
+use super::ood::{Gaussians, OodSummary};
 use super::preprocess::Preprocessing;
 use super::train::TrainOutcome;
 use super::weights;
@@ -22,6 +23,9 @@ use super::weights;
 /// Version of the directory layout; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
 const WEIGHTS_FILE: &str = "model.bpk";
+/// The out-of-distribution threshold and method (`OodSummary`), and the Gaussians' bytes.
+const OOD_SUMMARY: &str = "ood.json";
+const OOD_FACTOR: &str = "ood.bin";
 
 /// `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +131,11 @@ pub fn save(
     };
     write_json(&staging.path().join("metrics.json"), &metrics)?;
     write_json(&staging.path().join("evaluation.json"), &outcome.evaluation)?;
+    if let Some((gaussians, summary)) = &outcome.ood {
+        write_json(&staging.path().join(OOD_SUMMARY), summary)?;
+        let path = staging.path().join(OOD_FACTOR);
+        fs::write(&path, gaussians.to_bytes()).map_err(io(&path))?;
+    }
     let weights_path = staging.path().join(WEIGHTS_FILE);
     outcome
         .model
@@ -149,6 +158,8 @@ pub fn save(
 pub struct LoadedModel {
     pub config: ModelConfig,
     pub model: TransferModel,
+    /// Absent for models trained before "unknown" answers existed.
+    pub ood: Option<(Gaussians, OodSummary)>,
 }
 
 /// Loads `config.json` and the weights onto `device`.
@@ -182,7 +193,27 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, ArtifactError> {
         .init(device)
         .try_load_record(record)
         .map_err(invalid)?;
-    Ok(LoadedModel { config, model })
+    let ood = load_ood(dir, config.classes.len())?;
+    Ok(LoadedModel { config, model, ood })
+}
+
+/// `ood.json` and `ood.bin`, when the model has them.
+fn load_ood(dir: &Path, classes: usize) -> Result<Option<(Gaussians, OodSummary)>, ArtifactError> {
+    let summary_path = dir.join(OOD_SUMMARY);
+    if !summary_path.is_file() {
+        return Ok(None);
+    }
+    let summary: OodSummary = read_json(&summary_path)?;
+    let path = dir.join(OOD_FACTOR);
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    let gaussians =
+        Gaussians::from_bytes(&bytes, super::backbone::FEATURES, classes).ok_or_else(|| {
+            ArtifactError::Invalid {
+                path: path.clone(),
+                message: "wrong size for the model's features and classes".into(),
+            }
+        })?;
+    Ok(Some((gaussians, summary)))
 }
 
 /// Reads `evaluation.json`.

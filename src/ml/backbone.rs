@@ -22,8 +22,8 @@ use super::fused::{After, conv_bn, fold};
 pub const FEATURES: usize = 1280;
 /// Channels out of the stem, the same for every Lite variant.
 const STEM: usize = 32;
-/// The TensorFlow EfficientNet BatchNorm epsilon.
-const BN_EPS: f64 = 1e-3;
+/// The TensorFlow EfficientNet BatchNorm epsilon (recorded by the safetensors export).
+pub(crate) const BN_EPS: f64 = 1e-3;
 
 /// The pretrained backbones on offer.
 #[derive(
@@ -234,6 +234,26 @@ impl MbConv {
         norms
             .flat_map(|bn| [bn.weight.val(), bn.bias.val()])
             .collect()
+    }
+
+    /// Its layers, for code that walks them one by one (`export`): the expand conv and its
+    /// BatchNorm (absent when the expand ratio is 1), the depthwise and project convs with
+    /// theirs, and whether the block adds its input to the output.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn parts(
+        &self,
+    ) -> (
+        Option<(&Conv2d, &FrozenBatchNorm)>,
+        (&Conv2d, &FrozenBatchNorm),
+        (&Conv2d, &FrozenBatchNorm),
+        bool,
+    ) {
+        (
+            self.expand_conv.as_ref().zip(self.bn0.as_ref()),
+            (&self.depthwise_conv, &self.bn1),
+            (&self.project_conv, &self.bn2),
+            self.skip,
+        )
     }
 
     /// This block with every BatchNorm folded into its conv (inference only, see `fused`).

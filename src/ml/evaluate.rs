@@ -50,6 +50,12 @@ pub struct Evaluation {
     /// stored before runs recorded it).
     #[serde(default)]
     pub training: Option<super::plan::TrainingReport>,
+    /// Likely label errors, near-duplicates and outliers (absent before audits existed).
+    #[serde(default)]
+    pub audit: Option<super::audit::Audit>,
+    /// How "unknown" answers are decided (absent before they existed).
+    #[serde(default)]
+    pub ood: Option<super::ood::OodSummary>,
 }
 
 /// Softmax of `logits / temperature`.
@@ -210,6 +216,8 @@ pub fn evaluate(
         },
         misclassified: most_confident_mistakes(misclassified),
         training: None,
+        audit: None,
+        ood: None,
     }
 }
 

@@ -11,6 +11,7 @@ use super::data::TensorBatcher;
 use super::evaluate::softmax;
 use super::head::TransferModel;
 use super::lanes;
+use super::ood::{Gaussians, OodSummary};
 use super::preprocess::{self, ImageRejection};
 
 /// Images decoded larger than this on either side are refused.
@@ -24,13 +25,24 @@ pub struct Predictor {
     pub config: ModelConfig,
     model: TransferModel,
     device: Device,
+    /// The out-of-distribution statistics, for models that have them.
+    ood: Option<(Gaussians, OodSummary)>,
+}
+
+/// What the network says about one view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewPrediction {
+    /// Calibrated class probabilities, in class order.
+    pub probabilities: Vec<f32>,
+    /// The out-of-distribution score and the model's stored threshold (see `ood`).
+    pub ood: Option<(f64, f64)>,
 }
 
 impl Predictor {
     /// Loads a model directory onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ArtifactError> {
         let loaded = artifact::load(dir, device)?;
-        Ok(Self::new(loaded.config, loaded.model, device))
+        Ok(Self::new(loaded.config, loaded.model, device).with_ood(loaded.ood))
     }
 
     /// Wraps an in-memory model (e.g. the one a run just produced).
@@ -40,12 +52,23 @@ impl Predictor {
             // Folded once here, since a loaded model serves many predictions.
             model: model.valid().folded(),
             device: device.clone(),
+            ood: None,
         }
     }
 
-    /// Calibrated class probabilities of preprocessed `[3, s, s]` views, at most `max_batch`
-    /// views per forward pass.
-    pub fn probabilities_of_views(&self, views: &[Vec<f32>], max_batch: usize) -> Vec<Vec<f32>> {
+    /// Adds the statistics that score how far a photo is from every class.
+    pub fn with_ood(mut self, ood: Option<(Gaussians, OodSummary)>) -> Self {
+        self.ood = ood;
+        self
+    }
+
+    /// Calibrated class probabilities (and out-of-distribution scores) of preprocessed
+    /// `[3, s, s]` views, at most `max_batch` views per forward pass.
+    pub fn probabilities_of_views(
+        &self,
+        views: &[Vec<f32>],
+        max_batch: usize,
+    ) -> Vec<ViewPrediction> {
         let s = self.config.preprocessing.input_size;
         let batcher = TensorBatcher { shape: [3, s, s] };
         let lanes = lanes::lanes(&self.device);
@@ -54,15 +77,26 @@ impl Predictor {
         let c = self.config.classes.len();
         let mut out = Vec::with_capacity(views.len());
         for batch in views.chunks(max_batch.max(1)) {
-            let logits = lanes::map_slices(batch, lanes, |slice| {
+            let results = lanes::map_slices(batch, lanes, |slice| {
                 let slice: Vec<&[f32]> = slice.iter().map(Vec::as_slice).collect();
-                self.model
-                    .forward(batcher.stack(&slice, &self.device))
-                    .into_data()
+                let features = self.model.features(batcher.stack(&slice, &self.device));
+                let logits = self.model.head.forward(features.clone()).into_data();
+                let features = self.ood.as_ref().map(|_| features.into_data());
+                (logits, features)
             });
-            for data in logits {
-                for row in data.as_slice::<f32>().expect("float32").chunks(c) {
-                    out.push(softmax(row, self.config.temperature));
+            for (logits, features) in results {
+                let logits = logits.as_slice::<f32>().expect("float32");
+                let features = features
+                    .as_ref()
+                    .map(|f| f.as_slice::<f32>().expect("float32"));
+                for (i, row) in logits.chunks(c).enumerate() {
+                    let ood = self.ood.as_ref().zip(features).map(|((g, summary), f)| {
+                        (g.score(&f[i * g.dim..(i + 1) * g.dim]), summary.threshold)
+                    });
+                    out.push(ViewPrediction {
+                        probabilities: softmax(row, self.config.temperature),
+                        ood,
+                    });
                 }
             }
         }
@@ -70,7 +104,7 @@ impl Predictor {
     }
 
     /// Probabilities for encoded images; each image fails or succeeds on its own.
-    pub fn predict_bytes(&self, images: &[Vec<u8>]) -> Vec<Result<Vec<f32>, ImageRejection>> {
+    pub fn predict_bytes(&self, images: &[Vec<u8>]) -> Vec<Result<ViewPrediction, ImageRejection>> {
         let mut views = Vec::with_capacity(images.len());
         let decoded: Vec<Result<(), ImageRejection>> = images
             .iter()

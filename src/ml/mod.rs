@@ -4,6 +4,7 @@
 //! `fused` and `kernels`).
 
 pub mod artifact;
+pub mod audit;
 pub mod augment;
 pub mod backbone;
 pub mod backbones;
@@ -14,6 +15,7 @@ pub mod depthwise_grad;
 pub mod device;
 pub mod evaluate;
 pub mod events;
+pub mod export;
 pub mod frozen_bn;
 pub mod fused;
 pub mod fused_ops;
@@ -22,8 +24,10 @@ pub mod head_fit;
 pub mod head_phase;
 pub mod imagenet;
 pub mod infer;
+pub mod insight;
 pub mod kernels;
 pub mod lanes;
+pub mod ood;
 pub mod phases;
 pub mod plan;
 pub mod preprocess;

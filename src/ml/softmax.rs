@@ -258,7 +258,7 @@ pub fn fit(
 
 /// `dst (m × n, row-major) = a (m × p) · b (p × n)`, where `[m, n, p]` are the sizes and each
 /// operand's element `[i, j]` is at `i * strides[0] + j * strides[1]`.
-fn matmul(
+pub(crate) fn matmul(
     dst: &mut [f64],
     [m, n, p]: [usize; 3],
     a: &[f64],

@@ -20,6 +20,8 @@ use super::events::{Cancel, EpochMetrics, Phase, PhaseSummary, Stage, TrainError
 use super::head::{TransferModel, TransferModelConfig};
 use super::head_fit::{self, Standardizer};
 use super::head_phase::{HeadInput, head_logits, head_phase};
+use super::insight;
+use super::ood::{self, Gaussians, OodSummary};
 use super::phases::{Trainer, features_of, logits_of, loss_and_accuracy};
 use super::plan::{EstimateMethod, FinetuneDecision, HeadReport, Plan, TrainingReport};
 use super::preprocess::Preprocessing;
@@ -59,6 +61,9 @@ pub struct TrainOutcome {
     pub backbone: Backbone,
     /// How images become the model's input.
     pub preprocessing: Preprocessing,
+    /// The out-of-distribution statistics of the served network, when its features could be
+    /// computed (not after a streamed whole-network fine-tune).
+    pub ood: Option<(Gaussians, OodSummary)>,
     /// Under a holdout with a refit: the head the evaluation judged, before the refit on the
     /// validation photos replaced it (benchmarks score perturbed validation photos with it).
     pub evaluated_head: Option<Linear>,
@@ -470,27 +475,39 @@ pub fn fit(
     // Refit: the served head sees every photo.
     let mut trained_on = prepared.train_ok.len();
     let mut evaluated_head = None;
+    // The served network's pooled features (the frozen ones unless a fine-tune was kept).
+    let served = if decision.kept {
+        let top = model.top(k);
+        prepared
+            .train
+            .activations
+            .as_ref()
+            .zip(prepared.val.activations.as_ref())
+            .map(|(t, v)| {
+                (
+                    features_of(&top, t, batch, device),
+                    features_of(&top, v, batch, device),
+                )
+            })
+    } else {
+        Some((
+            prepared.train.features.clone(),
+            prepared.val.features.clone(),
+        ))
+    };
+    cancel.check()?;
+    evaluation.audit = Some(insight::audit_run(
+        prepared,
+        dataset,
+        head.as_ref().map_or(insight::DEFAULT_L2, |h| h.l2),
+        config,
+    ));
+    let ood = served.as_ref().map(|(train_f, val_f)| {
+        ood::calibrate(train_f, val_f, n_classes, config.warmup.folds, config.seed)
+    });
+    evaluation.ood = ood.as_ref().map(|o| o.1.clone());
     if let (Some(h), true, EstimateMethod::Holdout) = (&head, config.refit, plan.estimate) {
-        let features = if decision.kept {
-            let top = model.top(k);
-            prepared
-                .train
-                .activations
-                .as_ref()
-                .zip(prepared.val.activations.as_ref())
-                .map(|(t, v)| {
-                    (
-                        features_of(&top, t, batch, device),
-                        features_of(&top, v, batch, device),
-                    )
-                })
-        } else {
-            Some((
-                prepared.train.features.clone(),
-                prepared.val.features.clone(),
-            ))
-        };
-        if let Some((train_f, val_f)) = features {
+        if let Some((train_f, val_f)) = served {
             let st = Standardizer::fit(&[&train_f, &val_f]);
             let rows = st.rows(
                 &[(&train_f, prepared.train_clean_first), (&val_f, true)],
@@ -561,6 +578,7 @@ pub fn fit(
         backbone: plan.backbone,
         preprocessing: Preprocessing::for_size(plan.input_size),
         evaluated_head,
+        ood,
     })
 }
 

@@ -1,8 +1,10 @@
 // One run, live from its SSE stream: phase, epoch, progress and ETA, cancel; learning curves;
-// then the evaluation: confusion matrix, per-class scores, calibration, mistakes.
+// then the evaluation: confusion matrix, per-class scores, calibration, mistakes; then the
+// audit of the dataset (views/audit.js), which can make a corrected dataset version.
 import { api, follow, imageUrl } from '../api.js';
 import { learningCurves } from '../charts.js';
 import { el, badge, pct, duration, notice, short, when } from '../ui.js';
+import { auditCard } from './audit.js';
 
 const ENDED = ['succeeded', 'failed', 'cancelled'];
 
@@ -60,6 +62,7 @@ function decisions(t) {
       t.head.l2 == null ? null : el('li', { text: `Head: L2 penalty ${Number(t.head.l2).toPrecision(2)}${path}.` })].filter(Boolean)));
 }
 
+/** The evaluation card, and the run's classes. */
 async function evaluation(id) {
   const e = await api(`/api/runs/${id}/evaluation`);
   const c = e.calibration;
@@ -72,7 +75,7 @@ async function evaluation(id) {
     const p = Math.max(...m.probabilities);
     gallery.append(el('figure', {}, img, el('figcaption', {}, el('b', { text: m.true_label }), ` seen as ${m.predicted} (${pct(p)})`, el('br'), el('small', { text: m.original_name ?? '' }))));
   }
-  return el('section.card', { 'data-testid': 'evaluation' },
+  const card = el('section.card', { 'data-testid': 'evaluation' },
     el('h3', { text: title }),
     decisions(t),
     el('div.two', {},
@@ -86,6 +89,7 @@ async function evaluation(id) {
     el('p', { text: `Temperature ${c.temperature.toFixed(3)}; expected calibration error ${pct(c.ece_before, 2)} before, ${pct(c.ece_after, 2)} after; log-loss ${c.nll_before.toFixed(4)} → ${c.nll_after.toFixed(4)}.` }),
     el('h4', { text: e.misclassified.length ? `Misclassified held-out images (${e.misclassified.length})` : 'No held-out image was misclassified.' }),
     gallery);
+  return [card, e.classes];
 }
 
 export async function runView(view, id) {
@@ -127,7 +131,10 @@ export async function runView(view, id) {
     live.replaceChildren();
     metrics = await api(`/api/runs/${id}/metrics`);
     drawCurves();
-    if (run.status === 'succeeded') result.replaceChildren(await evaluation(id));
+    if (run.status === 'succeeded') {
+      const [card, classes] = await evaluation(id);
+      result.replaceChildren(card, auditCard(id, classes));
+    }
   };
 
   drawHead();

@@ -1,6 +1,7 @@
 // The web page end to end in Debian's headless Chromium, driven by playwright-core, against
 // a real transferd on port 0 with its own data directory. Run by tests/browser.rs, which
-// passes TRANSFERD_BIN, TRANSFERD_WEIGHTS, PETS_ZIP, SAMPLES and SCREENSHOTS.
+// passes TRANSFERD_BIN, TRANSFERD_WEIGHTS, PETS_ZIP (the 24 pets plus dog/cat0-copy.jpg, a
+// re-encoded copy of a cat), FOREIGN (a PNG of flat stripes), SAMPLES and SCREENSHOTS.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -56,14 +57,17 @@ try {
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.setDefaultTimeout(30000);
 
-  // 1. Upload the fixture zip through the drop zone's file picker; see the report.
+  // 1. Upload the fixture zip through the drop zone's file picker; see the report: 12 cats,
+  //    13 dogs (the 12 and a copy of a cat filed under dog).
   await page.goto(`${base}/`);
   await page.getByLabel('dataset name').fill('pets');
   await page.locator('.drop input[type=file]').setInputFiles(env('PETS_ZIP'));
   const report = page.getByTestId('dataset-report');
   await report.waitFor();
-  if (!(await report.textContent()).includes('24 images')) throw new Error('the report does not show 24 images');
+  if (!(await report.textContent()).includes('25 images')) throw new Error('the report does not show 25 images');
   await report.locator('canvas').first().waitFor();
+  await page.getByText('dog (13)').waitFor();
+  if (!(await page.getByText('dog (13)').textContent()).includes('cat (12)')) throw new Error('the list does not show 12 cats and 13 dogs');
   await shot(page, 'dataset-report');
 
   // 2. The train form: a bad value is shown next to its field, then a tiny run starts.
@@ -90,7 +94,7 @@ try {
   const curves = page.getByTestId('curves').locator('canvas');
   if ((await curves.count()) < 2) throw new Error('the learning curves are not drawn');
   await page.getByTestId('confusion').waitFor();
-  // 24 photos are small data: the page says the head alone was trained, and why.
+  // 25 photos are small data: the page says the head alone was trained, and why.
   const decision = await page.getByTestId('finetune-decision').textContent();
   if (!decision.includes('small data')) throw new Error(`the fine-tune decision is not shown: ${decision}`);
   const decisions = await page.getByTestId('decisions').textContent();
@@ -98,7 +102,28 @@ try {
   if (!decisions.includes('lite1 (auto: small data')) throw new Error(`auto did not pick Lite1 for small data: ${decisions}`);
   await shot(page, 'run-succeeded');
 
-  // 4. Models and predict: drop two photos, see their probability bars.
+  // 3b. The audit finds the cat filed under dog as a cross-class near-duplicate; excluding it
+  //     makes a new dataset version with one image fewer (the original is unchanged).
+  const audit = page.getByTestId('audit');
+  await audit.waitFor();
+  const duplicates = audit.locator('[data-testid="audit-item"][data-kind="duplicate"]');
+  await duplicates.first().waitFor();
+  const copy = duplicates.filter({ hasText: 'cat0-copy' }).first();
+  await copy.waitFor();
+  if ((await copy.getAttribute('data-duplicate')) !== 'cross_class') throw new Error('the copy of a cat under dog is not a cross-class duplicate');
+  await copy.locator('[data-testid="audit-choice"][aria-label*="cat0-copy"]').selectOption('exclude');
+  await audit.getByTestId('create-version').click();
+  const version = audit.getByTestId('new-version').getByTestId('dataset-report');
+  await version.waitFor();
+  const versionText = await version.textContent();
+  if (!versionText.includes('24 images')) throw new Error(`the new version does not have 24 images: ${versionText}`);
+  if (!(await version.getByRole('link', { name: 'Train on this dataset' }).getAttribute('href')).startsWith('#/train?dataset=')) {
+    throw new Error('the new version has no link to train it');
+  }
+  await shot(page, 'audit-new-version');
+
+  // 4. Models and predict: drop two photos, see their probability bars; they are not unknown.
+  //    Then a flat pattern: "none of the classes", with its out-of-distribution score.
   await page.getByRole('link', { name: 'Models & predict' }).click();
   await page.getByTestId('models').waitFor();
   if (!(await page.getByTestId('models').textContent()).includes('default')) throw new Error('no default model marked');
@@ -106,7 +131,14 @@ try {
   await page.locator('.prediction').nth(1).waitFor();
   const text = await page.getByTestId('predictions').textContent();
   if (!/cat|dog/.test(text)) throw new Error(`no prediction shown: ${text}`);
+  if (await page.getByTestId('unknown').count()) throw new Error(`a pet photo is called none of the classes: ${text}`);
   await shot(page, 'predictions');
+  await page.locator('.drop input[type=file]').setInputFiles(env('FOREIGN'));
+  const unknown = page.getByTestId('unknown');
+  await unknown.waitFor();
+  if (!(await unknown.textContent()).includes('none of the classes')) throw new Error('the foreign image is not called none of the classes');
+  if (!(await page.getByTestId('predictions').getByTestId('ood').count())) throw new Error('the out-of-distribution score is not shown');
+  await shot(page, 'prediction-unknown');
 
   // 5. An API error is shown as a readable message, not a silent failure.
   if (problems.length) throw new Error(problems.join('\n'));

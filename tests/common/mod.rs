@@ -129,3 +129,36 @@ pub fn pets_zip() -> Vec<u8> {
         .collect();
     zip_of(&refs)
 }
+
+/// The pet fixtures as a zip, plus `dog/cat0-copy.jpg`: `cat/cat.0.jpg` shrunk to 90% and
+/// re-encoded (JPEG quality 90), so its bytes differ (an exact duplicate is dropped at upload)
+/// while it stays a near-duplicate filed under another class, which the audit must find.
+pub fn pets_zip_with_near_duplicate() -> Vec<u8> {
+    let mut entries = pet_entries("");
+    entries.push((
+        "dog/cat0-copy.jpg".to_string(),
+        near_duplicate_jpeg(&fixtures().join("pets/cat/cat.0.jpg")),
+    ));
+    let refs: Vec<(&str, Vec<u8>)> = entries
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
+    zip_of(&refs)
+}
+
+/// `path` decoded, resized to 90% of its size and re-encoded as JPEG quality 90.
+pub fn near_duplicate_jpeg(path: &Path) -> Vec<u8> {
+    let img = image::open(path).expect("the fixture decodes").to_rgb8();
+    let (w, h) = img.dimensions();
+    let smaller = image::imageops::resize(
+        &img,
+        (w * 9 / 10).max(1),
+        (h * 9 / 10).max(1),
+        image::imageops::FilterType::Lanczos3,
+    );
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&smaller)
+        .expect("the copy encodes");
+    out
+}
