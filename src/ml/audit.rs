@@ -8,9 +8,10 @@
 //!   scored out of fold by a head that never saw it; class `j`'s threshold `t_j` is the mean
 //!   out-of-fold probability of `j` over the photos labelled `j`; a photo labelled `i` is
 //!   flagged when the most probable class among those whose probability reaches their
-//!   threshold is some `j ≠ i` (an off-diagonal entry of the confident joint). Flagged photos
-//!   are ranked by self-confidence (the out-of-fold probability of the given label, lowest
-//!   first), cleanlab's default ranking.
+//!   threshold is some `j ≠ i` (an off-diagonal entry of the confident joint); the
+//!   calibrated joint says how many photos per pair of classes to flag, chosen by margin
+//!   ([`label_issues`]). Flagged photos are ranked by self-confidence (the out-of-fold
+//!   probability of the given label, lowest first), cleanlab's default ranking.
 //! - **Near-duplicates** are pairs whose centred features have a cosine similarity at or above
 //!   [`DUPLICATE_SIMILARITY`] (measured by `bench/audit.sh`: resized, recompressed and
 //!   slightly cropped copies against distinct photos).
@@ -198,34 +199,49 @@ fn smallest_class(labels: &[usize], classes: usize) -> usize {
 }
 
 /// Confident learning's flagged photos: (row, suggested class), ranked by self-confidence,
-/// and the per-class thresholds.
-pub fn label_issues(
-    probs: &[Vec<f32>],
-    labels: &[usize],
-    classes: usize,
-) -> (Vec<(usize, usize)>, Vec<f64>) {
+/// and the per-class thresholds. The confident joint `C[i][j]` (photos labelled `i` whose
+/// most probable class above its threshold is `j`), calibrated so each row sums to the
+/// class's photo count, says how many photos labelled `i` really are `j`; that many of the
+/// photos labelled `i` with the largest margin `p_j − p_i` are flagged ("prune by noise
+/// rate", cleanlab's default), except those whose most probable class is their label.
+pub fn label_issues(probs: &[Vec<f32>], labels: &[usize], classes: usize) -> (Vec<(usize, usize)>, Vec<f64>) {
     let mut sum = vec![0.0; classes];
     let mut count = vec![0usize; classes];
     for (p, &y) in probs.iter().zip(labels) {
         sum[y] += p[y] as f64;
         count[y] += 1;
     }
-    let t: Vec<f64> = sum
-        .iter()
-        .zip(&count)
-        .map(|(s, &c)| s / c.max(1) as f64)
-        .collect();
-    let mut flagged: Vec<(usize, usize)> = probs
-        .iter()
-        .zip(labels)
-        .enumerate()
-        .filter_map(|(i, (p, &y))| {
-            let best = (0..classes)
-                .filter(|&j| p[j] as f64 >= t[j])
-                .max_by(|&a, &b| p[a].total_cmp(&p[b]))?;
-            (best != y).then_some((i, best))
-        })
-        .collect();
+    let t: Vec<f64> = sum.iter().zip(&count).map(|(s, &c)| s / c.max(1) as f64).collect();
+    let mut joint = vec![vec![0usize; classes]; classes];
+    for (p, &y) in probs.iter().zip(labels) {
+        let best = (0..classes)
+            .filter(|&j| p[j] as f64 >= t[j])
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]));
+        if let Some(j) = best {
+            joint[y][j] += 1;
+        }
+    }
+    let mut flagged: Vec<(usize, usize)> = Vec::new();
+    let mut taken = vec![false; probs.len()];
+    for i in 0..classes {
+        let row: usize = joint[i].iter().sum();
+        if row == 0 {
+            continue;
+        }
+        for j in (0..classes).filter(|&j| j != i) {
+            let n = (joint[i][j] as f64 * count[i] as f64 / row as f64).round() as usize;
+            let mut members: Vec<usize> = (0..probs.len()).filter(|&r| labels[r] == i).collect();
+            let margin = |r: usize| probs[r][j] - probs[r][i];
+            members.sort_by(|&a, &b| margin(b).total_cmp(&margin(a)));
+            for r in members.into_iter().take(n) {
+                let predicted = super::evaluate::argmax(&probs[r]);
+                if predicted != i && !taken[r] {
+                    taken[r] = true;
+                    flagged.push((r, j));
+                }
+            }
+        }
+    }
     flagged.sort_by(|a, b| probs[a.0][labels[a.0]].total_cmp(&probs[b.0][labels[b.0]]));
     (flagged, t)
 }
@@ -434,6 +450,11 @@ mod tests {
             let mut row: Vec<f32> = (0..d)
                 .map(|j| if j == y { 4.0 } else { 0.0 } + rng.random_range(-1.0..1.0f32))
                 .collect();
+            if i % 10 == 9 && i != 89 {
+                // A hard photo, halfway to the next class: real data has some.
+                row[(y + 1) % 3] = 2.0;
+                row[y] = 2.0;
+            }
             if i == 89 {
                 row.iter_mut().for_each(|v| *v = 0.0);
                 row[d - 1] = 40.0;
@@ -492,7 +513,12 @@ mod tests {
             a.outliers.first().map(|o| o.photo.path.as_str()),
             Some("p89")
         );
-        assert!(a.outliers.len() <= 3, "{:?}", a.outliers);
+        // Only the planted outlier and the lone halfway photos lie in empty space.
+        assert!(
+            a.outliers.iter().all(|o| o.photo.path.ends_with('9')),
+            "{:?}",
+            a.outliers
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Samples and Adversarial Attacks", NeurIPS 2018), without their input perturbation.
 //!
 //! The covariance of 1280 features is estimated from a few hundred photos, so it is shrunk
-//! towards a scaled identity (`(1−α)·Σ + α·tr(Σ)/d·I`, [`SHRINKAGE`], measured by
-//! `bench/audit.sh`), which also keeps it invertible. Scores are squared distances divided by
+//! towards a scaled identity (`(1−α)·Σ + α·tr(Σ)/d·I`, α by Ledoit–Wolf; `bench/trust.sh`
+//! compares fixed weights), which also keeps it invertible. Scores are squared distances divided by
 //! the dimension, so 1 is "as far as a typical training photo along every direction".
 //! The threshold is the [`QUANTILE`] of scores of photos the fit never saw (the validation
 //! split, or out of fold for small sets), so about 95% of in-distribution photos pass.
@@ -16,8 +16,15 @@ use super::cache::RowCache;
 use super::head_fit::stratified_folds;
 use super::softmax::matmul;
 
-/// Weight of the identity in the shrunk covariance.
-pub const SHRINKAGE: f64 = 0.1;
+/// How much of the covariance is replaced by a scaled identity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Shrinkage {
+    /// Ledoit and Wolf's estimate of the best weight for these samples ("A well-conditioned
+    /// estimator for large-dimensional covariance matrices", 2004), as scikit-learn's
+    /// `LedoitWolf` computes it: strong for a few photos, weak for many.
+    LedoitWolf,
+    Fixed(f64),
+}
 /// Share of held-out in-distribution photos whose score the threshold lets through.
 pub const QUANTILE: f64 = 0.95;
 
@@ -51,8 +58,9 @@ pub struct OodSummary {
 }
 
 impl Gaussians {
-    /// Fits class means and the shared covariance on `rows` (`n × dim`, row-major).
-    pub fn fit(rows: &[f32], dim: usize, labels: &[usize], classes: usize) -> Self {
+    /// Fits class means and the shared covariance on `rows` (`n × dim`, row-major); returns
+    /// the shrinkage weight used too.
+    pub fn fit(rows: &[f32], dim: usize, labels: &[usize], classes: usize, shrinkage: Shrinkage) -> (Self, f64) {
         let n = labels.len();
         let mut mean = vec![vec![0.0f64; dim]; classes];
         let mut count = vec![0usize; classes];
@@ -70,11 +78,23 @@ impl Gaussians {
             .collect();
         let mut cov = vec![0.0; dim * dim];
         matmul(&mut cov, [dim, dim, n], &z, [1, dim], &z, [dim, 1]);
-        let trace: f64 = (0..dim).map(|i| cov[i * dim + i]).sum::<f64>() / n.max(1) as f64;
-        let ridge = SHRINKAGE * (trace / dim as f64).max(1e-12);
+        let n_f = n.max(1) as f64;
+        cov.iter_mut().for_each(|v| *v /= n_f);
+        let mu: f64 = (0..dim).map(|i| cov[i * dim + i]).sum::<f64>() / dim as f64;
+        let alpha = match shrinkage {
+            Shrinkage::Fixed(a) => a,
+            Shrinkage::LedoitWolf => {
+                // With S = ZᵀZ/n: Σᵢ‖zᵢzᵢᵀ − S‖² = Σᵢ‖zᵢ‖⁴ − n‖S‖², and ‖S − μI‖² = ‖S‖² − dμ².
+                let s2: f64 = cov.iter().map(|v| v * v).sum();
+                let z4: f64 = z.chunks(dim).map(|r| r.iter().map(|v| v * v).sum::<f64>().powi(2)).sum();
+                let delta = (s2 - dim as f64 * mu * mu).max(1e-30);
+                let beta = ((z4 - n_f * s2) / (n_f * n_f)).clamp(0.0, delta);
+                beta / delta
+            }
+        };
+        let ridge = alpha * mu.max(1e-12);
         for (i, v) in cov.iter_mut().enumerate() {
-            *v = (1.0 - SHRINKAGE) * *v / n.max(1) as f64
-                + if i % (dim + 1) == 0 { ridge } else { 0.0 };
+            *v = (1.0 - alpha) * *v + if i % (dim + 1) == 0 { ridge } else { 0.0 };
         }
         let lower = cholesky(&mut cov, dim);
         let means = mean
@@ -86,11 +106,14 @@ impl Gaussians {
                     .collect()
             })
             .collect();
-        Self {
-            dim,
-            lower: pack(&lower, dim),
-            means,
-        }
+        (
+            Self {
+                dim,
+                lower: pack(&lower, dim),
+                means,
+            },
+            alpha,
+        )
     }
 
     /// Squared Mahalanobis distance to the nearest class mean, over the dimension.
@@ -164,7 +187,7 @@ pub fn calibrate(
                 labels.push(c.labels[r]);
             }
         }
-        Gaussians::fit(&rows, dim, &labels, classes)
+        Gaussians::fit(&rows, dim, &labels, classes, Shrinkage::LedoitWolf)
     };
     let first_views = |c: &RowCache| {
         let mut seen = std::collections::HashSet::new();
@@ -175,7 +198,7 @@ pub fn calibrate(
     let all = |_: usize| true;
     let mut scores = Vec::new();
     if !val.is_empty() {
-        let g = fit(&[(train, &all)]);
+        let (g, _) = fit(&[(train, &all)]);
         scores.extend(first_views(val).into_iter().map(|r| g.score(val.row(r))));
     } else {
         let photos: Vec<(usize, usize)> = first_views(train)
@@ -184,7 +207,7 @@ pub fn calibrate(
             .collect();
         let fold_of = stratified_folds(&photos, folds.max(2), seed ^ 0x6f6f_64);
         for f in 0..folds.max(2) {
-            let g = fit(&[(train, &|s| fold_of[&s] != f)]);
+            let (g, _) = fit(&[(train, &|s| fold_of[&s] != f)]);
             scores.extend(
                 first_views(train)
                     .into_iter()
@@ -193,14 +216,15 @@ pub fn calibrate(
             );
         }
     }
+    let (served, shrinkage) = fit(&[(train, &all), (val, &all)]);
     let summary = OodSummary {
         method: "mahalanobis".into(),
         threshold: quantile(&scores, QUANTILE),
         quantile: QUANTILE,
-        shrinkage: SHRINKAGE,
+        shrinkage,
         calibration_photos: scores.len(),
     };
-    (fit(&[(train, &all), (val, &all)]), summary)
+    (served, summary)
 }
 
 /// The `q`-quantile of `scores` (nearest rank), infinity for none.
@@ -274,7 +298,8 @@ mod tests {
             ));
             labels.push(y);
         }
-        let g = Gaussians::fit(&rows, d, &labels, 2);
+        let (g, alpha) = Gaussians::fit(&rows, d, &labels, 2, Shrinkage::LedoitWolf);
+        assert!(alpha > 0.0 && alpha < 0.5, "200 samples in 8 dimensions need little: {alpha}");
         let near = g.score(&vec![0.1; d]);
         let far = g.score(&vec![20.0; d]);
         assert!(near < 2.0 && far > 50.0, "near {near}, far {far}");
