@@ -28,7 +28,7 @@ use super::head_fit::{self, Standardizer};
 
 /// Cosine similarity of centred pooled features at or above which two photos are
 /// near-duplicates.
-pub const DUPLICATE_SIMILARITY: f64 = 0.92;
+pub const DUPLICATE_SIMILARITY: f64 = 0.80;
 /// Neighbours whose mean distance measures a photo's density.
 pub const NEIGHBOURS: usize = 5;
 /// Modified z-score above which a photo's neighbour distance makes it an outlier.
@@ -204,14 +204,22 @@ fn smallest_class(labels: &[usize], classes: usize) -> usize {
 /// class's photo count, says how many photos labelled `i` really are `j`; that many of the
 /// photos labelled `i` with the largest margin `p_j − p_i` are flagged ("prune by noise
 /// rate", cleanlab's default), except those whose most probable class is their label.
-pub fn label_issues(probs: &[Vec<f32>], labels: &[usize], classes: usize) -> (Vec<(usize, usize)>, Vec<f64>) {
+pub fn label_issues(
+    probs: &[Vec<f32>],
+    labels: &[usize],
+    classes: usize,
+) -> (Vec<(usize, usize)>, Vec<f64>) {
     let mut sum = vec![0.0; classes];
     let mut count = vec![0usize; classes];
     for (p, &y) in probs.iter().zip(labels) {
         sum[y] += p[y] as f64;
         count[y] += 1;
     }
-    let t: Vec<f64> = sum.iter().zip(&count).map(|(s, &c)| s / c.max(1) as f64).collect();
+    let t: Vec<f64> = sum
+        .iter()
+        .zip(&count)
+        .map(|(s, &c)| s / c.max(1) as f64)
+        .collect();
     let mut joint = vec![vec![0usize; classes]; classes];
     for (p, &y) in probs.iter().zip(labels) {
         let best = (0..classes)

@@ -1,7 +1,11 @@
 //! "None of the classes": an out-of-distribution score for every prediction, the Mahalanobis
 //! distance of the photo's pooled features from the nearest training class under one shared
 //! covariance (Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution
-//! Samples and Adversarial Attacks", NeurIPS 2018), without their input perturbation.
+//! Samples and Adversarial Attacks", NeurIPS 2018), without their input perturbation, on
+//! features scaled to unit length: a flat or blank picture has small activations that sit
+//! near the class means in raw Mahalanobis distance, but points elsewhere (`bench/trust.sh`
+//! measured both: AUROC 0.996 raw, 0.999 on unit-length features, and 0.972 against 0.999
+//! for a held-out class).
 //!
 //! The covariance of 1280 features is estimated from a few hundred photos, so it is shrunk
 //! towards a scaled identity (`(1−α)·Σ + α·tr(Σ)/d·I`, α by Ledoit–Wolf; `bench/trust.sh`
@@ -60,8 +64,16 @@ pub struct OodSummary {
 impl Gaussians {
     /// Fits class means and the shared covariance on `rows` (`n × dim`, row-major); returns
     /// the shrinkage weight used too.
-    pub fn fit(rows: &[f32], dim: usize, labels: &[usize], classes: usize, shrinkage: Shrinkage) -> (Self, f64) {
+    pub fn fit(
+        rows: &[f32],
+        dim: usize,
+        labels: &[usize],
+        classes: usize,
+        shrinkage: Shrinkage,
+    ) -> (Self, f64) {
         let n = labels.len();
+        let unit: Vec<f32> = rows.chunks(dim).flat_map(unit).collect();
+        let rows = &unit[..];
         let mut mean = vec![vec![0.0f64; dim]; classes];
         let mut count = vec![0usize; classes];
         for (r, &y) in rows.chunks(dim).zip(labels) {
@@ -86,7 +98,10 @@ impl Gaussians {
             Shrinkage::LedoitWolf => {
                 // With S = ZᵀZ/n: Σᵢ‖zᵢzᵢᵀ − S‖² = Σᵢ‖zᵢ‖⁴ − n‖S‖², and ‖S − μI‖² = ‖S‖² − dμ².
                 let s2: f64 = cov.iter().map(|v| v * v).sum();
-                let z4: f64 = z.chunks(dim).map(|r| r.iter().map(|v| v * v).sum::<f64>().powi(2)).sum();
+                let z4: f64 = z
+                    .chunks(dim)
+                    .map(|r| r.iter().map(|v| v * v).sum::<f64>().powi(2))
+                    .sum();
                 let delta = (s2 - dim as f64 * mu * mu).max(1e-30);
                 let beta = ((z4 - n_f * s2) / (n_f * n_f)).clamp(0.0, delta);
                 beta / delta
@@ -119,6 +134,7 @@ impl Gaussians {
     /// Squared Mahalanobis distance to the nearest class mean, over the dimension.
     pub fn score(&self, x: &[f32]) -> f64 {
         let d = self.dim;
+        let x = unit(x);
         let mut y = vec![0.0f64; d];
         for i in 0..d {
             let row = &self.lower[i * (i + 1) / 2..i * (i + 1) / 2 + i + 1];
@@ -227,6 +243,13 @@ pub fn calibrate(
     (served, summary)
 }
 
+/// `x` scaled to unit length (a photo's features are compared by direction, see the module
+/// header).
+fn unit(x: &[f32]) -> Vec<f32> {
+    let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    x.iter().map(|v| v / norm).collect()
+}
+
 /// The `q`-quantile of `scores` (nearest rank), infinity for none.
 pub fn quantile(scores: &[f64], q: f64) -> f64 {
     if scores.is_empty() {
@@ -299,7 +322,10 @@ mod tests {
             labels.push(y);
         }
         let (g, alpha) = Gaussians::fit(&rows, d, &labels, 2, Shrinkage::LedoitWolf);
-        assert!(alpha > 0.0 && alpha < 0.5, "200 samples in 8 dimensions need little: {alpha}");
+        assert!(
+            alpha > 0.0 && alpha < 0.5,
+            "200 samples in 8 dimensions need little: {alpha}"
+        );
         let near = g.score(&vec![0.1; d]);
         let far = g.score(&vec![20.0; d]);
         assert!(near < 2.0 && far > 50.0, "near {near}, far {far}");
