@@ -62,7 +62,7 @@ export async function modelsView(view) {
         el('td', { text: m.classes.join(', ') }),
         el('td', { text: pct(m.val_accuracy, 2) }),
         el('td', { text: when(m.created_at) }),
-        el('td', {}, EXPORTS.map(([format, text]) => [el('button', { 'data-testid': `export-${format}`, title: `Download the model as ${text}`,
+        el('td', {}, EXPORTS.flatMap(([format, text]) => [el('button', { 'data-testid': `export-${format}`, title: `Download the model as ${text}`,
           onclick: (e) => saveExport(e.currentTarget, m.id, format) }, text), ' '])),
         el('td', {}, m.is_default ? '' : [
           el('button', { onclick: async () => {

@@ -127,6 +127,9 @@ try {
   await page.getByRole('link', { name: 'Models & predict' }).click();
   await page.getByTestId('models').waitFor();
   if (!(await page.getByTestId('models').textContent()).includes('default')) throw new Error('no default model marked');
+  // Export: the ONNX button downloads the file the API serves.
+  const [file] = await Promise.all([page.waitForEvent('download'), page.getByTestId('export-onnx').first().click()]);
+  if (!file.suggestedFilename().endsWith('.onnx')) throw new Error(`the export is named ${file.suggestedFilename()}`);
   await page.locator('.drop input[type=file]').setInputFiles([join(env('SAMPLES'), 'test_cat.jpg'), join(env('SAMPLES'), 'test_dog.jpg')]);
   await page.locator('.prediction').nth(1).waitFor();
   const text = await page.getByTestId('predictions').textContent();
