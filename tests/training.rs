@@ -131,7 +131,8 @@ fn tiny_run_learns_saves_and_round_trips() {
     let out = tempfile::tempdir().unwrap();
     let model_dir = out.path().join("model");
     let saved = artifact::save(&model_dir, &outcome, &config).unwrap();
-    let in_memory = Predictor::new(saved.clone(), outcome.model.clone(), &device);
+    let in_memory =
+        Predictor::new(saved.clone(), outcome.model.clone(), &device).with_ood(outcome.ood.clone());
     let loaded = Predictor::load(&model_dir, &device).unwrap();
     assert_eq!(loaded.config, saved);
     let images: Vec<Vec<u8>> = ["cat/cat.3.jpg", "dog/dog.5.jpg"]
@@ -143,10 +144,20 @@ fn tiny_run_learns_saves_and_round_trips() {
     for (x, y) in a.iter().zip(&b) {
         let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
         assert!(
-            x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5),
+            x.probabilities
+                .iter()
+                .zip(&y.probabilities)
+                .all(|(p, q)| (p - q).abs() < 1e-5),
             "{x:?} vs {y:?}"
         );
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!((x.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        // The out-of-distribution statistics survive the model directory (ood.json, ood.bin).
+        let (sx, tx) = x.ood.expect("a new model scores how foreign a photo is");
+        let (sy, ty) = y.ood.expect("and so does the loaded one");
+        assert!(
+            (sx - sy).abs() < 1e-4 * sx.max(1.0) && tx == ty,
+            "{x:?} vs {y:?}"
+        );
     }
     for f in [
         "config.json",
@@ -176,7 +187,7 @@ fn tiny_run_learns_saves_and_round_trips() {
         let s = saved.preprocessing.input_size;
         let fine = predict(vec![vec![0.0; 3 * s * s]]).unwrap();
         assert_eq!(fine.len(), 1);
-        assert!((fine[0].iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!((fine[0].probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
         assert_eq!(
             inference.queued(),
             0,
@@ -242,7 +253,11 @@ fn three_classes_give_three_probabilities() {
     let saved = artifact::model_config(&outcome, &config);
     let predictor = Predictor::new(saved, outcome.model, &device);
     let photo = std::fs::read(common::fixtures().join("samples/test_cat.jpg")).unwrap();
-    let p = predictor.predict_bytes(&[photo]).remove(0).unwrap();
+    let p = predictor
+        .predict_bytes(&[photo])
+        .remove(0)
+        .unwrap()
+        .probabilities;
     assert_eq!(p.len(), 3);
     assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
     assert!(
@@ -292,7 +307,10 @@ fn small_data_trains_the_head_only_and_estimates_by_kfold() {
         .map(|f| std::fs::read(common::fixtures().join("samples").join(f)).unwrap())
         .collect();
     let p = predictor.predict_bytes(&photos);
-    let (cat, dog) = (p[0].as_ref().unwrap(), p[1].as_ref().unwrap());
+    let (cat, dog) = (
+        &p[0].as_ref().unwrap().probabilities,
+        &p[1].as_ref().unwrap().probabilities,
+    );
     assert!(cat[0] > 0.5 && dog[1] > 0.5, "cat {cat:?}, dog {dog:?}");
 }
 

@@ -381,3 +381,29 @@ fn onnx_export_matches_predict_in_onnx_runtime_for_every_backbone() {
         }
     }
 }
+
+/// A version's origin is stored with its report and read back, on the embedded database.
+#[sqlx::test(migrations = "migrations/sqlite")]
+async fn a_versions_origin_is_stored_with_it(pool: sqlx::SqlitePool) {
+    let db = transferd::db::Db::from(pool);
+    let (staged, _) = common::read_folder(&common::fixtures().join("pets"), &common::tiny_config());
+    let origin = transferd::db::datasets::Origin {
+        parent_id: "parent".into(),
+        excluded: 2,
+        relabelled: 1,
+    };
+    let d =
+        transferd::db::datasets::insert(&db, "v", "pets (fixed)", &staged.ingested, Some(&origin))
+            .await
+            .unwrap();
+    assert_eq!(d.origin.as_ref(), Some(&origin));
+    let back = transferd::db::datasets::get(&db, "v")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.origin, Some(origin));
+    let plain = transferd::db::datasets::insert(&db, "p", "pets", &staged.ingested, None)
+        .await
+        .unwrap();
+    assert_eq!(plain.origin, None);
+}

@@ -215,6 +215,9 @@ pub struct RunEvaluation {
     /// How "unknown" answers are decided: the out-of-distribution method and threshold
     /// (absent for runs from before they existed).
     pub ood: Option<crate::ml::ood::OodSummary>,
+    /// How many likely label errors, near-duplicates and outliers the audit found (the
+    /// findings: `GET /api/runs/{id}/audit`).
+    pub audit: Option<crate::ml::audit::AuditCounts>,
 }
 
 /// Confusion matrix, per-class precision/recall/F1, calibration and the misclassified images.
@@ -262,6 +265,7 @@ pub async fn evaluation(
         misclassified,
         training: eval.training,
         ood: eval.ood,
+        audit: eval.audit.map(|a| a.counts),
     }))
 }
 
