@@ -15,7 +15,7 @@ use crate::ml::backbone::Backbone;
 use crate::ml::device::{DeviceChoice, SelectedDevice, select};
 use crate::ml::evaluate::argmax;
 use crate::ml::events::{Cancel, Stage, TrainEvent};
-use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, ood, train, weights};
+use crate::ml::{artifact, config::TrainConfig, imagenet, infer::Predictor, train, weights};
 
 /// transferd: turn a folder of labelled photos into an image classifier by transfer learning.
 #[derive(Debug, Parser)]
@@ -212,8 +212,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let bytes = crate::ml::export::export_dir(&model, format)
                 .with_context(|| format!("exporting {}", model.display()))?;
-            let tmp = out.with_extension("partial");
-            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            let mut tmp = out.clone().into_os_string();
+            tmp.push(".partial");
+            let tmp = PathBuf::from(tmp);
+            if let Err(e) = std::fs::write(&tmp, &bytes) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e).with_context(|| format!("writing {}", tmp.display()));
+            }
             crate::durable::rename(&tmp, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
             println_json(
@@ -429,7 +434,7 @@ fn predict(model: &Path, images: &[PathBuf], d: &DeviceArgs) -> anyhow::Result<(
                         .cloned()
                         .zip(p.probabilities.iter().map(|&v| json!(v)))
                         .collect();
-                    let unknown = p.ood.is_some_and(|(s, t)| ood::is_unknown(s, t));
+                    let (_, unknown) = p.unknown(None);
                     let label = (!unknown).then(|| &classes[argmax(&p.probabilities)]);
                     json!({"image": image, "label": label, "unknown": unknown,
                         "ood_score": p.ood.map(|o| o.0), "probabilities": probabilities})

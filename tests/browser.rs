@@ -44,15 +44,7 @@ fn web_page_end_to_end_in_headless_chromium() {
     std::fs::write(&zip, common::pets_zip_with_near_duplicate()).unwrap();
     // A flat pattern (vertical stripes of two flat colours) that looks like neither class.
     let foreign = work.path().join("foreign.png");
-    image::RgbImage::from_fn(224, 224, |x, _| {
-        if (x / 28) % 2 == 0 {
-            image::Rgb([220, 40, 40])
-        } else {
-            image::Rgb([30, 70, 200])
-        }
-    })
-    .save(&foreign)
-    .unwrap();
+    common::stripes(&foreign);
     let out = Command::new("node")
         .arg(root.join("tests/browser/e2e.mjs"))
         .env("TRANSFERD_BIN", env!("CARGO_BIN_EXE_transferd"))

@@ -73,7 +73,6 @@ pub async fn write_chunk(
         .map_err(|e| ApiError::internal("writing an upload to disk", e))
 }
 
-/// Parses JSON; a mistake comes back as a 422 naming its field (`config.finetune.epochs`).
 /// A JSON request body of at most `limit` bytes. Only `application/json` is taken: a form
 /// or a `no-cors` fetch cannot send that type, which keeps other sites out too.
 pub async fn json_request<T: DeserializeOwned>(
@@ -90,6 +89,7 @@ pub async fn json_request<T: DeserializeOwned>(
     parse_json(&bytes)
 }
 
+/// Parses JSON; a mistake comes back as a 422 naming its field (`config.finetune.epochs`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::BadRequest(

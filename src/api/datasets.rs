@@ -45,7 +45,7 @@ pub struct UploadQuery {
     pub name: Option<String>,
 }
 
-pub(super) const MAX_NAME: usize = 200;
+const MAX_NAME: usize = 200;
 /// Bytes the multipart `name` field may carry (read no further).
 const MAX_NAME_FIELD: usize = 1024;
 
@@ -262,16 +262,7 @@ pub async fn upload(
     let mut name = query.name;
     room_for_upload(&state, &headers).await?;
     let zip = receive(&state, &headers, request, &mut name).await?;
-    let name = name
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "dataset".into());
-    if name.chars().count() > MAX_NAME {
-        return Err(ApiError::invalid(
-            "name",
-            format!("longer than {MAX_NAME} characters"),
-        ));
-    }
+    let name = dataset_name(name, "dataset")?;
     let id = uuid::Uuid::new_v4().to_string();
     let staging = state.storage.tmp().join(format!("dataset-{id}"));
     let limits = state.settings.limits.clone();
@@ -292,6 +283,22 @@ pub async fn upload(
     };
     let dataset = store(&state, &id, &name, &staging, &ingested, None).await?;
     Ok((StatusCode::CREATED, Json(dataset)))
+}
+
+/// A dataset's name: the one given, trimmed, at most [`MAX_NAME`] characters; else
+/// `default`, cut to that length.
+pub(super) fn dataset_name(given: Option<String>, default: &str) -> Result<String, ApiError> {
+    match given
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+    {
+        Some(n) if n.chars().count() > MAX_NAME => Err(ApiError::invalid(
+            "name",
+            format!("longer than {MAX_NAME} characters"),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default.chars().take(MAX_NAME).collect()),
+    }
 }
 
 /// Moves a checked dataset folder (`staging`) into place, publishes it to the object store

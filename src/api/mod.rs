@@ -84,7 +84,6 @@ pub fn app(state: AppState) -> Router {
     let writes = Router::new()
         .merge(datasets::writes())
         .merge(runs::writes())
-        .merge(versions::writes())
         .merge(models::writes());
     let reads = Router::new()
         .merge(datasets::reads())
@@ -104,6 +103,8 @@ pub fn app(state: AppState) -> Router {
         .route_layer(timeout.clone());
     let untimed = Router::new()
         .merge(guarded(datasets::uploads(), Guard::Write))
+        // A version copies a whole dataset (to the shared store too): as long as an upload.
+        .merge(guarded(versions::writes(), Guard::Write))
         .merge(guarded(events::streams(), Guard::Read));
     let api = timed
         .merge(untimed)

@@ -14,7 +14,6 @@ use crate::db;
 use crate::error::{ApiError, ErrorBody};
 use crate::jobs::inference::Admitted;
 use crate::ml::evaluate::argmax;
-use crate::ml::ood;
 use crate::ml::preprocess::{self, Preprocessing};
 use crate::state::AppState;
 
@@ -236,13 +235,10 @@ pub async fn predict(
         .into_iter()
         .zip(names)
         .map(|(view, filename)| {
+            let (threshold, unknown) = view.unknown(q.unknown_threshold);
+            let ood_score = view.ood.map(|o| o.0);
             let p = view.probabilities;
             let best = argmax(&p);
-            let ood_score = view.ood.map(|o| o.0);
-            let threshold = q.unknown_threshold.or(view.ood.map(|o| o.1));
-            let unknown = ood_score
-                .zip(threshold)
-                .is_some_and(|(s, t)| ood::is_unknown(s, t));
             let mut order: Vec<usize> = (0..p.len()).collect();
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
             ImagePrediction {

@@ -66,19 +66,19 @@ pub async fn create(
     let classes: HashSet<&str> = parent.classes.iter().map(|c| c.name.as_str()).collect();
     let files = db::datasets::files(&state.db, &id).await?;
     let known: HashSet<i64> = files.iter().map(|f| f.id).collect();
-    let unknown: Vec<i64> = request
-        .exclude
-        .iter()
-        .chain(request.relabel.iter().map(|r| &r.file_id))
-        .filter(|f| !known.contains(f))
-        .copied()
-        .collect();
-    if !unknown.is_empty() {
-        return Err(ApiError::invalid(
-            "exclude",
-            format!("file ids not in dataset {id}: {unknown:?}"),
-        ));
-    }
+    let unknown = |field: &str, ids: &mut dyn Iterator<Item = i64>| {
+        let unknown: Vec<i64> = ids.filter(|f| !known.contains(f)).collect();
+        if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("file ids not in dataset {id}: {unknown:?}"),
+            ))
+        }
+    };
+    unknown("exclude", &mut request.exclude.iter().copied())?;
+    unknown("relabel", &mut request.relabel.iter().map(|r| r.file_id))?;
     let excluded: HashSet<i64> = request.exclude.iter().copied().collect();
     let mut relabels: BTreeMap<i64, &str> = BTreeMap::new();
     for r in &request.relabel {
@@ -111,17 +111,7 @@ pub async fn create(
             "nothing to change: exclude or relabel at least one image",
         ));
     }
-    let name = request
-        .name
-        .map(|n| n.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| format!("{} (fixed)", parent.name));
-    if name.chars().count() > super::datasets::MAX_NAME {
-        return Err(ApiError::invalid(
-            "name",
-            format!("longer than {} characters", super::datasets::MAX_NAME),
-        ));
-    }
+    let name = super::datasets::dataset_name(request.name, &format!("{} (fixed)", parent.name))?;
     let kept: Vec<Kept> = files
         .iter()
         .filter(|f| !excluded.contains(&f.id))
@@ -137,8 +127,25 @@ pub async fn create(
             bytes: f.bytes as u64,
         })
         .collect();
-    let names: Vec<String> = files.iter().map(|f| f.file_name()).collect();
-    state.objects.fetch_dataset(&id, &names).await?;
+    // A version keeps every class: leaving one out would be another problem, not a fix.
+    for class in &parent.classes {
+        if !kept.iter().any(|k| k.class == class.name) {
+            return Err(ApiError::invalid(
+                "exclude",
+                format!(
+                    "this would leave class {:?} with no images; a version keeps every class",
+                    class.name
+                ),
+            ));
+        }
+    }
+    let names: Vec<String> = files
+        .iter()
+        .filter(|f| !excluded.contains(&f.id))
+        .map(|f| f.file_name())
+        .collect();
+    // Kept out of the cache's evictions until the version's own copy is stored.
+    let _parent = state.objects.fetch_dataset(&id, &names).await?;
     let origin = Origin {
         parent_id: id.clone(),
         excluded: excluded.len(),

@@ -4,7 +4,7 @@
 //! distinct photos), "unknown" answers (AUROC and FPR at 95% TPR against photos of other
 //! subjects and a held-out class) and the export's size and time per backbone.
 //!
-//! Usage: `trust_bench DATA_DIR FOREIGN_DIR` (frozen Lite0 features, one view per photo).
+//! Usage: `trust_bench DATA_DIR FOREIGN_DIR` (frozen Lite0 features, the default views).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -79,7 +79,6 @@ fn main() -> anyhow::Result<()> {
     let device = Device::flex();
     let mut config = TrainConfig {
         backbone: BackboneChoice::Fixed(Backbone::Lite0),
-        views: 1,
         ..Default::default()
     };
     config.finetune.enabled = transferd::ml::config::When::Off;
@@ -127,13 +126,7 @@ fn main() -> anyhow::Result<()> {
         }
         let st = Standardizer::fit(&[&cache]);
         let data = st.rows(&[(&cache, true)], None);
-        let model = head_fit::fit_rows(
-            &data,
-            classes,
-            None,
-            transferd::ml::insight::DEFAULT_L2,
-            None,
-        );
+        let model = head_fit::fit_rows(&data, classes, None, audit::DEFAULT_L2, None);
         let linear = st.to_linear(&model, &device);
         let logits =
             transferd::ml::head_phase::head_logits(&linear, &prepared.val.features, &device);
@@ -166,7 +159,7 @@ fn main() -> anyhow::Result<()> {
             splits: vec![Split::Train; train_rows.len()],
         };
         let t = Instant::now();
-        let probs = audit::out_of_fold(&rows, classes, transferd::ml::insight::DEFAULT_L2, 1);
+        let probs = audit::out_of_fold(&rows, classes, audit::DEFAULT_L2, 1);
         let (flagged, _) = audit::label_issues(&probs, &noisy, classes);
         let seconds = t.elapsed().as_secs_f64();
         let hits = flagged.iter().filter(|(i, _)| flipped.contains(i)).count();
@@ -300,13 +293,7 @@ fn main() -> anyhow::Result<()> {
     let st = Standardizer::fit(&[tr]);
     let data = st.rows(&[(tr, true)], None);
     let head = st.to_linear(
-        &head_fit::fit_rows(
-            &data,
-            classes,
-            None,
-            transferd::ml::insight::DEFAULT_L2,
-            None,
-        ),
+        &head_fit::fit_rows(&data, classes, None, audit::DEFAULT_L2, None),
         &device,
     );
     let msp = |rows: &[&[f32]]| -> Vec<f64> {
@@ -367,7 +354,8 @@ fn main() -> anyhow::Result<()> {
             100.0 * hf
         );
     }
-    let (_, summary) = ood::calibrate(tr, &prepared.val.features, classes, 5, 1);
+    let (_, summary) =
+        ood::calibrate(tr, &prepared.val.features, classes, 5, 1).expect("validation photos");
     println!(
         "\nThe served threshold (calibrated on the validation photos, α = {:.3}): {:.3}",
         summary.shrinkage, summary.threshold

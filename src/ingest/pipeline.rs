@@ -183,22 +183,25 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// The formats datasets store, under the names their files and rows carry.
+const FORMATS: [(ImageFormat, &str); 5] = [
+    (ImageFormat::Jpeg, "jpeg"),
+    (ImageFormat::Png, "png"),
+    (ImageFormat::WebP, "webp"),
+    (ImageFormat::Gif, "gif"),
+    (ImageFormat::Bmp, "bmp"),
+];
+
 /// The stored format name of a format name read back from the database.
 pub(super) fn known_format(name: &str) -> Option<&'static str> {
-    ["jpeg", "png", "webp", "gif", "bmp"]
-        .into_iter()
-        .find(|f| *f == name)
+    FORMATS.iter().map(|f| f.1).find(|f| *f == name)
 }
 
 fn format_name(format: ImageFormat) -> &'static str {
-    match format {
-        ImageFormat::Jpeg => "jpeg",
-        ImageFormat::Png => "png",
-        ImageFormat::WebP => "webp",
-        ImageFormat::Gif => "gif",
-        ImageFormat::Bmp => "bmp",
-        _ => "bin",
-    }
+    FORMATS
+        .iter()
+        .find(|f| f.0 == format)
+        .map_or("bin", |f| f.1)
 }
 
 /// Checks a chunk of read entries in parallel, then writes the new ones.

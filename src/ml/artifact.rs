@@ -1,6 +1,7 @@
 //! The model directory: `config.json` (classes, preprocessing, backbone, training config,
-//! seed, calibration), `model.bpk` (the burn record of the full network), `metrics.json` and
-//! `evaluation.json`. Written to a temporary sibling and renamed into place, so a crash
+//! seed, calibration), `model.bpk` (the burn record of the full network), `metrics.json`,
+//! `evaluation.json`, and for "unknown" answers `ood.json` (method, threshold) and `ood.bin`
+//! (the class Gaussians, see `ood`). Written to a temporary sibling and renamed into place, so a crash
 //! never leaves a half-written model under the final name.
 
 use std::fs;

@@ -38,6 +38,19 @@ pub struct ViewPrediction {
     pub ood: Option<(f64, f64)>,
 }
 
+impl ViewPrediction {
+    /// The threshold in force (`threshold` when given, else the model's) and whether the
+    /// photo is "none of the classes" under it: the one place answers decide it.
+    pub fn unknown(&self, threshold: Option<f64>) -> (Option<f64>, bool) {
+        let threshold = threshold.or(self.ood.map(|o| o.1));
+        let unknown = self
+            .ood
+            .zip(threshold)
+            .is_some_and(|((score, _), t)| super::ood::is_unknown(score, t));
+        (threshold, unknown)
+    }
+}
+
 impl Predictor {
     /// Loads a model directory onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ArtifactError> {

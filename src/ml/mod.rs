@@ -24,7 +24,6 @@ pub mod head_fit;
 pub mod head_phase;
 pub mod imagenet;
 pub mod infer;
-pub mod insight;
 pub mod kernels;
 pub mod lanes;
 pub mod ood;

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::audit;
 use super::backbone::{Backbone, EfficientNetLite};
 use super::cache::{FrozenPass, frozen_pass};
 use super::config::{ClassWeighting, TrainConfig};
@@ -20,7 +21,6 @@ use super::events::{Cancel, EpochMetrics, Phase, PhaseSummary, Stage, TrainError
 use super::head::{TransferModel, TransferModelConfig};
 use super::head_fit::{self, Standardizer};
 use super::head_phase::{HeadInput, head_logits, head_phase};
-use super::insight;
 use super::ood::{self, Gaussians, OodSummary};
 use super::phases::{Trainer, features_of, logits_of, loss_and_accuracy};
 use super::plan::{EstimateMethod, FinetuneDecision, HeadReport, Plan, TrainingReport};
@@ -496,13 +496,14 @@ pub fn fit(
         ))
     };
     cancel.check()?;
-    evaluation.audit = Some(insight::audit_run(
+    evaluation.audit = Some(audit::audit_run(
         prepared,
         dataset,
-        head.as_ref().map_or(insight::DEFAULT_L2, |h| h.l2),
+        head.as_ref().map_or(audit::DEFAULT_L2, |h| h.l2),
         config,
     ));
-    let ood = served.as_ref().map(|(train_f, val_f)| {
+    cancel.check()?;
+    let ood = served.as_ref().and_then(|(train_f, val_f)| {
         ood::calibrate(train_f, val_f, n_classes, config.warmup.folds, config.seed)
     });
     evaluation.ood = ood.as_ref().map(|o| o.1.clone());

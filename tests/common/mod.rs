@@ -162,3 +162,17 @@ pub fn near_duplicate_jpeg(path: &Path) -> Vec<u8> {
         .expect("the copy encodes");
     out
 }
+
+/// A 224×224 picture of flat vertical stripes in two colours, saved at `path`: a picture of
+/// nothing any pet model knows, for the "none of the classes" checks.
+pub fn stripes(path: &Path) {
+    image::RgbImage::from_fn(224, 224, |x, _| {
+        if (x / 28) % 2 == 0 {
+            image::Rgb([230, 40, 40])
+        } else {
+            image::Rgb([40, 40, 230])
+        }
+    })
+    .save(path)
+    .unwrap();
+}

@@ -38,12 +38,9 @@ impl ExportFormat {
         }
     }
 
-    /// File extension, without the dot.
+    /// File extension, without the dot: the format's name.
     pub fn extension(self) -> &'static str {
-        match self {
-            ExportFormat::Onnx => "onnx",
-            ExportFormat::Safetensors => "safetensors",
-        }
+        self.name()
     }
 
     /// Media type of the file (neither format has a registered one).
