@@ -43,19 +43,7 @@ async fn audit_versions_unknown_answers_and_export_over_http() {
     );
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    let form = reqwest::multipart::Form::new().part(
-        "file",
-        reqwest::multipart::Part::bytes(common::pets_zip_with_near_duplicate())
-            .file_name("pets.zip"),
-    );
-    let res = http
-        .post(format!("{base}/api/datasets"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 201);
-    let dataset: Value = res.json().await.unwrap();
+    let dataset = common::client::upload_zip(&base, common::pets_zip_with_near_duplicate()).await;
     assert_eq!(dataset["total_images"], 25);
     let mut config = common::client::tiny(1);
     config["finetune"]["enabled"] = json!(false);

@@ -68,7 +68,7 @@ pub struct RunAudit {
     pub label_issues: Vec<LabelIssueRef>,
     pub near_duplicates: Vec<NearDuplicateRef>,
     pub outliers: Vec<OutlierRef>,
-    /// Totals (the lists stop at 200 each).
+    /// Totals (each list stops at `ml::audit::MAX_LISTED`).
     pub counts: AuditCounts,
     pub thresholds: AuditThresholds,
 }

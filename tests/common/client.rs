@@ -28,9 +28,14 @@ pub fn tiny(finetune_epochs: usize) -> Value {
 }
 
 pub async fn upload(base: &str) -> Value {
+    upload_zip(base, super::pets_zip()).await
+}
+
+/// Uploads `zip` as the dataset "pets"; 201 asserted.
+pub async fn upload_zip(base: &str, zip: Vec<u8>) -> Value {
     let form = reqwest::multipart::Form::new().text("name", "pets").part(
         "file",
-        reqwest::multipart::Part::bytes(super::pets_zip()).file_name("pets.zip"),
+        reqwest::multipart::Part::bytes(zip).file_name("pets.zip"),
     );
     let res = reqwest::Client::new()
         .post(format!("{base}/api/datasets"))
