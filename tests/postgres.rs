@@ -45,9 +45,18 @@ async fn every_table_reads_back_what_was_written() {
         .await
         .unwrap();
     assert_eq!((d.name.as_str(), d.total_images), ("pets", 0));
-    db::datasets::insert(&db, "d2", "more", &two_classes(), None)
+    // A dataset version carries where it came from.
+    let origin = db::datasets::Origin {
+        parent_id: "d1".into(),
+        excluded: 3,
+        relabelled: 1,
+    };
+    db::datasets::insert(&db, "d2", "more", &two_classes(), Some(&origin))
         .await
         .unwrap();
+    let d2 = db::datasets::get(&db, "d2").await.unwrap().unwrap();
+    assert_eq!(d2.origin, Some(origin));
+    assert_eq!(d.origin, None);
     let first = db::datasets::list(
         &db,
         &Page {
