@@ -73,8 +73,33 @@ fn auroc_fpr(inside: &[f64], outside: &[f64]) -> (f64, f64) {
     )
 }
 
+/// Seconds the audit's pair scan takes over `n` photos of random 1280-wide features.
+fn pair_scan_seconds(n: usize) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let rows = AuditRows {
+        x: (0..n * 1280)
+            .map(|_| rng.random_range(0.0..6.0f32))
+            .collect(),
+        dim: 1280,
+        labels: vec![0; n],
+        samples: (0..n).collect(),
+        splits: vec![Split::Train; n],
+    };
+    let t = Instant::now();
+    let _ = audit::neighbours(&rows, audit::DUPLICATE_SIMILARITY);
+    t.elapsed().as_secs_f64()
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args[1] == "--pair-scan" {
+        // `trust_bench --pair-scan N…`: only the audit's pair scan, at each size.
+        println!("| photos | pair scan |\n|---|---|");
+        for n in &args[2..] {
+            println!("| {n} | {:.2} s |", pair_scan_seconds(n.parse()?));
+        }
+        return Ok(());
+    }
     let (data_dir, foreign_dir) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
     let device = Device::flex();
     let mut config = TrainConfig {
@@ -362,6 +387,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     // 4. Export size and time.
+    println!("\n| photos | audit pair scan (random features) |\n|---|---|");
+    for n in [2_000, 8_000] {
+        println!("| {n} | {:.2} s |", pair_scan_seconds(n));
+    }
+
     println!(
         "\n| backbone | ONNX size | ONNX time | safetensors size | safetensors time |\n|---|---|---|---|---|"
     );

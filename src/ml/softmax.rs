@@ -257,13 +257,15 @@ pub fn fit(
 }
 
 /// `dst (m × n, row-major) = a (m × p) · b (p × n)`, where `[m, n, p]` are the sizes and each
-/// operand's element `[i, j]` is at `i * strides[0] + j * strides[1]`.
-pub(crate) fn matmul(
-    dst: &mut [f64],
+/// operand's element `[i, j]` is at `i * strides[0] + j * strides[1]`. Single-threaded: the
+/// callers run it on rayon threads of their own. For `f64` (the solver, covariances) and
+/// `f32` (the audit's similarities).
+pub(crate) fn matmul<T: Copy + From<u8> + 'static>(
+    dst: &mut [T],
     [m, n, p]: [usize; 3],
-    a: &[f64],
+    a: &[T],
     a_strides: [usize; 2],
-    b: &[f64],
+    b: &[T],
     b_strides: [usize; 2],
 ) {
     let last = |rows: usize, cols: usize, s: [usize; 2]| {
@@ -276,7 +278,7 @@ pub(crate) fn matmul(
         return;
     }
     if p == 0 {
-        dst[..m * n].fill(0.0);
+        dst[..m * n].fill(T::from(0));
         return;
     }
     // SAFETY: every element the strides reach lies inside its slice (checked above), `dst`
@@ -297,8 +299,8 @@ pub(crate) fn matmul(
             b.as_ptr(),
             b_strides[1] as isize,
             b_strides[0] as isize,
-            0.0,
-            1.0,
+            T::from(0),
+            T::from(1),
             false,
             false,
             false,

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::super::softmax::matmul;
 use super::{AuditRows, NEIGHBOURS};
 
 /// Near-duplicate pairs (i < j, similarity) and each photo's mean cosine distance to its
@@ -23,29 +24,25 @@ pub fn neighbours(rows: &AuditRows, threshold: f64) -> (Vec<(usize, usize, f64)>
             c.into_iter().map(move |v| (v / norm) as f32)
         })
         .collect();
-    let row = |i: usize| &unit[i * d..(i + 1) * d];
-    let per_photo: Vec<(Vec<(usize, usize, f64)>, f64)> = (0..n)
+    // Similarities a block of rows at a time, each block one GEMM against every row: the
+    // scan is bound by multiply-adds, not by reading the features once per pair.
+    let starts: Vec<usize> = (0..n).step_by(BLOCK).collect();
+    let per_photo: Vec<(Vec<(usize, usize, f64)>, f64)> = starts
         .into_par_iter()
-        .map(|i| {
-            let mut nearest: Vec<f64> = Vec::with_capacity(NEIGHBOURS + 1);
-            let mut pairs = Vec::new();
-            for j in 0..n {
-                if j == i {
-                    continue;
-                }
-                let s = dot(row(i), row(j));
-                if j > i && s >= threshold {
-                    pairs.push((i, j, s));
-                }
-                if nearest.len() < NEIGHBOURS || s > nearest[nearest.len() - 1] {
-                    let at = nearest.partition_point(|&v| v >= s);
-                    nearest.insert(at, s);
-                    nearest.truncate(NEIGHBOURS);
-                }
-            }
-            let distance =
-                nearest.iter().map(|s| 1.0 - s).sum::<f64>() / nearest.len().max(1) as f64;
-            (pairs, distance)
+        .flat_map_iter(|start| {
+            let rows = BLOCK.min(n - start);
+            let mut sims = vec![0.0f32; rows * n];
+            matmul(
+                &mut sims,
+                [rows, n, d],
+                &unit[start * d..],
+                [d, 1],
+                &unit,
+                [1, d],
+            );
+            (0..rows)
+                .map(|r| scan(start + r, &sims[r * n..(r + 1) * n], threshold))
+                .collect::<Vec<_>>()
         })
         .collect();
     let mut pairs = Vec::new();
@@ -57,22 +54,30 @@ pub fn neighbours(rows: &AuditRows, threshold: f64) -> (Vec<(usize, usize, f64)>
     (pairs, distances)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    // Eight partial sums so the compiler can keep them in one vector register.
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
+/// Rows of similarities computed per GEMM (a block times every photo, in f32).
+const BLOCK: usize = 128;
+
+/// Photo `i`'s pairs with later photos at or above `threshold`, and its mean distance to its
+/// nearest neighbours, from its row of similarities.
+fn scan(i: usize, sims: &[f32], threshold: f64) -> (Vec<(usize, usize, f64)>, f64) {
+    let mut nearest: Vec<f64> = Vec::with_capacity(NEIGHBOURS + 1);
+    let mut pairs = Vec::new();
+    for (j, &s) in sims.iter().enumerate() {
+        if j == i {
+            continue;
+        }
+        let s = s as f64;
+        if j > i && s >= threshold {
+            pairs.push((i, j, s));
+        }
+        if nearest.len() < NEIGHBOURS || s > nearest[nearest.len() - 1] {
+            let at = nearest.partition_point(|&v| v >= s);
+            nearest.insert(at, s);
+            nearest.truncate(NEIGHBOURS);
         }
     }
-    (acc.iter().sum::<f32>() + tail) as f64
+    let distance = nearest.iter().map(|s| 1.0 - s).sum::<f64>() / nearest.len().max(1) as f64;
+    (pairs, distance)
 }
 
 /// Modified z-scores `0.6745·(x − median) / MAD` (0 everywhere when the MAD is 0).
