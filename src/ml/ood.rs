@@ -13,6 +13,7 @@
 //! The threshold is the [`QUANTILE`] of scores of photos the fit never saw (the validation
 //! split, or out of fold for small sets), so about 95% of in-distribution photos pass.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cache::RowCache;
@@ -28,6 +29,8 @@ pub enum Shrinkage {
     LedoitWolf,
     Fixed(f64),
 }
+/// Rows per block of the covariance sum.
+const FIT_ROWS: usize = 512;
 /// Share of held-out in-distribution photos whose score the threshold lets through.
 pub const QUANTILE: f64 = 0.95;
 
@@ -71,24 +74,50 @@ impl Gaussians {
         shrinkage: Shrinkage,
     ) -> (Self, f64) {
         let n = labels.len();
-        let unit: Vec<f32> = rows.chunks(dim).flat_map(unit).collect();
-        let rows = &unit[..];
         let mut mean = vec![vec![0.0f64; dim]; classes];
         let mut count = vec![0usize; classes];
         for (r, &y) in rows.chunks(dim).zip(labels) {
-            mean[y].iter_mut().zip(r).for_each(|(m, &v)| *m += v as f64);
+            mean[y]
+                .iter_mut()
+                .zip(unit(r))
+                .for_each(|(m, v)| *m += v as f64);
             count[y] += 1;
         }
         for (m, &c) in mean.iter_mut().zip(&count) {
             m.iter_mut().for_each(|v| *v /= c.max(1) as f64);
         }
-        let z: Vec<f64> = rows
-            .chunks(dim)
-            .zip(labels)
-            .flat_map(|(r, &y)| r.iter().zip(&mean[y]).map(|(&v, m)| v as f64 - m))
-            .collect();
-        let mut cov = vec![0.0; dim * dim];
-        matmul(&mut cov, [dim, dim, n], &z, [1, dim], &z, [dim, 1]);
+        // `ZᵀZ` and `Σᵢ‖zᵢ‖⁴` over blocks of rows on the rayon pool, so that memory holds a
+        // block of centred rows at a time, never all of them.
+        let (mut cov, z4) = rows
+            .par_chunks(FIT_ROWS * dim)
+            .zip(labels.par_chunks(FIT_ROWS))
+            .map(|(block, ys)| {
+                let z: Vec<f64> = block
+                    .chunks(dim)
+                    .zip(ys)
+                    .flat_map(|(r, &y)| {
+                        unit(r)
+                            .into_iter()
+                            .zip(&mean[y])
+                            .map(|(v, m)| v as f64 - m)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let mut part = vec![0.0; dim * dim];
+                matmul(&mut part, [dim, dim, ys.len()], &z, [1, dim], &z, [dim, 1]);
+                let z4: f64 = z
+                    .chunks(dim)
+                    .map(|r| r.iter().map(|v| v * v).sum::<f64>().powi(2))
+                    .sum();
+                (part, z4)
+            })
+            .reduce(
+                || (vec![0.0; dim * dim], 0.0),
+                |(mut a, x), (b, y)| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    (a, x + y)
+                },
+            );
         let n_f = n.max(1) as f64;
         cov.iter_mut().for_each(|v| *v /= n_f);
         let mu: f64 = (0..dim).map(|i| cov[i * dim + i]).sum::<f64>() / dim as f64;
@@ -97,10 +126,6 @@ impl Gaussians {
             Shrinkage::LedoitWolf => {
                 // With S = ZᵀZ/n: Σᵢ‖zᵢzᵢᵀ − S‖² = Σᵢ‖zᵢ‖⁴ − n‖S‖², and ‖S − μI‖² = ‖S‖² − dμ².
                 let s2: f64 = cov.iter().map(|v| v * v).sum();
-                let z4: f64 = z
-                    .chunks(dim)
-                    .map(|r| r.iter().map(|v| v * v).sum::<f64>().powi(2))
-                    .sum();
                 let delta = (s2 - dim as f64 * mu * mu).max(1e-30);
                 let beta = ((z4 - n_f * s2) / (n_f * n_f)).clamp(0.0, delta);
                 beta / delta
