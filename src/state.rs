@@ -274,13 +274,7 @@ mod tests {
     #[sqlx::test(migrations = "migrations/sqlite")]
     async fn only_old_objects_no_row_needs_are_cleared(pool: sqlx::SqlitePool) {
         let db = Db::from(pool);
-        let ingested = crate::ingest::Ingested {
-            classes: vec!["a".into(), "b".into()],
-            images: Vec::new(),
-            skipped: Vec::new(),
-            warnings: Vec::new(),
-            dir: ".".into(),
-        };
+        let ingested = crate::ingest::Ingested::empty(&["a", "b"]);
         db::datasets::insert(&db, "kept", "kept", &ingested, None)
             .await
             .unwrap();

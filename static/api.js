@@ -130,13 +130,9 @@ export async function imageUrl(path) {
   return URL.createObjectURL(await res.blob());
 }
 
-/** The file name a `Content-Disposition` header gives (`filename*=UTF-8''…` or `filename="…"`). */
+/** The file name of the API's `Content-Disposition: attachment; filename="…"`. */
 function attachmentName(disposition) {
-  if (!disposition) return null;
-  const star = disposition.match(/filename\*\s*=\s*[\w-]+'[^']*'([^;]+)/i);
-  if (star) { try { return decodeURIComponent(star[1].trim()); } catch { /* fall back to filename= */ } }
-  const plain = disposition.match(/filename\s*=\s*(?:"([^"]*)"|([^;]+))/i);
-  return plain ? (plain[1] ?? plain[2]).trim() || null : null;
+  return disposition?.match(/filename="([^"]+)"/)?.[1] ?? null;
 }
 
 /** A download the API serves (fetched with the key): `{ blob, filename }`, the name from

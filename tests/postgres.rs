@@ -25,13 +25,7 @@ async fn fresh() -> (Cluster, Db) {
 }
 
 fn two_classes() -> Ingested {
-    Ingested {
-        classes: vec!["cat".into(), "dog".into()],
-        images: Vec::new(),
-        skipped: Vec::new(),
-        warnings: Vec::new(),
-        dir: ".".into(),
-    }
+    Ingested::empty(&["cat", "dog"])
 }
 
 const LEASE: Duration = Duration::from_secs(60);

@@ -9,10 +9,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::photos::Photos;
-use crate::db;
 use crate::error::{ApiError, ErrorBody};
 use crate::ml::audit::{AuditCounts, AuditPhoto, AuditThresholds, PairKind, Split};
-use crate::ml::evaluate::Evaluation;
 use crate::state::AppState;
 
 pub fn reads() -> Router<AppState> {
@@ -84,16 +82,7 @@ pub async fn audit(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunAudit>, ApiError> {
-    let run = db::runs::get(&state.db, &id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("run {id} not found")))?;
-    let Some(report) = db::epochs::evaluation(&state.db, &id).await? else {
-        return Err(ApiError::Conflict(format!(
-            "run {id} is {}; its audit exists once it has succeeded",
-            run.status
-        )));
-    };
-    let eval: Evaluation = db::json(&report)?;
+    let (run, eval) = super::runs::succeeded_evaluation(&state, &id, "audit").await?;
     let audit = eval.audit.ok_or_else(|| {
         ApiError::NotFound(format!("run {id} finished before runs audited their data"))
     })?;

@@ -220,6 +220,25 @@ pub struct RunEvaluation {
     pub audit: Option<crate::ml::audit::AuditCounts>,
 }
 
+/// A run and its stored evaluation: 404 for an unknown run, 409 (naming `what` the caller
+/// wanted) while it has not succeeded.
+pub(super) async fn succeeded_evaluation(
+    state: &AppState,
+    id: &str,
+    what: &str,
+) -> Result<(Run, Evaluation), ApiError> {
+    let run = db::runs::get(&state.db, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let Some(report) = db::epochs::evaluation(&state.db, id).await? else {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is {}; its {what} exists once it has succeeded",
+            run.status
+        )));
+    };
+    Ok((run, db::json(&report)?))
+}
+
 /// Confusion matrix, per-class precision/recall/F1, calibration and the misclassified images.
 #[utoipa::path(get, path = "/api/runs/{id}/evaluation", tag = "runs",
     params(("id" = String, Path, description = "Run id")),
@@ -229,16 +248,7 @@ pub async fn evaluation(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunEvaluation>, ApiError> {
-    let run = db::runs::get(&state.db, &id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    let Some(report) = db::epochs::evaluation(&state.db, &id).await? else {
-        return Err(ApiError::Conflict(format!(
-            "run {id} is {}; its evaluation exists once it has succeeded",
-            run.status
-        )));
-    };
-    let eval: Evaluation = db::json(&report)?;
+    let (run, eval) = succeeded_evaluation(&state, &id, "evaluation").await?;
     let photos = super::photos::Photos::of(&state.db, run.dataset_id.as_deref()).await?;
     let misclassified = eval
         .misclassified

@@ -47,13 +47,7 @@ async fn round(
     workers: usize,
 ) -> anyhow::Result<Round> {
     empty(db).await?;
-    let ingested = Ingested {
-        classes: vec!["a".into(), "b".into()],
-        images: Vec::new(),
-        skipped: Vec::new(),
-        warnings: Vec::new(),
-        dir: ".".into(),
-    };
+    let ingested = Ingested::empty(&["a", "b"]);
     db::datasets::insert(db, "bench", "bench", &ingested, None).await?;
     let config = TrainConfig::default();
     for i in 0..runs {

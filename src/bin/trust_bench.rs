@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use transferd::ingest;
 use transferd::ml::audit::{self, AuditRows, Split};
-use transferd::ml::backbone::{Backbone, EfficientNetLite};
+use transferd::ml::backbone::{Backbone, EfficientNetLite, FEATURES};
 use transferd::ml::cache::RowCache;
 use transferd::ml::config::{BackboneChoice, TrainConfig};
 use transferd::ml::events::Cancel;
@@ -42,7 +42,7 @@ fn features(
         out.extend(
             f.as_slice::<f32>()
                 .unwrap()
-                .chunks(1280)
+                .chunks(FEATURES)
                 .map(<[f32]>::to_vec),
         );
     }
@@ -77,10 +77,10 @@ fn auroc_fpr(inside: &[f64], outside: &[f64]) -> (f64, f64) {
 fn pair_scan_seconds(n: usize) -> f64 {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let rows = AuditRows {
-        x: (0..n * 1280)
+        x: (0..n * FEATURES)
             .map(|_| rng.random_range(0.0..6.0f32))
             .collect(),
-        dim: 1280,
+        dim: FEATURES,
         labels: vec![0; n],
         samples: (0..n).collect(),
         splits: vec![Split::Train; n],
@@ -124,8 +124,8 @@ fn main() -> anyhow::Result<()> {
     )?;
     eprintln!("frozen pass: {:.1} s", started.elapsed().as_secs_f64());
     let classes = ds.classes.len();
-    let train_rows = AuditRows::from_caches(&prepared.train.features, &RowCache::new(&[1280]));
-    let val_rows = AuditRows::from_caches(&RowCache::new(&[1280]), &prepared.val.features);
+    let train_rows = AuditRows::from_caches(&prepared.train.features, &RowCache::new(&[FEATURES]));
+    let val_rows = AuditRows::from_caches(&RowCache::new(&[FEATURES]), &prepared.val.features);
     println!(
         "CPU: see `bench/trust.sh` header; dataset {} photos ({} train, {} validation), {classes} classes\n",
         ds.samples.len(),
@@ -139,11 +139,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let head_accuracy = |rows: &AuditRows, labels: &[usize], keep: &[bool]| {
-        let mut cache = RowCache::new(&[1280]);
+        let mut cache = RowCache::new(&[FEATURES]);
         for i in (0..rows.len()).filter(|&i| keep[i]) {
             cache
                 .push_rows(
-                    &rows.x[i * 1280..(i + 1) * 1280],
+                    &rows.x[i * FEATURES..(i + 1) * FEATURES],
                     &[labels[i]],
                     &[rows.samples[i]],
                 )
@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
         let rows = AuditRows {
             labels: noisy.clone(),
             x: train_rows.x.clone(),
-            dim: 1280,
+            dim: FEATURES,
             samples: train_rows.samples.clone(),
             splits: vec![Split::Train; train_rows.len()],
         };
@@ -322,7 +322,7 @@ fn main() -> anyhow::Result<()> {
         &device,
     );
     let msp = |rows: &[&[f32]]| -> Vec<f64> {
-        let mut c = RowCache::new(&[1280]);
+        let mut c = RowCache::new(&[FEATURES]);
         for r in rows {
             c.push_rows(r, &[0], &[0]).unwrap();
         }
@@ -352,7 +352,7 @@ fn main() -> anyhow::Result<()> {
         ("0.5", Shrinkage::Fixed(0.5)),
         ("0.9", Shrinkage::Fixed(0.9)),
     ] {
-        let (g, alpha) = Gaussians::fit(&tr.data, 1280, &tr.labels, classes, shrink);
+        let (g, alpha) = Gaussians::fit(&tr.data, FEATURES, &tr.labels, classes, shrink);
         let inside: Vec<f64> = val_refs.iter().map(|r| g.score(r)).collect();
         let outside: Vec<f64> = foreign_refs.iter().map(|r| g.score(r)).collect();
         let (a, f) = auroc_fpr(&inside, &outside);
@@ -362,7 +362,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let rows: Vec<f32> = keep.iter().flat_map(|&r| tr.row(r).to_vec()).collect();
         let labels: Vec<usize> = keep.iter().map(|&r| tr.labels[r]).collect();
-        let (h, _) = Gaussians::fit(&rows, 1280, &labels, classes - 1, shrink);
+        let (h, _) = Gaussians::fit(&rows, FEATURES, &labels, classes - 1, shrink);
         let v = &prepared.val.features;
         let known: Vec<f64> = (0..v.len())
             .filter(|&r| v.labels[r] != classes - 1)

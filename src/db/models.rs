@@ -223,13 +223,7 @@ mod tests {
     #[sqlx::test(migrations = "migrations/sqlite")]
     async fn newest_model_is_default_until_one_is_promoted(pool: sqlx::SqlitePool) {
         let pool = Db::from(pool);
-        let ingested = Ingested {
-            classes: vec!["a".into(), "b".into()],
-            images: Vec::new(),
-            skipped: Vec::new(),
-            warnings: Vec::new(),
-            dir: ".".into(),
-        };
+        let ingested = Ingested::empty(&["a", "b"]);
         crate::db::datasets::insert(&pool, "d", "d", &ingested, None)
             .await
             .unwrap();

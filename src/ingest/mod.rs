@@ -123,5 +123,18 @@ pub struct Ingested {
     pub dir: PathBuf,
 }
 
+impl Ingested {
+    /// Classes and no image: datasets rows for tests and benchmarks of the queue.
+    pub fn empty(classes: &[&str]) -> Self {
+        Self {
+            classes: classes.iter().map(|c| c.to_string()).collect(),
+            images: Vec::new(),
+            skipped: Vec::new(),
+            warnings: Vec::new(),
+            dir: PathBuf::from("."),
+        }
+    }
+}
+
 /// Images whose shorter side is below this are reported as tiny.
 pub const TINY_SIDE: u32 = 64;

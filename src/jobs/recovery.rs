@@ -104,13 +104,7 @@ mod tests {
         let storage = Storage::new(dir.path());
         storage.prepare().unwrap();
         let objects = Objects::local(storage.clone());
-        let ingested = Ingested {
-            classes: vec!["a".into(), "b".into()],
-            images: Vec::new(),
-            skipped: Vec::new(),
-            warnings: Vec::new(),
-            dir: dir.path().into(),
-        };
+        let ingested = Ingested::empty(&["a", "b"]);
         db::datasets::insert(&db, "d", "d", &ingested, None)
             .await
             .unwrap();

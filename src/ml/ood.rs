@@ -245,9 +245,10 @@ pub fn calibrate(
         let (g, _) = fit(&[(train, &all)]);
         scores.extend(first_views(val).into_iter().map(|r| g.score(val.row(r))));
     } else {
-        let photos: Vec<(usize, usize)> = first_views(train)
-            .into_iter()
-            .map(|r| (train.samples[r], train.labels[r]))
+        let scored = first_views(train);
+        let photos: Vec<(usize, usize)> = scored
+            .iter()
+            .map(|&r| (train.samples[r], train.labels[r]))
             .collect();
         let fold_of = stratified_folds(&photos, folds.max(2), seed ^ 0x6f6f_64);
         for f in 0..folds.max(2) {
@@ -257,10 +258,10 @@ pub fn calibrate(
             }
             let (g, _) = fit(&[(train, &|s| fold_of[&s] != f)]);
             scores.extend(
-                first_views(train)
-                    .into_iter()
-                    .filter(|&r| fold_of[&train.samples[r]] == f)
-                    .map(|r| g.score(train.row(r))),
+                scored
+                    .iter()
+                    .filter(|&&r| fold_of[&train.samples[r]] == f)
+                    .map(|&r| g.score(train.row(r))),
             );
         }
     }
