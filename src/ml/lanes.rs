@@ -51,9 +51,11 @@ pub fn each_task(tasks: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// Images per slice: small slices kept both cores busiest in the measurements (2 threads of
-/// 4–8 images beat 2 of 16), and they bound the memory of each thread's activations.
-const SLICE: usize = 8;
+/// Images per slice: small slices keep a slice's activations in the cache between layers and
+/// bound each thread's memory. With the fused kernels, Lite0 at batch 32 on 2 cores took
+/// 23.6–25.0 ms per image with slices of 8 and 17–21 ms with slices of 1 or 2 (alternated
+/// runs; before the fused kernels, 2 threads of 4–8 images had beaten 2 of 16).
+const SLICE: usize = 2;
 
 /// How many threads a forward pass on `device` should use: one per core for the CPU backend
 /// (at most 8), one for anything else.

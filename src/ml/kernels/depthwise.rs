@@ -8,12 +8,21 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Largest depthwise kernel side the kernel takes (EfficientNet uses 3 and 5).
-const MAX_KERNEL: usize = 11;
-
 /// `out[b, c, y, x] = epilogue(Σ_{i,j} w[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
 /// with zeros outside the image; one task per (image, channel) plane.
 pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
+    depthwise_with(shape, x, weight, epi, has_avx2())
+}
+
+/// [`depthwise`] with the hand-written AVX2 sums (`avx2`, only where the CPU has them) or
+/// the plain ones (what other CPUs run; tests run both).
+fn depthwise_with(
+    shape: Depthwise,
+    x: &[f32],
+    weight: &[f32],
+    epi: Epilogue<'_>,
+    avx2: bool,
+) -> Vec<f32> {
     let d = shape;
     let plane_in = d.height * d.width;
     let plane_out = d.out_height * d.out_width;
@@ -36,80 +45,132 @@ pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         epi.residual.is_none(),
         "no residual after a depthwise conv in MBConv"
     );
+    let layout = Layout::new(&d);
     let mut out = vec![0f32; d.batch * d.channels * plane_out];
     crate::ml::lanes::each_chunk(&mut out, plane_out, |plane, dst| {
         let c = plane % d.channels;
         let src = &x[plane * plane_in..][..plane_in];
         let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
         SCRATCH.with_borrow_mut(|scratch| {
-            depthwise_plane(&d, src, taps, epi.bias[c], epi.relu6, dst, scratch)
+            depthwise_plane(
+                &layout,
+                src,
+                taps,
+                epi.bias[c],
+                epi.relu6,
+                dst,
+                scratch,
+                avx2,
+            )
         });
     });
     out
 }
 
 versions!(fn depthwise_plane => depthwise_plane_body(
-    d: &Depthwise, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [f32],
-    scratch: &mut Vec<f32>,
+    layout: &Layout, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [f32],
+    scratch: &mut Vec<f32>, avx2: bool,
 ));
 
-/// One plane. The input is first copied into `scratch` with its zero padding and, for stride
-/// `s > 1`, regrouped by `column mod s`, so that the columns one tap reads for consecutive
-/// outputs are consecutive and always in bounds. Each run of `N` outputs of a row is then
-/// summed over every tap in registers and stored once.
-#[inline(always)]
-fn depthwise_plane_body(
-    d: &Depthwise,
-    src: &[f32],
-    taps: &[f32],
-    bias: f32,
-    relu6: bool,
-    dst: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    if d.out_width > 8 {
-        plane_in_runs::<16>(d, src, taps, bias, relu6, dst, scratch)
-    } else {
-        plane_in_runs::<8>(d, src, taps, bias, relu6, dst, scratch)
+/// Outputs summed together in one vector register.
+const LANES: usize = 8;
+
+/// How every plane of one call is copied into its scratch and read back: the same for all
+/// planes, so worked out once per call.
+///
+/// The input is copied into the scratch with its zero padding and, for stride `s > 1`,
+/// regrouped by `column mod s` (one "phase" per remainder), so that the columns one tap reads
+/// for consecutive outputs are consecutive and always in bounds.
+struct Layout {
+    d: Depthwise,
+    /// Padded rows the outputs read.
+    rows: usize,
+    /// Width of one phase's padded row: enough for the last run's reads, past the image's
+    /// right edge if need be.
+    phase_width: usize,
+    /// Per phase p: its first padded column c that holds an image column (c · s + p − left),
+    /// that image column (none if the phase holds none), and how many follow, every s-th.
+    phases: Vec<(usize, Option<usize>, usize)>,
+    /// Per tap (i, j), where it reads for output (0, 0): phase j mod s, row i, column j / s.
+    offsets: Vec<usize>,
+    /// One past the furthest scratch element any output reads.
+    reach: usize,
+}
+
+impl Layout {
+    fn new(d: &Depthwise) -> Self {
+        let (s, k, w) = (d.stride, d.kernel, d.width);
+        let rows = (d.out_height - 1) * s + k;
+        let phase_width = d.out_width.next_multiple_of(LANES) + (k - 1) / s;
+        let phases = (0..s)
+            .map(|p| {
+                let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
+                let x0 = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w);
+                let n = x0.map_or(0, |x0| (w - x0).div_ceil(s).min(phase_width - first));
+                (first, x0, n)
+            })
+            .collect();
+        let offsets = (0..k * k)
+            .map(|t| {
+                let (i, j) = (t / k, t % k);
+                ((j % s) * rows + i) * phase_width + j / s
+            })
+            .collect::<Vec<_>>();
+        // Output row y reads from y · s · phase_width on; its last run reaches a whole vector
+        // past the start of its last group of lanes, which the phase width leaves room for.
+        let reach = offsets.iter().max().copied().unwrap_or(0)
+            + (d.out_height - 1) * s * phase_width
+            + d.out_width.next_multiple_of(LANES);
+        assert!(
+            reach <= s * rows * phase_width,
+            "depthwise scratch holds every read"
+        );
+        Self {
+            d: *d,
+            rows,
+            phase_width,
+            phases,
+            offsets,
+            reach,
+        }
     }
 }
 
+/// One plane: copied into `scratch` as [`Layout`] says, then every run of [`LANES`] outputs
+/// of a row summed over all taps in registers and stored once ([`sum_rows`]).
 #[inline(always)]
-fn plane_in_runs<const N: usize>(
-    d: &Depthwise,
+fn depthwise_plane_body(
+    layout: &Layout,
     src: &[f32],
     taps: &[f32],
     bias: f32,
     relu6: bool,
     dst: &mut [f32],
     scratch: &mut Vec<f32>,
+    avx2: bool,
 ) {
-    let (s, k, w) = (d.stride, d.kernel, d.width);
-    let runs = d.out_width.div_ceil(N);
-    // Padded rows the outputs read, and the width of one phase's padded row: enough for the
-    // last run's reads, past the image's right edge if need be.
-    let rows = (d.out_height - 1) * s + k;
-    let phase_width = runs * N + (k - 1) / s;
+    let Layout {
+        d,
+        rows,
+        phase_width,
+        ..
+    } = *layout;
+    let (s, w) = (d.stride, d.width);
     // Every element of the scratch is overwritten below: zeros where the padding is, the
     // image elsewhere (so it is not cleared first, which would be one more pass; only a
     // scratch that grows gets its new part zeroed by `resize`).
     scratch.resize(s * rows * phase_width, 0.0);
-    for r in 0..rows {
-        let row = r
-            .checked_sub(d.pad_top)
-            .filter(|&y| y < d.height)
-            .map(|y| &src[y * w..][..w]);
-        for p in 0..s {
-            let out = &mut scratch[(p * rows + r) * phase_width..][..phase_width];
-            // Padded column c · s + p holds image column c · s + p − left: the first c with a
-            // column in the image, then every s-th column from there.
-            let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
-            let x0 = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w);
+    for (p, &(first, x0, n)) in layout.phases.iter().enumerate() {
+        let phase = &mut scratch[p * rows * phase_width..][..rows * phase_width];
+        for (r, out) in phase.chunks_exact_mut(phase_width).enumerate() {
+            let row = r
+                .checked_sub(d.pad_top)
+                .filter(|&y| y < d.height)
+                .map(|y| &src[y * w..][..w]);
             let (Some(row), Some(x0)) = (row, x0) else {
                 out.fill(0.0);
                 continue;
             };
-            let n = (w - x0).div_ceil(s).min(phase_width - first);
             out[..first].fill(0.0);
             let (image, right) = out[first..].split_at_mut(n);
             if s == 1 {
@@ -123,65 +184,67 @@ fn plane_in_runs<const N: usize>(
             right.fill(0.0);
         }
     }
-    // Where tap column j starts in the scratch, relative to a row of phase j mod s.
-    let mut column = [0usize; MAX_KERNEL];
-    assert!(k <= MAX_KERNEL, "depthwise kernel up to {MAX_KERNEL}");
-    for (j, c) in column.iter_mut().enumerate().take(k) {
-        *c = (j % s) * rows * phase_width + j / s;
-    }
-    let ow = d.out_width;
-    let avx2 = has_avx2();
-    let mut from = [0usize; MAX_KERNEL * MAX_KERNEL];
-    let from = &mut from[..k * k];
-    for (y, out_row) in dst.chunks_exact_mut(ow).enumerate() {
-        for (i, row) in from.chunks_exact_mut(k).enumerate() {
-            let start = (y * s + i) * phase_width;
-            for (f, c) in row.iter_mut().zip(&column) {
-                *f = c + start;
-            }
-        }
-        let reach = from.iter().copied().max().unwrap_or(0);
-        let mut run = [0f32; N];
-        for r in 0..runs {
-            sum_taps::<N>(avx2, scratch, from, reach, taps, r * N, bias, &mut run);
-            if relu6 {
-                run.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-            }
-            let x0 = r * N;
-            let n = N.min(ow - x0);
-            out_row[x0..x0 + n].copy_from_slice(&run[..n]);
-        }
-    }
-}
-
-/// `out[l] = bias + Σ_t taps[t] · scratch[from[t] + at + l]` for `l < N`; `reach` is the
-/// largest of `from`; `avx2` says whether this CPU has AVX2 and FMA ([`has_avx2`]).
-#[inline(always)]
-fn sum_taps<const N: usize>(
-    avx2: bool,
-    scratch: &[f32],
-    from: &[usize],
-    reach: usize,
-    taps: &[f32],
-    at: usize,
-    bias: f32,
-    out: &mut [f32; N],
-) {
+    let plan = Rows {
+        offsets: &layout.offsets,
+        taps,
+        bias,
+        relu6,
+        row_step: s * phase_width,
+        width: d.out_width,
+    };
     assert!(
-        reach + at + N <= scratch.len(),
+        layout.reach <= scratch.len(),
         "depthwise scratch holds every read"
     );
+    assert_eq!(
+        dst.len(),
+        d.out_height * d.out_width,
+        "depthwise plane size"
+    );
     #[cfg(target_arch = "x86_64")]
-    if N % 8 == 0 && avx2 {
+    if avx2 {
         // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
-        unsafe { sum_taps_avx2(scratch, from, taps, at, bias, out) };
-        return;
+        // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
+        match d.kernel {
+            3 => return unsafe { sum_rows_avx2::<9>(&plan, scratch, dst) },
+            5 => return unsafe { sum_rows_avx2::<25>(&plan, scratch, dst) },
+            _ => {}
+        }
     }
-    out.fill(bias);
-    for (&f, &tap) in from.iter().zip(taps) {
-        let input = &scratch[f + at..][..N];
-        for (o, v) in out.iter_mut().zip(input) {
-            *o += tap * v;
+    sum_rows(&plan, scratch, dst);
+}
+
+/// What [`sum_rows`] needs of one plane besides its scratch and output.
+struct Rows<'a> {
+    /// Per tap, where it reads in the scratch for output (0, 0).
+    offsets: &'a [usize],
+    taps: &'a [f32],
+    bias: f32,
+    relu6: bool,
+    /// Scratch elements between the reads of consecutive output rows.
+    row_step: usize,
+    /// Outputs per row.
+    width: usize,
+}
+
+/// `out[y, x] = epilogue(bias + Σ_t taps[t] · scratch[y · row_step + offsets[t] + x])`.
+#[inline(always)]
+fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [f32]) {
+    for (y, out_row) in dst.chunks_exact_mut(plan.width).enumerate() {
+        let base = &scratch[y * plan.row_step..];
+        for (x0, out) in out_row
+            .chunks_mut(LANES)
+            .enumerate()
+            .map(|(r, o)| (r * LANES, o))
+        {
+            let mut run = [plan.bias; LANES];
+            for (&o, &tap) in plan.offsets.iter().zip(plan.taps) {
+                let input = &base[o + x0..][..LANES];
+                run.iter_mut().zip(input).for_each(|(r, v)| *r += tap * v);
+            }
+            for (o, r) in out.iter_mut().zip(run) {
+                *o = if plan.relu6 { r.clamp(0.0, 6.0) } else { r };
+            }
         }
     }
 }
@@ -198,41 +261,56 @@ fn has_avx2() -> bool {
     }
 }
 
-/// [`sum_taps`] in AVX2 registers, written out because the compiler's vectoriser does not
-/// keep these sums in registers on its own. Four independent sums per vector of outputs take
-/// turns over the taps, so that each FMA need not wait for the previous one's result.
+/// [`sum_rows`] in AVX2 registers for a kernel of `KK` taps, written out because the
+/// compiler's vectoriser does not keep these sums in registers on its own. The taps are
+/// broadcast once per plane and unrolled; four independent sums per run take turns over them,
+/// so that each FMA need not wait for the previous one's result; bias and ReLU6 are applied in
+/// registers and full runs are stored straight into the output.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, `plan` has `KK` taps, and `scratch` holds every read (see the
+/// caller's assert).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_taps_avx2<const N: usize>(
-    scratch: &[f32],
-    from: &[usize],
-    taps: &[f32],
-    at: usize,
-    bias: f32,
-    out: &mut [f32; N],
-) {
+unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
-    // SAFETY: the caller checked every read against the scratch length.
-    unsafe {
-        let base = scratch.as_ptr().add(at);
-        for v in (0..N).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            acc[0] = _mm256_set1_ps(bias);
-            let mut t = 0;
-            while t + 4 <= from.len() {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_loadu_ps(base.add(from[t + u] + v));
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(taps[t + u]), x, *a);
-                }
-                t += 4;
+    let offsets: [usize; KK] = plan.offsets.try_into().expect("KK taps");
+    let taps: [f32; KK] = plan.taps.try_into().expect("KK taps");
+    let taps = taps.map(|t| _mm256_set1_ps(t));
+    let (zero, six, bias) = (
+        _mm256_setzero_ps(),
+        _mm256_set1_ps(6.0),
+        _mm256_set1_ps(plan.bias),
+    );
+    for (y, out_row) in dst.chunks_exact_mut(plan.width).enumerate() {
+        // SAFETY: in bounds by the caller's assert on the furthest read.
+        let base = unsafe { scratch.as_ptr().add(y * plan.row_step) };
+        let mut x0 = 0;
+        while x0 < plan.width {
+            // SAFETY: as above.
+            let at = unsafe { base.add(x0) };
+            let mut acc = [bias, zero, zero, zero];
+            for t in 0..KK {
+                // SAFETY: as above.
+                let x = unsafe { _mm256_loadu_ps(at.add(offsets[t])) };
+                acc[t % 4] = _mm256_fmadd_ps(taps[t], x, acc[t % 4]);
             }
-            while t < from.len() {
-                let x = _mm256_loadu_ps(base.add(from[t] + v));
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(taps[t]), x, acc[0]);
-                t += 1;
+            let mut sum =
+                _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            if plan.relu6 {
+                sum = _mm256_min_ps(_mm256_max_ps(sum, zero), six);
             }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            _mm256_storeu_ps(out.as_mut_ptr().add(v), sum);
+            let left = plan.width - x0;
+            if left >= LANES {
+                // SAFETY: outputs x0..x0 + 8 of this row exist.
+                unsafe { _mm256_storeu_ps(out_row.as_mut_ptr().add(x0), sum) };
+            } else {
+                let mut run = [0f32; LANES];
+                // SAFETY: `run` holds 8 floats.
+                unsafe { _mm256_storeu_ps(run.as_mut_ptr(), sum) };
+                out_row[x0..].copy_from_slice(&run[..left]);
+            }
+            x0 += LANES;
         }
     }
 }
@@ -277,7 +355,7 @@ mod tests {
 
     #[test]
     fn depthwise_matches_the_definition_for_every_stride_kernel_and_padding() {
-        // Widths past 8 and 16 outputs reach the 16-wide sums and a partial last run.
+        // Widths past 8 outputs reach several runs per row and a partial last one.
         for (h, w, kernel, stride, top, left) in [
             (9, 7, 3, 1, 1, 1),
             (9, 7, 3, 2, 0, 0),
@@ -310,18 +388,22 @@ mod tests {
                 relu6: false,
                 residual: None,
             };
-            let got = depthwise(d, &x, &wt, epi);
             let want = depthwise_reference(&d, &x, &wt, &bias);
-            let clamped = depthwise(d, &x, &wt, Epilogue { relu6: true, ..epi });
-            for (g, e) in clamped.iter().zip(&want) {
-                assert!(
-                    (g - e.clamp(0.0, 6.0)).abs() < 1e-5,
-                    "{d:?} relu6: {g} vs {e}"
-                );
-            }
-            assert_eq!(got.len(), want.len());
-            for (g, e) in got.iter().zip(&want) {
-                assert!((g - e).abs() < 1e-5, "{d:?}: {g} vs {e}");
+            // The plain sums everywhere; the AVX2 ones where this CPU has them.
+            for avx2 in [false, has_avx2()] {
+                let got = depthwise_with(d, &x, &wt, epi, avx2);
+                let relu6 = Epilogue { relu6: true, ..epi };
+                let clamped = depthwise_with(d, &x, &wt, relu6, avx2);
+                for (g, e) in clamped.iter().zip(&want) {
+                    assert!(
+                        (g - e.clamp(0.0, 6.0)).abs() < 1e-5,
+                        "{d:?} avx2 {avx2} relu6: {g} vs {e}"
+                    );
+                }
+                assert_eq!(got.len(), want.len());
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() < 1e-5, "{d:?} avx2 {avx2}: {g} vs {e}");
+                }
             }
         }
     }
