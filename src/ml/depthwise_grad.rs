@@ -3,8 +3,10 @@
 //! burn-flex overrides no conv backward, so burn's generic one runs: for a grouped conv it
 //! computes the weight gradient with a slice, a conv and a slice-assign per group (1,152
 //! groups in Lite0's last block), and the input gradient through a transposed conv. Here both
-//! gradients are direct loops over each (image, channel) plane, and the forward pass is the
-//! inference kernel of `kernels`. The operation is a burn backend extension on flex and
+//! gradients run over each (image, channel) plane: the weight's through the forward kernel's
+//! padded scratch (`kernels::depthwise_weight_grad`), the input's at stride 1 as the forward
+//! kernel itself with the filter turned 180° (a direct loop at other strides); the forward
+//! pass is the inference kernel of `kernels`. The operation is a burn backend extension on flex and
 //! on autodiff over flex; bias and ReLU6 stay burn ops around it.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -116,6 +118,32 @@ impl DepthwiseOps for Flex {
         let k = dims(&weight)[2];
         let d = geometry(x_shape, k, stride, padding);
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
+        let [top, _, left, _] = padding;
+        if stride == 1 && top < k && left < k {
+            // Each input pixel gathers from the outputs that read it: a stride-1 depthwise conv
+            // of the gradient with each filter turned 180°, padded by k − 1 − the forward
+            // pass's padding, which the inference kernel runs.
+            let flipped: Vec<f32> = w
+                .chunks_exact(k * k)
+                .flat_map(|taps| taps.iter().rev().copied())
+                .collect();
+            let back = Depthwise {
+                height: d.out_height,
+                width: d.out_width,
+                pad_top: k - 1 - top,
+                pad_left: k - 1 - left,
+                out_height: d.height,
+                out_width: d.width,
+                ..d
+            };
+            let zeros = vec![0.0; d.channels];
+            let epi = Epilogue {
+                bias: &zeros,
+                relu6: false,
+                residual: None,
+            };
+            return flex(kernels::depthwise(back, g, &flipped, epi), x_shape);
+        }
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.batch * d.channels * plane_in];
         super::lanes::each_chunk(&mut out, plane_in, |p, gx| {
@@ -161,41 +189,9 @@ impl DepthwiseOps for Flex {
         padding: [usize; 4],
     ) -> FlexTensor {
         let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
-        let k = kernel;
-        let d = geometry(dims(&x), k, stride, padding);
-        let (g, xs): (&[f32], &[f32]) = (grad.storage(), x.storage());
-        let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
-        let mut out = vec![0f32; d.channels * k * k];
-        // One task per channel: its k² sums run over every image, so no two tasks share one.
-        super::lanes::each_chunk(&mut out, k * k, |c, gw| {
-            for b in 0..d.batch {
-                let p = b * d.channels + c;
-                let gp = &g[p * plane_out..][..plane_out];
-                let xp = &xs[p * plane_in..][..plane_in];
-                for oy in 0..d.out_height {
-                    let grow = &gp[oy * d.out_width..][..d.out_width];
-                    for i in 0..k {
-                        let Some(y) = (oy * stride + i)
-                            .checked_sub(d.pad_top)
-                            .filter(|&y| y < d.height)
-                        else {
-                            continue;
-                        };
-                        let row = &xp[y * d.width..][..d.width];
-                        for j in 0..k {
-                            let range = valid(d.out_width, stride, j, d.pad_left, d.width);
-                            if range.is_empty() {
-                                continue;
-                            }
-                            let x0 = (range.start * stride + j) - d.pad_left;
-                            let src = row[x0..].iter().step_by(stride);
-                            gw[i * k + j] += src.zip(&grow[range]).map(|(a, b)| a * b).sum::<f32>();
-                        }
-                    }
-                }
-            }
-        });
-        flex(out, [d.channels, 1, k, k])
+        let d = geometry(dims(&x), kernel, stride, padding);
+        let out = kernels::depthwise_weight_grad(d, x.storage(), grad.storage());
+        flex(out, [d.channels, 1, kernel, kernel])
     }
 }
 
@@ -307,6 +303,11 @@ mod tests {
             (2, 2, 5, 2, [1, 2, 1, 2]),
             (1, 1, 5, 1, [2, 2, 2, 2]),
             (5, 3, 3, 2, [0, 1, 0, 1]),
+            // Stride 1 (the input gradient as the forward kernel): rows of several vectors,
+            // uneven and no padding.
+            (13, 19, 5, 1, [2, 2, 2, 2]),
+            (6, 10, 3, 1, [0, 2, 2, 0]),
+            (6, 9, 3, 1, [0, 0, 0, 0]),
         ] {
             let c = 3;
             let x = Tensor::<4>::random([2, c, h, w], Distribution::Normal(0.0, 1.0), &ad)

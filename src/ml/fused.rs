@@ -15,9 +15,11 @@ use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
+use super::bias_relu6::bias_relu6;
 use super::depthwise_grad::depthwise;
 use super::frozen_bn::FrozenBatchNorm;
 use super::fused_ops::FusedConvOps;
+use super::pointwise_grad::pointwise;
 
 thread_local! {
     /// Set by [`generic_only`]: the reference the fused paths are tested against.
@@ -78,10 +80,16 @@ pub fn conv_bn(
     if let Some(y) = try_fused(conv, bn, &x, after, &residual) {
         return y;
     }
-    let mut y = conv_bn_generic(conv, bn, x);
-    if after == After::Relu6 {
-        y = relu6(y);
-    }
+    let (y, bias) = conv_bn_generic(conv, bn, x);
+    let y = match (bias, after) {
+        (Some(bias), After::Relu6) => bias_relu6(y, bias),
+        (Some(bias), After::Nothing) => {
+            let channels = bias.dims()[0];
+            y + bias.reshape([1, channels, 1, 1])
+        }
+        (None, After::Relu6) => relu6(y),
+        (None, After::Nothing) => y,
+    };
     match residual {
         Some(r) => y + r,
         None => y,
@@ -89,20 +97,25 @@ pub fn conv_bn(
 }
 
 /// `bn(conv(x))` with burn's generic ops, except for two convs whose generic backward is slow
-/// and that run on flex in another form: a 1×1 conv as a batched matmul `[o, i] × [b, i, h·w]`,
-/// so that its weight gradient is one GEMM per image where burn's conv backward makes one
-/// matrix–vector product per input channel; and a depthwise conv with its own backward
-/// (`depthwise_grad`). In both, BatchNorm's scale goes into the weights and its shift into the
-/// bias before the conv, inside the autodiff graph, so that gradients still reach both the
-/// conv and BatchNorm's affine parameters, while the activations get one pass (the bias add)
-/// instead of two, forward and backward.
-fn conv_bn_generic(conv: &Conv2d, bn: &FrozenBatchNorm, x: Tensor<4>) -> Tensor<4> {
-    let plain = |x| bn.forward(conv.forward(x));
+/// and that run on flex with their own backward: a 1×1 conv (`pointwise_grad`: its gradients
+/// as GEMMs, where burn's conv backward makes one matrix–vector product per input channel)
+/// and a depthwise conv (`depthwise_grad`).
+/// In both, BatchNorm's scale goes into the weights and its shift into the bias before the
+/// conv, inside the autodiff graph, so that gradients still reach both the conv and
+/// BatchNorm's affine parameters; that bias is handed back (`[c]`) for the caller to add,
+/// with the ReLU6 after it when there is one (`bias_relu6`): one pass over the activations
+/// instead of the four of BatchNorm and the clamp, forward and backward.
+fn conv_bn_generic(
+    conv: &Conv2d,
+    bn: &FrozenBatchNorm,
+    x: Tensor<4>,
+) -> (Tensor<4>, Option<Tensor<1>>) {
+    let plain = |x| (bn.forward(conv.forward(x)), None);
     if generic() {
         return plain(x);
     }
     let [outputs, per_group, kh, kw] = conv.weight.dims();
-    let [batch, channels, height, width] = x.dims();
+    let [_, channels, height, width] = x.dims();
     let device = x.device();
     // On flex only: wgpu keeps burn's own conv (its kernels are another matter entirely).
     let on_flex = device == Device::flex() || device == Device::flex().autodiff();
@@ -130,15 +143,9 @@ fn conv_bn_generic(conv: &Conv2d, bn: &FrozenBatchNorm, x: Tensor<4>) -> Tensor<
     };
     let y = match depthwise_padding {
         Some(padding) => depthwise(x, weight, conv.stride[0], padding),
-        None => weight
-            .reshape([1, outputs, channels])
-            .matmul(x.reshape([batch, channels, height * width]))
-            .reshape([batch, outputs, height, width]),
+        None => pointwise(x, weight),
     };
-    match bias {
-        Some(bias) => y + bias.reshape([1, outputs, 1, 1]),
-        None => y,
-    }
+    (y, bias)
 }
 
 fn try_fused(

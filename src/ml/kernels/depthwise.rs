@@ -6,6 +6,8 @@ use super::{Depthwise, Epilogue};
 thread_local! {
     /// Each thread's padded copy of the plane it works on, kept between planes and calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's copy of an output gradient plane, rows padded to whole vectors.
+    static GRAD_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out[b, c, y, x] = epilogue(Σ_{i,j} w[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
@@ -65,6 +67,82 @@ fn depthwise_with(
         });
     });
     out
+}
+
+/// Gradient of [`depthwise`]'s sum (no bias) with respect to its weight, given the output's
+/// gradient `grad` (`[b, c, oh, ow]`): `gw[c, i, j] = Σ_{b, y, x} grad[b, c, y, x] · x[b, c,
+/// y·s + i − top, x·s + j − left]`. One task per channel, whose sums run over every image (so
+/// no two tasks share one); the input is read through the forward pass's padded scratch, so
+/// every tap's products are whole vectors.
+pub fn depthwise_weight_grad(shape: Depthwise, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    let d = shape;
+    let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
+    let kk = d.kernel * d.kernel;
+    assert_eq!(
+        x.len(),
+        d.batch * d.channels * plane_in,
+        "depthwise input size"
+    );
+    assert_eq!(
+        grad.len(),
+        d.batch * d.channels * plane_out,
+        "depthwise gradient size"
+    );
+    let layout = Layout::new(&d);
+    let width = d.out_width.next_multiple_of(LANES);
+    let mut out = vec![0f32; d.channels * kk];
+    crate::ml::lanes::each_chunk(&mut out, kk, |c, gw| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            GRAD_ROWS.with_borrow_mut(|rows| {
+                // Zeros past each row's last output: they cancel whatever the scratch holds
+                // there.
+                rows.clear();
+                rows.resize(d.out_height * width, 0.0);
+                for b in 0..d.batch {
+                    let p = b * d.channels + c;
+                    fill(&layout, &x[p * plane_in..][..plane_in], scratch);
+                    let g = &grad[p * plane_out..][..plane_out];
+                    for (row, g) in rows
+                        .chunks_exact_mut(width)
+                        .zip(g.chunks_exact(d.out_width))
+                    {
+                        row[..d.out_width].copy_from_slice(g);
+                    }
+                    tap_sums(&layout, scratch, rows, gw);
+                }
+            })
+        })
+    });
+    out
+}
+
+versions!(fn tap_sums => tap_sums_body(
+    layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32],
+));
+
+/// `gw[t] += Σ_{y, x} rows[y, x] · scratch[y · s · phase_width + offsets[t] + x]` over rows
+/// padded to whole vectors, in [`LANES`] partial sums (which the compiler vectorises).
+#[inline(always)]
+fn tap_sums_body(layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32]) {
+    let d = layout.d;
+    let width = d.out_width.next_multiple_of(LANES);
+    let step = d.stride * layout.phase_width;
+    assert!(
+        layout.reach <= scratch.len(),
+        "depthwise scratch holds every read"
+    );
+    for (&offset, sum) in layout.offsets.iter().zip(gw.iter_mut()) {
+        let mut acc = [0f32; LANES];
+        for (y, g) in rows.chunks_exact(width).enumerate() {
+            let xs = &scratch[y * step + offset..][..width];
+            for (g, x) in g.chunks_exact(LANES).zip(xs.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += g[l] * x[l];
+                }
+            }
+        }
+        *sum += acc.iter().sum::<f32>();
+    }
 }
 
 versions!(fn depthwise_plane => depthwise_plane_body(
@@ -149,6 +227,40 @@ fn depthwise_plane_body(
     scratch: &mut Vec<f32>,
     avx2: bool,
 ) {
+    fill(layout, src, scratch);
+    let d = layout.d;
+    let plan = Rows {
+        offsets: &layout.offsets,
+        taps,
+        bias,
+        relu6,
+        row_step: d.stride * layout.phase_width,
+        width: d.out_width,
+    };
+    assert!(
+        layout.reach <= scratch.len(),
+        "depthwise scratch holds every read"
+    );
+    assert_eq!(
+        dst.len(),
+        d.out_height * d.out_width,
+        "depthwise plane size"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
+        // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
+        match d.kernel {
+            3 => return unsafe { sum_rows_avx2::<9>(&plan, scratch, dst) },
+            5 => return unsafe { sum_rows_avx2::<25>(&plan, scratch, dst) },
+            _ => {}
+        }
+    }
+    sum_rows(&plan, scratch, dst);
+}
+
+/// Copies one input plane into `scratch` as `layout` says.
+fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
     let Layout {
         d,
         rows,
@@ -184,34 +296,6 @@ fn depthwise_plane_body(
             right.fill(0.0);
         }
     }
-    let plan = Rows {
-        offsets: &layout.offsets,
-        taps,
-        bias,
-        relu6,
-        row_step: s * phase_width,
-        width: d.out_width,
-    };
-    assert!(
-        layout.reach <= scratch.len(),
-        "depthwise scratch holds every read"
-    );
-    assert_eq!(
-        dst.len(),
-        d.out_height * d.out_width,
-        "depthwise plane size"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
-        // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
-        match d.kernel {
-            3 => return unsafe { sum_rows_avx2::<9>(&plan, scratch, dst) },
-            5 => return unsafe { sum_rows_avx2::<25>(&plan, scratch, dst) },
-            _ => {}
-        }
-    }
-    sum_rows(&plan, scratch, dst);
 }
 
 /// What [`sum_rows`] needs of one plane besides its scratch and output.

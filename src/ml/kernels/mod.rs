@@ -66,8 +66,10 @@ macro_rules! versions {
     };
 }
 
+mod backward;
 mod depthwise;
-pub use depthwise::depthwise;
+pub use backward::{pointwise_grad_weight, pointwise_grad_x};
+pub use depthwise::{depthwise, depthwise_weight_grad};
 
 /// Shape of a pointwise convolution's operands.
 #[derive(Debug, Clone, Copy)]

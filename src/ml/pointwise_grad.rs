@@ -1,0 +1,177 @@
+//! A pointwise (1×1) convolution with its own backward pass, for fine-tuning on flex.
+//!
+//! burn's conv backward computes a 1×1 conv's weight gradient as one matrix–vector product per
+//! input channel; as a matmul over `[c, b·h·w]` it needs the activations copied into that
+//! layout and back, forward and backward. Here the forward pass is the inference kernel of
+//! `kernels` and both gradients are GEMMs over the NCHW data where it lies
+//! (`kernels::backward`). A backend extension on flex and on autodiff over flex, like
+//! `depthwise_grad`; the bias stays outside (`bias_relu6`, or a burn add).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor::FloatTensor};
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+
+use super::depthwise_grad::{dims, flex};
+use super::kernels::{self, Epilogue, Pointwise};
+
+/// `[b, i, h, w]` × `[o, i, 1, 1]`, no bias; differentiable on autodiff over flex.
+#[backend_extension(Flex, Autodiff)]
+pub trait PointwiseOps: Backend {
+    fn pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Gradient of [`Self::pointwise`] with respect to `x`, given the output's gradient.
+    fn pointwise_grad_x(grad: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Gradient of [`Self::pointwise`] with respect to `weight`.
+    fn pointwise_grad_weight(grad: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The operands' shape, from the input `[b, i, h, w]` and the weight `[o, i, 1, 1]`.
+fn shape_of(x: [usize; 4], weight: [usize; 4]) -> Pointwise {
+    assert_eq!(
+        x[1], weight[1],
+        "pointwise weight matches the input channels"
+    );
+    Pointwise {
+        batch: x[0],
+        inputs: x[1],
+        outputs: weight[0],
+        spatial: x[2] * x[3],
+    }
+}
+
+impl PointwiseOps for Flex {
+    fn pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let [b, _, h, w] = dims(&x);
+        let shape = shape_of(dims(&x), dims(&weight));
+        let zeros = vec![0.0; shape.outputs];
+        let epi = Epilogue {
+            bias: &zeros,
+            relu6: false,
+            residual: None,
+        };
+        let out = kernels::pointwise(shape, x.storage(), weight.storage(), epi);
+        flex(out, [b, shape.outputs, h, w])
+    }
+
+    fn pointwise_grad_x(grad: FlexTensor, weight: FlexTensor) -> FlexTensor {
+        let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
+        let [b, o, h, w] = dims(&grad);
+        let inputs = dims(&weight)[1];
+        let shape = shape_of([b, inputs, h, w], dims(&weight));
+        assert_eq!(o, shape.outputs, "pointwise gradient matches the weight");
+        let out = kernels::pointwise_grad_x(shape, grad.storage(), weight.storage());
+        flex(out, [b, inputs, h, w])
+    }
+
+    fn pointwise_grad_weight(grad: FlexTensor, x: FlexTensor) -> FlexTensor {
+        let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
+        let [_, o, _, _] = dims(&grad);
+        let shape = shape_of(dims(&x), [o, dims(&x)[1], 1, 1]);
+        let out = kernels::pointwise_grad_weight(shape, grad.storage(), x.storage());
+        flex(out, [o, shape.inputs, 1, 1])
+    }
+}
+
+impl<B: Backend + PointwiseOps, C: CheckpointStrategy> PointwiseOps for Autodiff<B, C> {
+    fn pointwise(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PointwiseBackward;
+
+        impl<B: Backend + PointwiseOps> Backward<B, 2> for PointwiseBackward {
+            /// The input and the weight.
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, weight) = ops.state;
+                binary::<B, _, _>(
+                    ops.parents,
+                    ops.node,
+                    grads,
+                    |grad| B::pointwise_grad_x(grad, weight),
+                    |grad| B::pointwise_grad_weight(grad, x),
+                );
+            }
+        }
+
+        let nodes = [x.node(), weight.node()];
+        let (x, weight) = (x.into_primitive(), weight.into_primitive());
+        let out = B::pointwise(x.clone(), weight.clone());
+        match PointwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, weight), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn pointwise_grad_x(_: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        // The backward pass calls these on the inner backend; a second-order gradient of this
+        // op would land here, and nothing in transferd takes one.
+        unreachable!("called by the backward pass on the inner backend only")
+    }
+
+    fn pointwise_grad_weight(_: FloatTensor<Self>, _: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("called by the backward pass on the inner backend only")
+    }
+}
+
+/// The 1×1 conv through [`PointwiseOps`]: `[b, i, h, w]` × `[o, i, 1, 1]`.
+pub fn pointwise(x: Tensor<4>, weight: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as PointwiseOps>::pointwise(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+
+    /// Output, input gradient and weight gradient against burn's generic conv.
+    #[test]
+    fn gradients_match_burns_conv() {
+        let ad = Device::flex().autodiff();
+        for (b, i, o, h, w) in [(3, 5, 70, 7, 7), (2, 16, 9, 3, 11)] {
+            let x = Tensor::<4>::random([b, i, h, w], Distribution::Normal(0.0, 1.0), &ad)
+                .require_grad();
+            let wt = Tensor::<4>::random([o, i, 1, 1], Distribution::Normal(0.0, 1.0), &ad)
+                .require_grad();
+            let ours = pointwise(x.clone(), wt.clone());
+            let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+            let reference = conv2d(x.clone(), wt.clone(), None, options);
+            let weights = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &ad);
+            let (go, gr) = (
+                (ours.clone() * weights.clone()).sum().backward(),
+                (reference.clone() * weights).sum().backward(),
+            );
+            let close = |ours: Tensor<4>, theirs: Tensor<4>, what: &str| {
+                let diff = (ours - theirs).abs().max().into_scalar::<f32>();
+                assert!(
+                    diff < 1e-4,
+                    "{b}x{i}x{h}x{w} to {o}: {what} differs by {diff}"
+                );
+            };
+            close(ours, reference, "output");
+            close(x.grad(&go).unwrap(), x.grad(&gr).unwrap(), "input gradient");
+            close(
+                wt.grad(&go).unwrap(),
+                wt.grad(&gr).unwrap(),
+                "weight gradient",
+            );
+        }
+    }
+}
