@@ -4,10 +4,6 @@
 
 use super::{Out, Pointwise};
 
-/// Rows of the weight gradient per task: enough tasks for the cores, and blocks big enough
-/// for the GEMM.
-const ROWS: usize = 64;
-
 /// `dx[b, i, p] = Σ_o weight[o, i] · grad[b, o, p]`: the input's gradient, one GEMM per image.
 pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f32> {
     let Pointwise {
@@ -62,7 +58,9 @@ pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f
 }
 
 /// `dw[o, i] = Σ_{b, p} grad[b, o, p] · x[b, i, p]`: the weight's gradient. One task per block
-/// of [`ROWS`] output channels, which adds each image's GEMM into its block in turn.
+/// of output channels, which adds each image's GEMM into its block in turn. Each task packs
+/// every image's input again, so there are only as many as keep the cores busy: two per
+/// thread of the pool, or one on a lane's own thread.
 pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f32> {
     let Pointwise {
         batch,
@@ -77,12 +75,18 @@ pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f
         "pointwise gradient size"
     );
     assert_eq!(x.len(), batch * inputs * spatial, "pointwise input size");
+    let tasks = if crate::ml::lanes::in_lane() {
+        1
+    } else {
+        2 * rayon::current_num_threads()
+    };
+    let rows = outputs.div_ceil(tasks).next_multiple_of(16).min(outputs);
     let mut out = vec![0f32; outputs * inputs];
     let dst = Out(out.as_mut_ptr());
-    crate::ml::lanes::each_task(outputs.div_ceil(ROWS), |block| {
+    crate::ml::lanes::each_task(outputs.div_ceil(rows), |block| {
         let dst = dst;
-        let r0 = block * ROWS;
-        let m = ROWS.min(outputs - r0);
+        let r0 = block * rows;
+        let m = rows.min(outputs - r0);
         for b in 0..batch {
             // SAFETY: rows r0..r0 + m of the output belong to this task alone, and every
             // operand is in bounds by the asserts above.
@@ -122,7 +126,8 @@ mod tests {
 
     #[test]
     fn both_gradients_match_their_definitions() {
-        // 150 output channels: three row blocks, a partial last one.
+        // 150 output channels: several row blocks (on two or more threads), a partial last
+        // one.
         let shape = Pointwise {
             batch: 3,
             inputs: 7,
