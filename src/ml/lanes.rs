@@ -119,19 +119,25 @@ pub fn background(lanes: usize) -> usize {
 
 /// Calls `f` on consecutive slices of `items` and returns the results in order. With more
 /// than one lane the slices (at most [`SLICE`] items each) are shared out to `lanes` scoped
-/// threads as each finishes its last; with one lane `f` sees all of `items` at once, on the
-/// calling thread.
+/// threads as each finishes its last, and a single item runs on a thread of the rayon pool;
+/// with one lane `f` sees all of `items` at once, on the calling thread.
 pub fn map_slices<T: Sync, R: Send>(
     items: &[T],
     lanes: usize,
     f: impl Fn(&[T]) -> R + Sync,
 ) -> Vec<R> {
-    if lanes <= 1 || items.len() <= 1 {
-        return if items.is_empty() {
-            Vec::new()
-        } else {
-            vec![f(items)]
-        };
+    if items.is_empty() {
+        return Vec::new();
+    }
+    if lanes <= 1 {
+        return vec![f(items)];
+    }
+    if items.len() == 1 {
+        // One slice on a CPU with several cores: the kernels spread each layer over the rayon
+        // pool. Run the whole pass on one of its threads, which then takes a share of every
+        // layer itself, rather than here, where this thread would hand each layer to the pool
+        // and sleep until it is done (a wake-up per layer).
+        return vec![rayon::scope(|_| f(items))];
     }
     let size = items.len().div_ceil(lanes).clamp(1, SLICE);
     let slices: Vec<&[T]> = items.chunks(size).collect();

@@ -1,7 +1,12 @@
 //! The depthwise k×k kernel with its bias and ReLU6 (see the parent module for why it is
 //! written out rather than left to burn-flex).
 
+use std::mem::MaybeUninit;
+
 use super::{Depthwise, Epilogue};
+
+/// An output element not written yet.
+type Uninit = MaybeUninit<f32>;
 
 thread_local! {
     /// Each thread's padded copy of the plane it works on, kept between planes and calls.
@@ -48,8 +53,11 @@ fn depthwise_with(
         "no residual after a depthwise conv in MBConv"
     );
     let layout = Layout::new(&d);
-    let mut out = vec![0f32; d.batch * d.channels * plane_out];
-    crate::ml::lanes::each_chunk(&mut out, plane_out, |plane, dst| {
+    let total = d.batch * d.channels * plane_out;
+    // Every output is written once by its plane's task, so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let planes = &mut out.spare_capacity_mut()[..total];
+    crate::ml::lanes::each_chunk(planes, plane_out, |plane, dst| {
         let c = plane % d.channels;
         let src = &x[plane * plane_in..][..plane_in];
         let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
@@ -66,6 +74,9 @@ fn depthwise_with(
             )
         });
     });
+    // SAFETY: each plane's task wrote every element of its plane (`sum_rows` and
+    // `sum_rows_avx2` write each output of each row), and the planes cover the buffer.
+    unsafe { out.set_len(total) };
     out
 }
 
@@ -146,7 +157,7 @@ fn tap_sums_body(layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32])
 }
 
 versions!(fn depthwise_plane => depthwise_plane_body(
-    layout: &Layout, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [f32],
+    layout: &Layout, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [Uninit],
     scratch: &mut Vec<f32>, avx2: bool,
 ));
 
@@ -223,7 +234,7 @@ fn depthwise_plane_body(
     taps: &[f32],
     bias: f32,
     relu6: bool,
-    dst: &mut [f32],
+    dst: &mut [Uninit],
     scratch: &mut Vec<f32>,
     avx2: bool,
 ) {
@@ -260,6 +271,7 @@ fn depthwise_plane_body(
 }
 
 /// Copies one input plane into `scratch` as `layout` says.
+#[inline(always)]
 fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
     let Layout {
         d,
@@ -287,6 +299,8 @@ fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
             let (image, right) = out[first..].split_at_mut(n);
             if s == 1 {
                 image.copy_from_slice(&row[x0..x0 + n]);
+            } else if s == 2 {
+                every_other(image, &row[x0..]);
             } else {
                 image
                     .iter_mut()
@@ -294,6 +308,52 @@ fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
                     .for_each(|(o, v)| *o = *v);
             }
             right.fill(0.0);
+        }
+    }
+}
+
+/// `image[i] = row[2 · i]`: one phase of a stride-2 plane. Written for whole vectors
+/// (the compiler does not vectorise a strided read on its own): two loads, a shuffle that
+/// keeps the even elements of each, and a permute that puts them in order.
+#[inline(always)]
+fn every_other(image: &mut [f32], row: &[f32]) {
+    assert!(
+        row.len() > 2 * (image.len().max(1) - 1),
+        "every other element is in the row"
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // Whole vectors of 8 outputs whose 16 inputs are all in the row.
+        let whole = (row.len() / 16).min(image.len() / 8);
+        // SAFETY: the CPU has AVX2; vector v reads row[16v..16v + 16] and writes
+        // image[8v..8v + 8], in bounds by `whole`.
+        unsafe { every_other_avx2(&mut image[..whole * 8], &row[..whole * 16]) };
+        done = whole * 8;
+    }
+    for (i, o) in image.iter_mut().enumerate().skip(done) {
+        *o = row[2 * i];
+    }
+}
+
+/// [`every_other`] for whole vectors: `image` holds 8 floats per 16 of `row`.
+///
+/// # Safety
+/// The CPU has AVX2, and `row.len() == 2 * image.len()`, a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn every_other_avx2(image: &mut [f32], row: &[f32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(row.len(), 2 * image.len());
+    for (out, pair) in image.chunks_exact_mut(8).zip(row.chunks_exact(16)) {
+        // SAFETY: `pair` holds 16 floats and `out` 8.
+        unsafe {
+            let a = _mm256_loadu_ps(pair.as_ptr());
+            let b = _mm256_loadu_ps(pair.as_ptr().add(8));
+            // [a0 a2 b0 b2 | a4 a6 b4 b6], then the 64-bit lanes reordered to a0 a2 a4 a6 b0...
+            let even = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let ordered = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(even));
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_castpd_ps(ordered));
         }
     }
 }
@@ -313,7 +373,7 @@ struct Rows<'a> {
 
 /// `out[y, x] = epilogue(bias + Σ_t taps[t] · scratch[y · row_step + offsets[t] + x])`.
 #[inline(always)]
-fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [f32]) {
+fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
     for (y, out_row) in dst.chunks_exact_mut(plan.width).enumerate() {
         let base = &scratch[y * plan.row_step..];
         for (x0, out) in out_row
@@ -327,7 +387,7 @@ fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [f32]) {
                 run.iter_mut().zip(input).for_each(|(r, v)| *r += tap * v);
             }
             for (o, r) in out.iter_mut().zip(run) {
-                *o = if plan.relu6 { r.clamp(0.0, 6.0) } else { r };
+                o.write(if plan.relu6 { r.clamp(0.0, 6.0) } else { r });
             }
         }
     }
@@ -356,11 +416,15 @@ fn has_avx2() -> bool {
 /// caller's assert).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: &mut [f32]) {
+unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
     use std::arch::x86_64::*;
     let offsets: [usize; KK] = plan.offsets.try_into().expect("KK taps");
     let taps: [f32; KK] = plan.taps.try_into().expect("KK taps");
-    let taps = taps.map(|t| _mm256_set1_ps(t));
+    let mut broadcast = [_mm256_setzero_ps(); KK];
+    for (b, t) in broadcast.iter_mut().zip(taps) {
+        *b = _mm256_set1_ps(t);
+    }
+    let taps = broadcast;
     let (zero, six, bias) = (
         _mm256_setzero_ps(),
         _mm256_set1_ps(6.0),
@@ -386,13 +450,15 @@ unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: 
             }
             let left = plan.width - x0;
             if left >= LANES {
-                // SAFETY: outputs x0..x0 + 8 of this row exist.
-                unsafe { _mm256_storeu_ps(out_row.as_mut_ptr().add(x0), sum) };
+                // SAFETY: outputs x0..x0 + 8 of this row exist (written, never read).
+                unsafe { _mm256_storeu_ps(out_row.as_mut_ptr().add(x0).cast::<f32>(), sum) };
             } else {
                 let mut run = [0f32; LANES];
                 // SAFETY: `run` holds 8 floats.
                 unsafe { _mm256_storeu_ps(run.as_mut_ptr(), sum) };
-                out_row[x0..].copy_from_slice(&run[..left]);
+                for (o, v) in out_row[x0..].iter_mut().zip(run) {
+                    o.write(v);
+                }
             }
             x0 += LANES;
         }
