@@ -172,8 +172,8 @@ fn folded_and_fused_logits_match_the_generic_ones_for_every_backbone() {
     }
 }
 
-/// The trainable top (1×1 convs as matmuls, depthwise convs with their own backward, BatchNorm
-/// folded into them inside the graph) against burn's generic convs: the same loss and the
+/// The trainable top (1×1 and depthwise convs with their own backward, BatchNorm folded into
+/// them inside the graph, bias and ReLU6 as one op) against burn's generic convs: the same loss and the
 /// same gradient for every conv weight and every BatchNorm scale and shift.
 #[test]
 fn fine_tune_gradients_match_the_generic_ones() {

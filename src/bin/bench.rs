@@ -191,7 +191,7 @@ fn throughput(
     // As the frozen pass and predictions run it: a batch's slices on one thread per core.
     let lanes = lanes::lanes(device);
     let forward = |images: &[usize]| {
-        lanes::map_slices(images, lanes, |slice| {
+        lanes::map_slices(images, lanes, lanes::Work::Foreground, |slice| {
             let x = Tensor::<4>::zeros([slice.len(), 3, s, s], device);
             folded.features(x).into_data()
         })
@@ -204,10 +204,11 @@ fn throughput(
         });
         let n = (batch * reps) as f64;
         rows.push((
+            // A single image's layers spread over the pool, a batch's slices over the lanes:
+            // either way, every core.
             format!(
-                "backbone forward, batch {batch} ({} thread{})",
-                lanes.min(batch),
-                if lanes.min(batch) == 1 { "" } else { "s" }
+                "backbone forward, batch {batch} ({lanes} thread{})",
+                if lanes == 1 { "" } else { "s" }
             ),
             format!("{:.1} img/s ({:.1} ms/img)", n / secs, secs * 1e3 / n),
         ));

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use super::backbone::EfficientNetLite;
 use super::data::{InputBatch, SampleError, TensorBatcher, ViewDataset};
 use super::events::{Cancel, TrainError};
+use super::lanes::Work;
 
 /// Rows of equal shape, with the label and sample index of each.
 #[derive(Debug, Clone, Default)]
@@ -252,16 +253,17 @@ fn forward_adaptive(
     while start < views.len() {
         let end = (start + *limit).min(views.len());
         let lanes = super::lanes::background(lanes);
-        let parts = super::lanes::map_slices(&views[start..end], lanes, |slice| {
-            let inputs = batcher.stack(slice, device);
-            let bottom = backbone.forward_bottom(inputs.clone(), k);
-            let pooled = backbone.forward_top(bottom.clone(), k);
-            let kept = if k == 0 { inputs } else { bottom };
-            match (kept.try_into_data(), pooled.try_into_data()) {
-                (Ok(a), Ok(f)) => Ok((a, f)),
-                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-            }
-        });
+        let parts =
+            super::lanes::map_slices(&views[start..end], lanes, Work::Background, |slice| {
+                let inputs = batcher.stack(slice, device);
+                let bottom = backbone.forward_bottom(inputs.clone(), k);
+                let pooled = backbone.forward_top(bottom.clone(), k);
+                let kept = if k == 0 { inputs } else { bottom };
+                match (kept.try_into_data(), pooled.try_into_data()) {
+                    (Ok(a), Ok(f)) => Ok((a, f)),
+                    (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                }
+            });
         match parts.into_iter().collect::<Result<Vec<_>, String>>() {
             Ok(parts) => {
                 for (a, f) in parts {

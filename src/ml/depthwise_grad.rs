@@ -6,8 +6,8 @@
 //! gradients run over each (image, channel) plane: the weight's through the forward kernel's
 //! padded scratch (`kernels::depthwise_weight_grad`), the input's at stride 1 as the forward
 //! kernel itself with the filter turned 180° (a direct loop at other strides); the forward
-//! pass is the inference kernel of `kernels`. The operation is a burn backend extension on flex and
-//! on autodiff over flex; bias and ReLU6 stay burn ops around it.
+//! pass is the inference kernel of `kernels`. The operation is a burn backend extension on
+//! flex and on autodiff over flex; the bias and ReLU6 after it are `bias_relu6`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -98,11 +98,7 @@ impl DepthwiseOps for Flex {
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         let d = geometry(dims(&x), dims(&weight)[2], stride, padding);
         let bias = vec![0.0; d.channels];
-        let epi = Epilogue {
-            bias: &bias,
-            relu6: false,
-            residual: None,
-        };
+        let epi = Epilogue::none(&bias);
         let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
         flex(out, [d.batch, d.channels, d.out_height, d.out_width])
     }
@@ -137,11 +133,7 @@ impl DepthwiseOps for Flex {
                 ..d
             };
             let zeros = vec![0.0; d.channels];
-            let epi = Epilogue {
-                bias: &zeros,
-                relu6: false,
-                residual: None,
-            };
+            let epi = Epilogue::none(&zeros);
             return flex(kernels::depthwise(back, g, &flipped, epi), x_shape);
         }
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);

@@ -5,9 +5,9 @@
 //! weights and bias once, when a model is loaded for predictions or for the frozen pass. On a
 //! plain flex tensor the folded pointwise, depthwise and stem (few-channel, im2col) convs then
 //! run through the backend extension `fused_ops::FusedConvOps` (kernels in `kernels`). While
-//! training on flex, 1×1 convs run as matmuls and depthwise convs with their own backward
-//! (`depthwise_grad`), because burn's generic conv backward is slow for both. wgpu keeps
-//! burn's own ops throughout.
+//! training on flex, 1×1 and depthwise convs run with their own backward (`pointwise_grad`,
+//! `depthwise_grad`), because burn's generic conv backward is slow for both, and a conv's
+//! bias and ReLU6 as one op (`bias_relu6`). wgpu keeps burn's own ops throughout.
 
 use burn::backend::Dispatch;
 use burn::nn::PaddingConfig2d;
@@ -27,12 +27,13 @@ thread_local! {
 }
 
 /// Set to `1`, the whole process runs the generic path (nothing folded, no fused kernel, no
-/// matmul form, no own depthwise backward): how the benchmarks measure "before" and "after"
+/// own backward, no fused bias and ReLU6): how the benchmarks measure "before" and "after"
 /// side by side in one run with one binary.
 pub const GENERIC_ENV: &str = "TRANSFERD_GENERIC_CONVS";
 
-/// Runs `f` with every conv on burn's generic ops (no fused inference kernel, no matmul form,
-/// no own depthwise backward) on this thread: the reference for parity tests.
+/// Runs `f` with every conv on burn's generic ops (no fused inference kernel, no own backward,
+/// no fused bias and ReLU6) on this thread: the reference for parity tests. Thread-local: it
+/// does not reach the threads `lanes::map_slices` runs slices on.
 pub fn generic_only<T>(f: impl FnOnce() -> T) -> T {
     /// Clears the switch however `f` ends, a panic included.
     struct Reset;

@@ -90,7 +90,7 @@ impl Predictor {
         let c = self.config.classes.len();
         let mut out = Vec::with_capacity(views.len());
         for batch in views.chunks(max_batch.max(1)) {
-            let results = lanes::map_slices(batch, lanes, |slice| {
+            let results = lanes::map_slices(batch, lanes, lanes::Work::Foreground, |slice| {
                 let slice: Vec<&[f32]> = slice.iter().map(Vec::as_slice).collect();
                 let features = self.model.features(batcher.stack(&slice, &self.device));
                 let logits = self.model.head.forward(features.clone()).into_data();

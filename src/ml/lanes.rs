@@ -117,13 +117,24 @@ pub fn background(lanes: usize) -> usize {
     ACTIVITY.background(lanes)
 }
 
+/// Whose pass [`map_slices`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A prediction someone is waiting for.
+    Foreground,
+    /// Training: the frozen pass, fine-tune steps.
+    Background,
+}
+
 /// Calls `f` on consecutive slices of `items` and returns the results in order. With more
 /// than one lane the slices (at most [`SLICE`] items each) are shared out to `lanes` scoped
-/// threads as each finishes its last, and a single item runs on a thread of the rayon pool;
-/// with one lane `f` sees all of `items` at once, on the calling thread.
+/// threads as each finishes its last, and a single item of [`Work::Foreground`] runs on a
+/// thread of the rayon pool; with one lane `f` sees all of `items` at once, on the calling
+/// thread.
 pub fn map_slices<T: Sync, R: Send>(
     items: &[T],
     lanes: usize,
+    work: Work,
     f: impl Fn(&[T]) -> R + Sync,
 ) -> Vec<R> {
     if items.is_empty() {
@@ -133,11 +144,16 @@ pub fn map_slices<T: Sync, R: Send>(
         return vec![f(items)];
     }
     if items.len() == 1 {
-        // One slice on a CPU with several cores: the kernels spread each layer over the rayon
-        // pool. Run the whole pass on one of its threads, which then takes a share of every
-        // layer itself, rather than here, where this thread would hand each layer to the pool
-        // and sleep until it is done (a wake-up per layer).
-        return vec![rayon::scope(|_| f(items))];
+        if work == Work::Foreground {
+            // One slice on a CPU with several cores: the kernels spread each layer over the
+            // rayon pool. Run the whole pass on one of its threads, which then takes a share
+            // of every layer itself, rather than here, where this thread would hand each layer
+            // to the pool and sleep until it is done (a wake-up per layer). Only for
+            // predictions: a pool thread waiting inside a layer may pick up a whole injected
+            // pass, and a prediction must not wait behind one of training's.
+            return vec![rayon::scope(|_| f(items))];
+        }
+        return vec![f(items)];
     }
     let size = items.len().div_ceil(lanes).clamp(1, SLICE);
     let slices: Vec<&[T]> = items.chunks(size).collect();
@@ -174,7 +190,7 @@ mod tests {
     fn slices_cover_the_items_in_order() {
         let items: Vec<usize> = (0..37).collect();
         for lanes in [1, 2, 3, 8] {
-            let out = map_slices(&items, lanes, |s| s.to_vec());
+            let out = map_slices(&items, lanes, Work::Background, |s| s.to_vec());
             assert_eq!(out.concat(), items, "lanes {lanes}");
             if lanes > 1 {
                 assert!(out.iter().all(|s| s.len() <= SLICE));
@@ -182,8 +198,10 @@ mod tests {
                 assert_eq!(out.len(), 1);
             }
         }
-        assert!(map_slices(&[] as &[u8], 2, |s| s.len()).is_empty());
-        assert_eq!(map_slices(&[5u8], 4, |s| s.to_vec()), vec![vec![5]]);
+        assert!(map_slices(&[] as &[u8], 2, Work::Background, |s| s.len()).is_empty());
+        for work in [Work::Foreground, Work::Background] {
+            assert_eq!(map_slices(&[5u8], 4, work, |s| s.to_vec()), vec![vec![5]]);
+        }
     }
 
     #[test]
@@ -214,7 +232,7 @@ mod tests {
         let arrived = AtomicUsize::new(0);
         let threads = Mutex::new(std::collections::HashSet::new());
         thread_local!(static FIRST: std::cell::Cell<bool> = const { std::cell::Cell::new(true) });
-        let out = map_slices(&items, lanes, |s| {
+        let out = map_slices(&items, lanes, Work::Background, |s| {
             threads.lock().unwrap().insert(std::thread::current().id());
             if FIRST.with(|f| f.replace(false)) {
                 arrived.fetch_add(1, Ordering::SeqCst);

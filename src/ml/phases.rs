@@ -232,9 +232,11 @@ impl Trainer<'_> {
             Ok::<_, burn::tensor::ExecutionError>((grads, mean * *len as f64, correct))
         };
         // One sub-batch per thread with replicas; otherwise all of them, in order, here.
-        let results = super::lanes::map_slices(&slices, if replicas { lanes } else { 1 }, |s| {
-            s.iter().map(&sub_batch).collect::<Result<Vec<_>, _>>()
-        });
+        let lanes = if replicas { lanes } else { 1 };
+        let results =
+            super::lanes::map_slices(&slices, lanes, super::lanes::Work::Background, |s| {
+                s.iter().map(&sub_batch).collect::<Result<Vec<_>, _>>()
+            });
         let mut accumulator = GradientsAccumulator::<TransferModel>::new();
         let (mut loss_sum, mut correct) = (0.0, 0);
         for result in results {

@@ -48,11 +48,7 @@ impl PointwiseOps for Flex {
         let [b, _, h, w] = dims(&x);
         let shape = shape_of(dims(&x), dims(&weight));
         let zeros = vec![0.0; shape.outputs];
-        let epi = Epilogue {
-            bias: &zeros,
-            relu6: false,
-            residual: None,
-        };
+        let epi = Epilogue::none(&zeros);
         let out = kernels::pointwise(shape, x.storage(), weight.storage(), epi);
         flex(out, [b, shape.outputs, h, w])
     }

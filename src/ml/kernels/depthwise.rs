@@ -1,5 +1,6 @@
 //! The depthwise k×k kernel with its bias and ReLU6 (see the parent module for why it is
-//! written out rather than left to burn-flex).
+//! written out rather than left to burn-flex), and the padded scratch layout that the weight
+//! gradient (`backward`) reads its inputs through too.
 
 use std::mem::MaybeUninit;
 
@@ -10,9 +11,8 @@ type Uninit = MaybeUninit<f32>;
 
 thread_local! {
     /// Each thread's padded copy of the plane it works on, kept between planes and calls.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Each thread's copy of an output gradient plane, rows padded to whole vectors.
-    static GRAD_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    pub(super) static SCRATCH: std::cell::RefCell<Vec<f32>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out[b, c, y, x] = epilogue(Σ_{i,j} w[c, i, j] · x[b, c, y·s + i − top, x·s + j − left])`
@@ -21,8 +21,8 @@ pub fn depthwise(shape: Depthwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
     depthwise_with(shape, x, weight, epi, has_avx2())
 }
 
-/// [`depthwise`] with the hand-written AVX2 sums (`avx2`, only where the CPU has them) or
-/// the plain ones (what other CPUs run; tests run both).
+/// [`depthwise`] with the hand-written AVX2 sums (`avx2`, taken only where the CPU has them)
+/// or the plain ones (what other CPUs run; tests run both).
 fn depthwise_with(
     shape: Depthwise,
     x: &[f32],
@@ -30,6 +30,31 @@ fn depthwise_with(
     epi: Epilogue<'_>,
     avx2: bool,
 ) -> Vec<f32> {
+    let total = shape.batch * shape.channels * shape.out_height * shape.out_width;
+    // Every output is written once by its plane's task, so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    depthwise_into(
+        shape,
+        x,
+        weight,
+        epi,
+        avx2,
+        &mut out.spare_capacity_mut()[..total],
+    );
+    // SAFETY: `depthwise_into` wrote every element of the first `total`.
+    unsafe { out.set_len(total) };
+    out
+}
+
+/// [`depthwise_with`] into `out`, every element of which it writes.
+fn depthwise_into(
+    shape: Depthwise,
+    x: &[f32],
+    weight: &[f32],
+    epi: Epilogue<'_>,
+    avx2: bool,
+    out: &mut [Uninit],
+) {
     let d = shape;
     let plane_in = d.height * d.width;
     let plane_out = d.out_height * d.out_width;
@@ -47,17 +72,20 @@ fn depthwise_with(
         d.channels * d.kernel * d.kernel,
         "depthwise weight size"
     );
+    assert_eq!(
+        out.len(),
+        d.batch * d.channels * plane_out,
+        "depthwise output size"
+    );
     assert_eq!(epi.bias.len(), d.channels, "depthwise bias size");
     assert!(
         epi.residual.is_none(),
         "no residual after a depthwise conv in MBConv"
     );
     let layout = Layout::new(&d);
-    let total = d.batch * d.channels * plane_out;
-    // Every output is written once by its plane's task, so the buffer is not zeroed first.
-    let mut out: Vec<f32> = Vec::with_capacity(total);
-    let planes = &mut out.spare_capacity_mut()[..total];
-    crate::ml::lanes::each_chunk(planes, plane_out, |plane, dst| {
+    // Each plane's task writes every element of its plane (`sum_rows` and `sum_rows_avx2`
+    // write each output of each row), and the planes cover `out`.
+    crate::ml::lanes::each_chunk(out, plane_out, |plane, dst| {
         let c = plane % d.channels;
         let src = &x[plane * plane_in..][..plane_in];
         let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
@@ -74,86 +102,6 @@ fn depthwise_with(
             )
         });
     });
-    // SAFETY: each plane's task wrote every element of its plane (`sum_rows` and
-    // `sum_rows_avx2` write each output of each row), and the planes cover the buffer.
-    unsafe { out.set_len(total) };
-    out
-}
-
-/// Gradient of [`depthwise`]'s sum (no bias) with respect to its weight, given the output's
-/// gradient `grad` (`[b, c, oh, ow]`): `gw[c, i, j] = Σ_{b, y, x} grad[b, c, y, x] · x[b, c,
-/// y·s + i − top, x·s + j − left]`. One task per channel, whose sums run over every image (so
-/// no two tasks share one); the input is read through the forward pass's padded scratch, so
-/// every tap's products are whole vectors.
-pub fn depthwise_weight_grad(shape: Depthwise, x: &[f32], grad: &[f32]) -> Vec<f32> {
-    let d = shape;
-    let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
-    let kk = d.kernel * d.kernel;
-    assert_eq!(
-        x.len(),
-        d.batch * d.channels * plane_in,
-        "depthwise input size"
-    );
-    assert_eq!(
-        grad.len(),
-        d.batch * d.channels * plane_out,
-        "depthwise gradient size"
-    );
-    let layout = Layout::new(&d);
-    let width = d.out_width.next_multiple_of(LANES);
-    let mut out = vec![0f32; d.channels * kk];
-    crate::ml::lanes::each_chunk(&mut out, kk, |c, gw| {
-        SCRATCH.with_borrow_mut(|scratch| {
-            GRAD_ROWS.with_borrow_mut(|rows| {
-                // Zeros past each row's last output: they cancel whatever the scratch holds
-                // there.
-                rows.clear();
-                rows.resize(d.out_height * width, 0.0);
-                for b in 0..d.batch {
-                    let p = b * d.channels + c;
-                    fill(&layout, &x[p * plane_in..][..plane_in], scratch);
-                    let g = &grad[p * plane_out..][..plane_out];
-                    for (row, g) in rows
-                        .chunks_exact_mut(width)
-                        .zip(g.chunks_exact(d.out_width))
-                    {
-                        row[..d.out_width].copy_from_slice(g);
-                    }
-                    tap_sums(&layout, scratch, rows, gw);
-                }
-            })
-        })
-    });
-    out
-}
-
-versions!(fn tap_sums => tap_sums_body(
-    layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32],
-));
-
-/// `gw[t] += Σ_{y, x} rows[y, x] · scratch[y · s · phase_width + offsets[t] + x]` over rows
-/// padded to whole vectors, in [`LANES`] partial sums (which the compiler vectorises).
-#[inline(always)]
-fn tap_sums_body(layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32]) {
-    let d = layout.d;
-    let width = d.out_width.next_multiple_of(LANES);
-    let step = d.stride * layout.phase_width;
-    assert!(
-        layout.reach <= scratch.len(),
-        "depthwise scratch holds every read"
-    );
-    for (&offset, sum) in layout.offsets.iter().zip(gw.iter_mut()) {
-        let mut acc = [0f32; LANES];
-        for (y, g) in rows.chunks_exact(width).enumerate() {
-            let xs = &scratch[y * step + offset..][..width];
-            for (g, x) in g.chunks_exact(LANES).zip(xs.chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    acc[l] += g[l] * x[l];
-                }
-            }
-        }
-        *sum += acc.iter().sum::<f32>();
-    }
 }
 
 versions!(fn depthwise_plane => depthwise_plane_body(
@@ -162,7 +110,7 @@ versions!(fn depthwise_plane => depthwise_plane_body(
 ));
 
 /// Outputs summed together in one vector register.
-const LANES: usize = 8;
+pub(super) const LANES: usize = 8;
 
 /// How every plane of one call is copied into its scratch and read back: the same for all
 /// planes, so worked out once per call.
@@ -170,27 +118,33 @@ const LANES: usize = 8;
 /// The input is copied into the scratch with its zero padding and, for stride `s > 1`,
 /// regrouped by `column mod s` (one "phase" per remainder), so that the columns one tap reads
 /// for consecutive outputs are consecutive and always in bounds.
-struct Layout {
-    d: Depthwise,
+pub(super) struct Layout {
+    pub(super) d: Depthwise,
     /// Padded rows the outputs read.
     rows: usize,
+    /// A row of outputs rounded up to whole vectors of [`LANES`]: what each row's last run
+    /// reads and computes.
+    pub(super) width: usize,
     /// Width of one phase's padded row: enough for the last run's reads, past the image's
     /// right edge if need be.
-    phase_width: usize,
+    pub(super) phase_width: usize,
     /// Per phase p: its first padded column c that holds an image column (c · s + p − left),
-    /// that image column (none if the phase holds none), and how many follow, every s-th.
+    /// that image column (none if the phase holds none), and how many it holds, every s-th
+    /// image column from that one on.
     phases: Vec<(usize, Option<usize>, usize)>,
     /// Per tap (i, j), where it reads for output (0, 0): phase j mod s, row i, column j / s.
-    offsets: Vec<usize>,
-    /// One past the furthest scratch element any output reads.
-    reach: usize,
+    pub(super) offsets: Vec<usize>,
+    /// One past the furthest scratch element any output reads; [`fill`] makes the scratch at
+    /// least this long.
+    pub(super) reach: usize,
 }
 
 impl Layout {
-    fn new(d: &Depthwise) -> Self {
+    pub(super) fn new(d: &Depthwise) -> Self {
         let (s, k, w) = (d.stride, d.kernel, d.width);
         let rows = (d.out_height - 1) * s + k;
-        let phase_width = d.out_width.next_multiple_of(LANES) + (k - 1) / s;
+        let width = d.out_width.next_multiple_of(LANES);
+        let phase_width = width + (k - 1) / s;
         let phases = (0..s)
             .map(|p| {
                 let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
@@ -209,7 +163,7 @@ impl Layout {
         // past the start of its last group of lanes, which the phase width leaves room for.
         let reach = offsets.iter().max().copied().unwrap_or(0)
             + (d.out_height - 1) * s * phase_width
-            + d.out_width.next_multiple_of(LANES);
+            + width;
         assert!(
             reach <= s * rows * phase_width,
             "depthwise scratch holds every read"
@@ -217,6 +171,7 @@ impl Layout {
         Self {
             d: *d,
             rows,
+            width,
             phase_width,
             phases,
             offsets,
@@ -238,7 +193,7 @@ fn depthwise_plane_body(
     scratch: &mut Vec<f32>,
     avx2: bool,
 ) {
-    fill(layout, src, scratch);
+    fill(layout, src, scratch, avx2);
     let d = layout.d;
     let plan = Rows {
         offsets: &layout.offsets,
@@ -258,7 +213,7 @@ fn depthwise_plane_body(
         "depthwise plane size"
     );
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if avx2 && has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
         // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
         match d.kernel {
@@ -270,9 +225,10 @@ fn depthwise_plane_body(
     sum_rows(&plan, scratch, dst);
 }
 
-/// Copies one input plane into `scratch` as `layout` says.
+/// Copies one input plane into `scratch` as `layout` says (AVX2 shuffles for stride 2 if
+/// `avx2` and the CPU has them).
 #[inline(always)]
-fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
+pub(super) fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>, avx2: bool) {
     let Layout {
         d,
         rows,
@@ -300,7 +256,7 @@ fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
             if s == 1 {
                 image.copy_from_slice(&row[x0..x0 + n]);
             } else if s == 2 {
-                every_other(image, &row[x0..]);
+                every_other(image, &row[x0..], avx2);
             } else {
                 image
                     .iter_mut()
@@ -316,14 +272,14 @@ fn fill(layout: &Layout, src: &[f32], scratch: &mut Vec<f32>) {
 /// (the compiler does not vectorise a strided read on its own): two loads, a shuffle that
 /// keeps the even elements of each, and a permute that puts them in order.
 #[inline(always)]
-fn every_other(image: &mut [f32], row: &[f32]) {
+fn every_other(image: &mut [f32], row: &[f32], avx2: bool) {
     assert!(
         row.len() > 2 * (image.len().max(1) - 1),
         "every other element is in the row"
     );
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if avx2 && has_avx2() {
         // Whole vectors of 8 outputs whose 16 inputs are all in the row.
         let whole = (row.len() / 16).min(image.len() / 8);
         // SAFETY: the CPU has AVX2; vector v reads row[16v..16v + 16] and writes
@@ -393,8 +349,8 @@ fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
     }
 }
 
-/// Whether the hand-written AVX2 + FMA sums can run here (false off x86-64).
-fn has_avx2() -> bool {
+/// Whether the hand-written AVX2 + FMA code can run here (false off x86-64).
+pub(super) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -515,6 +471,7 @@ mod tests {
             (9, 37, 5, 2, 1, 2),
             (20, 20, 3, 1, 1, 1),
             (3, 45, 3, 1, 1, 1),
+            (20, 37, 3, 2, 0, 1),
         ] {
             let oh = (h + stride - 1) / stride;
             let ow = (w + stride - 1) / stride;
@@ -539,11 +496,19 @@ mod tests {
                 residual: None,
             };
             let want = depthwise_reference(&d, &x, &wt, &bias);
-            // The plain sums everywhere; the AVX2 ones where this CPU has them.
+            // The plain sums everywhere; the AVX2 ones where this CPU has them. The output
+            // starts as NaN, so an element the kernel failed to write cannot pass.
+            let run = |epi: Epilogue<'_>, avx2: bool| {
+                let mut out = vec![Uninit::new(f32::NAN); want.len()];
+                depthwise_into(d, &x, &wt, epi, avx2, &mut out);
+                // SAFETY: every element was initialised (to NaN) before the call.
+                out.iter()
+                    .map(|v| unsafe { v.assume_init() })
+                    .collect::<Vec<f32>>()
+            };
             for avx2 in [false, has_avx2()] {
-                let got = depthwise_with(d, &x, &wt, epi, avx2);
-                let relu6 = Epilogue { relu6: true, ..epi };
-                let clamped = depthwise_with(d, &x, &wt, relu6, avx2);
+                let got = run(epi, avx2);
+                let clamped = run(Epilogue { relu6: true, ..epi }, avx2);
                 for (g, e) in clamped.iter().zip(&want) {
                     assert!(
                         (g - e.clamp(0.0, 6.0)).abs() < 1e-5,
@@ -555,6 +520,7 @@ mod tests {
                     assert!((g - e).abs() < 1e-5, "{d:?} avx2 {avx2}: {g} vs {e}");
                 }
             }
+            assert_eq!(depthwise(d, &x, &wt, epi).len(), want.len());
         }
     }
 }

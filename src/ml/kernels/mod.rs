@@ -1,6 +1,7 @@
-//! CPU kernels for the inference convolutions of an MBConv network with BatchNorm folded in:
-//! pointwise (1×1) and depthwise convs on NCHW `f32` data, each with its bias, ReLU6 and
-//! residual add done in the same pass (the "epilogue").
+//! CPU kernels for the convolutions of an MBConv network on NCHW `f32` data: for inference,
+//! with BatchNorm folded in, pointwise (1×1) and depthwise convs, each with its bias, ReLU6 and
+//! residual add done in the same pass (the "epilogue"); for fine-tuning, their gradients
+//! (`backward`).
 //!
 //! Why not burn-flex's own convs: flex runs the GEMM over the whole image, then adds the bias
 //! in a second pass, and BatchNorm, the clamp and the residual add are three to four more
@@ -11,7 +12,8 @@
 //! compiler's vectoriser did not keep these sums in registers).
 //!
 //! These are raw-slice functions with no burn types (the depthwise kernel is in `depthwise`);
-//! `fused_ops` exposes them as a burn backend extension on flex. They spread over the rayon
+//! `fused_ops` exposes the inference ones as a burn backend extension on flex, and
+//! `pointwise_grad` and `depthwise_grad` the ones fine-tuning uses. They spread over the rayon
 //! pool, except on a thread that is one of several `lanes` (each core already has its own
 //! slice of the batch there).
 
@@ -25,6 +27,18 @@ pub struct Epilogue<'a> {
     /// Added last (after the clamp, which is never used together with it in MBConv), laid
     /// out like the output.
     pub residual: Option<&'a [f32]>,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Nothing after the sum (a conv whose bias is added elsewhere): `zeros` holds one zero
+    /// per output channel.
+    pub fn none(zeros: &'a [f32]) -> Self {
+        Self {
+            bias: zeros,
+            relu6: false,
+            residual: None,
+        }
+    }
 }
 
 /// Floats of input and output columns a pointwise block aims to keep in a core's L2 cache.
@@ -68,8 +82,8 @@ macro_rules! versions {
 
 mod backward;
 mod depthwise;
-pub use backward::{pointwise_grad_weight, pointwise_grad_x};
-pub use depthwise::{depthwise, depthwise_weight_grad};
+pub use backward::{depthwise_weight_grad, pointwise_grad_weight, pointwise_grad_x};
+pub use depthwise::depthwise;
 
 /// Shape of a pointwise convolution's operands.
 #[derive(Debug, Clone, Copy)]
@@ -332,10 +346,11 @@ pub(super) mod tests {
         };
         let pooled = (pointwise(shape, &x, &w, epi), depthwise(d, &dx, &dw, dwe));
         assert!(!crate::ml::lanes::in_lane());
-        let laned = crate::ml::lanes::map_slices(&[0, 1], 2, |_| {
-            assert!(crate::ml::lanes::in_lane(), "runs as a lane");
-            (pointwise(shape, &x, &w, epi), depthwise(d, &dx, &dw, dwe))
-        });
+        let laned =
+            crate::ml::lanes::map_slices(&[0, 1], 2, crate::ml::lanes::Work::Background, |_| {
+                assert!(crate::ml::lanes::in_lane(), "runs as a lane");
+                (pointwise(shape, &x, &w, epi), depthwise(d, &dx, &dw, dwe))
+            });
         assert_eq!(laned.len(), 2);
         for r in laned {
             assert_eq!(r, pooled);
