@@ -32,6 +32,7 @@ pub mod phases;
 pub mod plan;
 pub mod pointwise_grad;
 pub mod preprocess;
+pub mod resize;
 pub mod softmax;
 pub mod streamed;
 pub mod train;

@@ -139,12 +139,18 @@ pub fn decode(bytes: &[u8], max_dimension: u32) -> Result<RgbImage, ImageRejecti
     Ok(image.into_rgb8())
 }
 
-/// Resize so that the shorter side is `shorter`, keeping the aspect ratio.
-pub fn resize_shorter(image: &RgbImage, shorter: usize) -> RgbImage {
+/// The size `image` takes when its shorter side becomes `shorter`, keeping the aspect ratio.
+fn shorter_size(image: &RgbImage, shorter: usize) -> (u32, u32) {
     let (w, h) = image.dimensions();
     let s = shorter as f64 / w.min(h) as f64;
     let nw = ((w as f64 * s).round() as u32).max(shorter as u32);
     let nh = ((h as f64 * s).round() as u32).max(shorter as u32);
+    (nw, nh)
+}
+
+/// Resize so that the shorter side is `shorter`, keeping the aspect ratio.
+pub fn resize_shorter(image: &RgbImage, shorter: usize) -> RgbImage {
+    let (nw, nh) = shorter_size(image, shorter);
     image::imageops::resize(image, nw, nh, FilterType::Triangle)
 }
 
@@ -170,10 +176,22 @@ pub fn to_chw(image: &RgbImage) -> Vec<f32> {
     out
 }
 
-/// The deterministic view used for validation and prediction: `[3, size, size]` floats.
+/// The deterministic view used for validation and prediction: `[3, size, size]` floats, the
+/// centre crop of the photo resized to `resize_shorter` (only the kept pixels are resampled,
+/// `resize::resized_centre`, with the same result as resizing the whole photo).
 pub fn eval_view(image: &RgbImage, pre: &Preprocessing) -> Vec<f32> {
-    let resized = resize_shorter(image, pre.resize_shorter);
-    to_chw(&center_crop(&resized, pre.input_size))
+    let (nw, nh) = shorter_size(image, pre.resize_shorter);
+    let size = pre.input_size as u32;
+    match super::resize::resized_centre(image, nw, nh, size) {
+        Some(rgb) => {
+            let crop = RgbImage::from_raw(size, size, rgb).expect("size × size RGB bytes");
+            to_chw(&crop)
+        }
+        None => to_chw(&center_crop(
+            &resize_shorter(image, pre.resize_shorter),
+            pre.input_size,
+        )),
+    }
 }
 
 #[cfg(test)]
