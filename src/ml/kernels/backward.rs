@@ -21,13 +21,7 @@ pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f
         outputs,
         spatial,
     } = shape;
-    assert!(inputs > 0 && outputs > 0, "pointwise conv with channels");
-    assert_eq!(
-        grad.len(),
-        batch * outputs * spatial,
-        "pointwise gradient size"
-    );
-    assert_eq!(weight.len(), outputs * inputs, "pointwise weight size");
+    shape.check(None, Some(weight), Some(grad));
     let total = batch * inputs * spatial;
     let mut out: Vec<f32> = Vec::with_capacity(total);
     let dst = Out(out.as_mut_ptr());
@@ -77,13 +71,7 @@ pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f
         outputs,
         spatial,
     } = shape;
-    assert!(inputs > 0 && outputs > 0, "pointwise conv with channels");
-    assert_eq!(
-        grad.len(),
-        batch * outputs * spatial,
-        "pointwise gradient size"
-    );
-    assert_eq!(x.len(), batch * inputs * spatial, "pointwise input size");
+    shape.check(Some(x), None, Some(grad));
     let tasks = if crate::ml::lanes::in_lane() {
         1
     } else {

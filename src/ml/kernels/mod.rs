@@ -95,6 +95,28 @@ pub struct Pointwise {
     pub spatial: usize,
 }
 
+impl Pointwise {
+    /// Panics unless there are channels and each operand given has this shape's size: the
+    /// input `[b, i, p]`, the weight `[o, i]`, the output's gradient `[b, o, p]`.
+    fn check(&self, input: Option<&[f32]>, weight: Option<&[f32]>, grad: Option<&[f32]>) {
+        // With no input channel the GEMM would leave the (unzeroed) output unwritten.
+        assert!(
+            self.inputs > 0 && self.outputs > 0,
+            "pointwise conv with channels"
+        );
+        let (b, p) = (self.batch, self.spatial);
+        for (operand, size, what) in [
+            (input, b * self.inputs * p, "input"),
+            (weight, self.outputs * self.inputs, "weight"),
+            (grad, b * self.outputs * p, "gradient"),
+        ] {
+            if let Some(operand) = operand {
+                assert_eq!(operand.len(), size, "pointwise {what} size");
+            }
+        }
+    }
+}
+
 /// `out[b, o, p] = epilogue(Σ_i weight[o, i] · x[b, i, p])`.
 ///
 /// The work is cut into (image, block of columns, block of output rows) tasks: columns so
@@ -107,10 +129,7 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         outputs,
         spatial,
     } = shape;
-    // With no input channel the GEMM would leave the (unzeroed) output unwritten.
-    assert!(inputs > 0 && outputs > 0, "pointwise conv with channels");
-    assert_eq!(x.len(), batch * inputs * spatial, "pointwise input size");
-    assert_eq!(weight.len(), outputs * inputs, "pointwise weight size");
+    shape.check(Some(x), Some(weight), None);
     assert_eq!(epi.bias.len(), outputs, "pointwise bias size");
     let total = batch * outputs * spatial;
     if let Some(r) = epi.residual {
