@@ -56,7 +56,9 @@ fn floats(t: &FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }
 
-fn pointwise_flex(
+/// A pointwise conv on flex tensors through `kernels::pointwise`: bias, then ReLU6 or the
+/// residual, in the same pass.
+pub(crate) fn pointwise_flex(
     x: FlexTensor,
     weight: FlexTensor,
     bias: FlexTensor,
@@ -65,14 +67,9 @@ fn pointwise_flex(
 ) -> FlexTensor {
     let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
     let residual = residual.as_ref().map(floats);
-    let [batch, inputs, h, w] = shape4(&x);
-    let outputs = shape4(&weight)[0];
-    let shape = Pointwise {
-        batch,
-        inputs,
-        outputs,
-        spatial: h * w,
-    };
+    let [batch, _, h, w] = shape4(&x);
+    let shape = Pointwise::of(shape4(&x), shape4(&weight));
+    let outputs = shape.outputs;
     let epi = Epilogue {
         bias: bias.storage(),
         relu6,

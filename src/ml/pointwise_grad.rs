@@ -16,7 +16,8 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 
 use super::depthwise_grad::{dims, flex};
-use super::kernels::{self, Epilogue, Pointwise};
+use super::fused_ops::pointwise_flex;
+use super::kernels::{self, Pointwise};
 
 /// `[b, i, h, w]` × `[o, i, 1, 1]`, no bias; differentiable on autodiff over flex.
 #[backend_extension(Flex, Autodiff)]
@@ -28,36 +29,18 @@ pub trait PointwiseOps: Backend {
     fn pointwise_grad_weight(grad: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-/// The operands' shape, from the input `[b, i, h, w]` and the weight `[o, i, 1, 1]`.
-fn shape_of(x: [usize; 4], weight: [usize; 4]) -> Pointwise {
-    assert_eq!(
-        x[1], weight[1],
-        "pointwise weight matches the input channels"
-    );
-    Pointwise {
-        batch: x[0],
-        inputs: x[1],
-        outputs: weight[0],
-        spatial: x[2] * x[3],
-    }
-}
-
 impl PointwiseOps for Flex {
     fn pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-        let [b, _, h, w] = dims(&x);
-        let shape = shape_of(dims(&x), dims(&weight));
-        let zeros = vec![0.0; shape.outputs];
-        let epi = Epilogue::none(&zeros);
-        let out = kernels::pointwise(shape, x.storage(), weight.storage(), epi);
-        flex(out, [b, shape.outputs, h, w])
+        // The inference kernel, with a zero bias (the caller adds the real one).
+        let zeros = flex(vec![0.0; dims(&weight)[0]], [dims(&weight)[0]]);
+        pointwise_flex(x, weight, zeros, false, None)
     }
 
     fn pointwise_grad_x(grad: FlexTensor, weight: FlexTensor) -> FlexTensor {
         let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
         let [b, o, h, w] = dims(&grad);
         let inputs = dims(&weight)[1];
-        let shape = shape_of([b, inputs, h, w], dims(&weight));
+        let shape = Pointwise::of([b, inputs, h, w], dims(&weight));
         assert_eq!(o, shape.outputs, "pointwise gradient matches the weight");
         let out = kernels::pointwise_grad_x(shape, grad.storage(), weight.storage());
         flex(out, [b, inputs, h, w])
@@ -66,7 +49,7 @@ impl PointwiseOps for Flex {
     fn pointwise_grad_weight(grad: FlexTensor, x: FlexTensor) -> FlexTensor {
         let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
         let [_, o, _, _] = dims(&grad);
-        let shape = shape_of(dims(&x), [o, dims(&x)[1], 1, 1]);
+        let shape = Pointwise::of(dims(&x), [o, dims(&x)[1], 1, 1]);
         let out = kernels::pointwise_grad_weight(shape, grad.storage(), x.storage());
         flex(out, [o, shape.inputs, 1, 1])
     }

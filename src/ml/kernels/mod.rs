@@ -96,6 +96,21 @@ pub struct Pointwise {
 }
 
 impl Pointwise {
+    /// The operands' shape, from the input's dims `[b, i, h, w]` and the weight's `[o, i, 1,
+    /// 1]`.
+    pub fn of(x: [usize; 4], weight: [usize; 4]) -> Self {
+        assert_eq!(
+            x[1], weight[1],
+            "pointwise weight matches the input channels"
+        );
+        Self {
+            batch: x[0],
+            inputs: x[1],
+            outputs: weight[0],
+            spatial: x[2] * x[3],
+        }
+    }
+
     /// Panics unless there are channels and each operand given has this shape's size: the
     /// input `[b, i, p]`, the weight `[o, i]`, the output's gradient `[b, o, p]`.
     fn check(&self, input: Option<&[f32]>, weight: Option<&[f32]>, grad: Option<&[f32]>) {
