@@ -155,19 +155,15 @@ impl Gaussians {
         )
     }
 
-    /// Squared Mahalanobis distance to the nearest class mean, over the dimension.
+    /// Squared Mahalanobis distance to the nearest class mean, over the dimension: a forward
+    /// substitution through the factor, then the nearest whitened mean.
     pub fn score(&self, x: &[f32]) -> f64 {
         let d = self.dim;
         let x = unit(x);
         let mut y = vec![0.0f64; d];
         for i in 0..d {
             let row = &self.lower[i * (i + 1) / 2..i * (i + 1) / 2 + i + 1];
-            let s: f64 = row[..i]
-                .iter()
-                .zip(&y[..i])
-                .map(|(&l, v)| l as f64 * v)
-                .sum();
-            y[i] = (x[i] as f64 - s) / row[i] as f64;
+            y[i] = (x[i] as f64 - dot(&row[..i], &y[..i])) / row[i] as f64;
         }
         self.means
             .iter()
@@ -279,6 +275,25 @@ pub fn calibrate(
     Some((served, summary))
 }
 
+/// `Σ a[k]·b[k]` in f64, over eight running sums: one chained sum made each of the forward
+/// substitution's 1,280 rows wait on every addition (about a millisecond per photo predicted).
+fn dot(a: &[f32], b: &[f64]) -> f64 {
+    let mut sums = [0.0f64; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(&l, v)| f64::from(l) * v)
+        .sum();
+    for (l, v) in a8.zip(b8) {
+        for k in 0..8 {
+            sums[k] += f64::from(l[k]) * v[k];
+        }
+    }
+    sums.iter().sum::<f64>() + tail
+}
+
 /// `x` scaled to unit length (a photo's features are compared by direction, see the module
 /// header).
 fn unit(x: &[f32]) -> Vec<f32> {
@@ -343,6 +358,18 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn dot_sums_every_product_with_and_without_a_tail() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        for n in [0, 1, 7, 8, 9, 17, 1280] {
+            let a: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, y)| f64::from(x) * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-12, "n {n}");
+        }
+        assert_eq!(dot(&[2.0; 9], &[0.5; 9]), 9.0);
+    }
 
     #[test]
     fn near_points_score_low_far_points_high_and_bytes_round_trip() {
