@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load test of POST /api/predict (not part of the test suite):
 #   1. $REQUESTS (default 10,000) requests at concurrency 32 from wrk (a second process, loopback) against a
-#      trained model: errors, p50/p99, throughput, mean micro-batch, server RSS;
+#      trained Lite0 model: errors, p50/p99, throughput, mean micro-batch, server RSS; then
+#      ONNX Runtime's model-only throughput at batch 32 with the same Lite0 weights, on the
+#      same machine in the same run (bench/peers/onnx_peer.py), and the ratio of the two;
 #   2. overload: 30 s at concurrency 256 with the default --predict-queue and
 #      --request-timeout: answers by status, the slowest request, how fast a refusal comes,
 #      /healthz polled throughout, server RSS;
@@ -34,7 +36,8 @@ wait_run() {
     done
 }
 
-# A small model to predict with: the test fixtures, tiny config.
+# A small model to predict with: the test fixtures, tiny config. Lite0 (224 px) by name, not
+# `auto` (which picks Lite1 for so few photos): the network ONNX Runtime runs below.
 python3 - "$WORK/pets.zip" <<'PY'
 import sys, zipfile, pathlib
 with zipfile.ZipFile(sys.argv[1], "w") as z:
@@ -43,7 +46,7 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
 PY
 DS=$(curl -sf -F file=@"$WORK/pets.zip" "$BASE/api/datasets" | json '["id"]')
 RUN=$(curl -sf -H 'content-type: application/json' \
-    -d "{\"dataset_id\":\"$DS\",\"config\":{\"finetune\":{\"enabled\":true,\"epochs\":1}}}" \
+    -d "{\"dataset_id\":\"$DS\",\"config\":{\"backbone\":\"lite0\",\"finetune\":{\"enabled\":true,\"epochs\":1}}}" \
     "$BASE/api/runs" | json '["id"]')
 wait_run "$RUN"
 
@@ -74,6 +77,13 @@ REQS=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
 ERRS=$(awk '/Non-2xx/ {print $NF} /Socket errors/ {print}' "$WORK/wrk.txt")
 # Images per forward pass, from the server's own histogram.
 BATCH=$(curl -s "$BASE/metrics" | awk '/^transferd_predict_batch_size_sum/ {s=$2} /^transferd_predict_batch_size_count/ {c=$2} END {printf "%.1f", s/c}')
+
+# The same weights in ONNX Runtime, model only, batch 32, while the server is idle.
+. bench/venv.sh
+ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
+ORT32=$("$ONNX_PY" bench/peers/onnx_peer.py "$WEIGHTS" tests/fixtures/samples |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["batch32_images_per_second"])')
+RATIO=$(python3 -c "print(f'{$ACTIVE/$ORT32:.2f}')")
 
 # Overload: far more clients than the queue holds. Meanwhile /healthz is polled, and single
 # predictions probe how fast a refusal comes.
@@ -119,12 +129,15 @@ echo
 echo "| measure | value |"
 echo "|---|---|"
 echo "| machine | $CPU|"
+echo "| model | Lite0 at 224 px, trained on the 24 fixture photos |"
 echo "| requests | $REQS (concurrency 32, 4 wrk threads) |"
 echo "| errors (non-2xx, socket) | ${ERRS:-0} |"
 echo "| answers by status | $(awk -F': ' '/^statuses:/ {print $2}' "$WORK/wrk.txt") |"
 echo "| p50 / p90 / p99 latency | $(field 50% "$WORK/wrk.txt") / $(field 90% "$WORK/wrk.txt") / $(field 99% "$WORK/wrk.txt") |"
 echo "| throughput | $ACTIVE req/s ($REQUESTS answers over the time they took) |"
 echo "| mean micro-batch (from /metrics) | $BATCH images per forward pass |"
+echo "| ONNX Runtime, same Lite0 weights, model only, batch 32 | $ORT32 img/s |"
+echo "| throughput against ONNX Runtime's | ${RATIO}× |"
 echo "| server RSS before, at each quarter of the run, peak, after | $RSS0 / $RSS_Q / $RSS_MAX / $RSS1 MiB |"
 echo "| overload, concurrency 256 for 30 s: answers | $STATUSES; refusals counted in /metrics: $REFUSED |"
 echo "| overload: slowest request (wrk) | $MAXLAT (request timeout 30 s) |"

@@ -17,16 +17,7 @@ BIN="$CARGO_TARGET_DIR/release"
 "$BIN/transferd" --data-dir data weights fetch >/dev/null
 WEIGHTS="$("$BIN/transferd" --data-dir data weights path | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')"
 
-venv() { # venv NAME REQUIREMENTS -> path of its python
-    local dir="$CACHE/bench-venvs/$1"
-    if ! cmp -s "$2" "$dir/requirements.txt" 2>/dev/null; then
-        rm -rf "$dir"
-        python3 -m venv "$dir"
-        "$dir/bin/pip" install -q -r "$2" >&2
-        cp "$2" "$dir/requirements.txt"
-    fi
-    echo "$dir/bin/python"
-}
+. bench/venv.sh
 KERAS_PY="$(venv keras bench/peers/requirements-keras.txt)"
 ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
 
