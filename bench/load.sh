@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Load test of POST /api/predict (not part of the test suite):
+#   0. one client at a time for 20 s: p50/p99 of a single photo through the service;
 #   1. $REQUESTS (default 10,000) requests at concurrency 32 from wrk (a second process, loopback) against a
 #      trained Lite0 model: errors, p50/p99, throughput, mean micro-batch, server RSS; then
-#      ONNX Runtime's model-only throughput at batch 32 with the same Lite0 weights, on the
-#      same machine in the same run (bench/peers/onnx_peer.py), and the ratio of the two;
+#      ONNX Runtime's model-only time at batch 1 and throughput at batch 32 with the same
+#      Lite0 weights, on the same machine in the same run (bench/peers/onnx_peer.py), and
+#      the ratios of 0 and 1 to them;
 #   2. overload: 30 s at concurrency 256 with the default --predict-queue and
 #      --request-timeout: answers by status, the slowest request, how fast a refusal comes,
 #      /healthz polled throughout, server RSS;
@@ -52,8 +54,13 @@ wait_run "$RUN"
 
 IMAGE="tests/fixtures/samples/test_cat.jpg"
 curl -sf --data-binary @"$IMAGE" "$BASE/api/predict" >/dev/null   # load the model
+# One client at a time: a single photo's latency through the whole service.
+IMAGE="$IMAGE" wrk -t1 -c1 -d20s --timeout 60s --latency -s bench/predict.lua "$BASE/api/predict" >"$WORK/wrk1.txt"
 RSS0=$(rss)
 served() { curl -s "$BASE/metrics" | awk '/^transferd_predict_images_total/ {print int($2)}'; }
+# The micro-batch histogram's sum and count.
+passes() { awk '/^transferd_predict_batch_size_sum/ {s=$2} /^transferd_predict_batch_size_count/ {c=$2} END {print s+0, c+0}'; }
+PASSES0=$(curl -s "$BASE/metrics" | passes)
 START_COUNT=$(served)
 # wrk keeps its threads' results until its duration ends, so it runs in the background and
 # is interrupted (it then prints its report) once the server has answered $REQUESTS requests.
@@ -75,15 +82,21 @@ cat "$WORK/wrk.txt"
 field() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
 REQS=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
 ERRS=$(awk '/Non-2xx/ {print $NF} /Socket errors/ {print}' "$WORK/wrk.txt")
-# Images per forward pass, from the server's own histogram.
-BATCH=$(curl -s "$BASE/metrics" | awk '/^transferd_predict_batch_size_sum/ {s=$2} /^transferd_predict_batch_size_count/ {c=$2} END {printf "%.1f", s/c}')
+# Images per forward pass during phase 1, from the server's own histogram.
+BATCH=$(curl -s "$BASE/metrics" | passes | awk -v before="$PASSES0" '{split(before, b); printf "%.1f", ($1-b[1])/($2-b[2])}')
 
 # The same weights in ONNX Runtime, model only, batch 32, while the server is idle.
 . bench/venv.sh
 ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
-ORT32=$("$ONNX_PY" bench/peers/onnx_peer.py "$WEIGHTS" tests/fixtures/samples |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["batch32_images_per_second"])')
+"$ONNX_PY" bench/peers/onnx_peer.py "$WEIGHTS" tests/fixtures/samples >"$WORK/ort.json"
+ort() { python3 -c "import json; print(json.load(open('$WORK/ort.json'))['$1'])"; }
+ORT1=$(ort batch1_ms_per_call)
+ORT32=$(ort batch32_images_per_second)
 RATIO=$(python3 -c "print(f'{$ACTIVE/$ORT32:.2f}')")
+# wrk prints the median in its own unit (us, ms or s); in ms here.
+P50_1=$(awk '$1 == "50%" {v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
+    print (u == "us" ? v/1000 : (u == "s" ? v*1000 : v))}' "$WORK/wrk1.txt")
+RATIO1=$(python3 -c "print(f'{$P50_1/$ORT1:.2f}')")
 
 # Overload: far more clients than the queue holds. Meanwhile /healthz is polled, and single
 # predictions probe how fast a refusal comes.
@@ -130,6 +143,9 @@ echo "| measure | value |"
 echo "|---|---|"
 echo "| machine | $CPU|"
 echo "| model | Lite0 at 224 px, trained on the 24 fixture photos |"
+echo "| one client at a time (20 s): p50 / p99 | $(field 50% "$WORK/wrk1.txt") / $(field 99% "$WORK/wrk1.txt") |"
+echo "| ONNX Runtime, same Lite0 weights, model only, batch 1 | $ORT1 ms |"
+echo "| one client's p50 against ONNX Runtime's batch 1 | ${RATIO1}× |"
 echo "| requests | $REQS (concurrency 32, 4 wrk threads) |"
 echo "| errors (non-2xx, socket) | ${ERRS:-0} |"
 echo "| answers by status | $(awk -F': ' '/^statuses:/ {print $2}' "$WORK/wrk.txt") |"
