@@ -18,7 +18,7 @@ use burn_flex::FlexTensor;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::depthwise_grad::{dims, flex};
+use super::flex_tensor::{dims, flex};
 
 /// `clamp(x + bias[c], 0, 6)` for `x` `[b, c, h, w]` and `bias` `[c]`; differentiable on
 /// autodiff over flex.

@@ -17,6 +17,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
+use super::flex_tensor::{dims, flex};
 use super::kernels::{self, Depthwise, Epilogue};
 
 /// `[b, c, h, w]` × `[c, 1, k, k]` with stride `stride` and `padding` (top, bottom, left,
@@ -47,39 +48,6 @@ pub trait DepthwiseOps: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// The geometry of a square conv over `x` (`[b, c, h, w]`) with padding (top, bottom, left,
-/// right): the one place its output size is computed for the flex kernels.
-pub(crate) fn geometry(
-    x: [usize; 4],
-    kernel: usize,
-    stride: usize,
-    padding: [usize; 4],
-) -> Depthwise {
-    let [batch, channels, height, width] = x;
-    let [top, bottom, left, right] = padding;
-    Depthwise {
-        batch,
-        channels,
-        height,
-        width,
-        kernel,
-        stride,
-        pad_top: top,
-        pad_left: left,
-        out_height: (height + top + bottom - kernel) / stride + 1,
-        out_width: (width + left + right - kernel) / stride + 1,
-    }
-}
-
-pub(crate) fn dims(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
-    [s[0], s[1], s[2], s[3]]
-}
-
-pub(crate) fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(data, shape))
-}
-
 /// For output column range of tap offset `j`: the outputs `o` whose input column
 /// `o · s + j − left` lies in `0..width`.
 fn valid(out: usize, s: usize, j: usize, left: usize, width: usize) -> std::ops::Range<usize> {
@@ -96,7 +64,7 @@ impl DepthwiseOps for Flex {
         padding: [usize; 4],
     ) -> FlexTensor {
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-        let d = geometry(dims(&x), dims(&weight)[2], stride, padding);
+        let d = Depthwise::of(dims(&x), dims(&weight)[2], stride, padding);
         let bias = vec![0.0; d.channels];
         let epi = Epilogue::none(&bias);
         let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
@@ -112,7 +80,7 @@ impl DepthwiseOps for Flex {
     ) -> FlexTensor {
         let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
         let k = dims(&weight)[2];
-        let d = geometry(x_shape, k, stride, padding);
+        let d = Depthwise::of(x_shape, k, stride, padding);
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
         let [top, _, left, _] = padding;
         if stride == 1 && top < k && left < k {
@@ -181,7 +149,7 @@ impl DepthwiseOps for Flex {
         padding: [usize; 4],
     ) -> FlexTensor {
         let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
-        let d = geometry(dims(&x), kernel, stride, padding);
+        let d = Depthwise::of(dims(&x), kernel, stride, padding);
         let out = kernels::depthwise_weight_grad(d, x.storage(), grad.storage());
         flex(out, [d.channels, 1, kernel, kernel])
     }

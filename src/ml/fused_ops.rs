@@ -5,8 +5,8 @@
 use burn::backend::{Flex, backend_extension, tensor::FloatTensor};
 use burn_flex::FlexTensor;
 
-use super::depthwise_grad::{dims as shape4, flex, geometry};
-use super::kernels::{self, Epilogue, Pointwise};
+use super::flex_tensor::{dims, flex};
+use super::kernels::{self, Depthwise, Epilogue, Pointwise};
 
 /// Fused convolutions with BatchNorm already folded into `weight` and `bias`.
 #[backend_extension(Flex)]
@@ -67,8 +67,8 @@ pub(crate) fn pointwise_flex(
 ) -> FlexTensor {
     let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
     let residual = residual.as_ref().map(floats);
-    let [batch, _, h, w] = shape4(&x);
-    let shape = Pointwise::of(shape4(&x), shape4(&weight));
+    let [batch, _, h, w] = dims(&x);
+    let shape = Pointwise::of(dims(&x), dims(&weight));
     let outputs = shape.outputs;
     let epi = Epilogue {
         bias: bias.storage(),
@@ -107,9 +107,9 @@ impl FusedConvOps for Flex {
         relu6: bool,
     ) -> FlexTensor {
         let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-        let [batch, channels, height, width] = shape4(&x);
-        let [outputs, _, kernel, _] = shape4(&weight);
-        let d = geometry([batch, channels, height, width], kernel, stride, padding);
+        let [batch, channels, height, width] = dims(&x);
+        let [outputs, _, kernel, _] = dims(&weight);
+        let d = Depthwise::of([batch, channels, height, width], kernel, stride, padding);
         let columns = kernels::im2col(d, x.storage());
         let shape = Pointwise {
             batch,
@@ -135,7 +135,7 @@ impl FusedConvOps for Flex {
         relu6: bool,
     ) -> FlexTensor {
         let (x, weight, bias) = (floats(&x), floats(&weight), floats(&bias));
-        let d = geometry(shape4(&x), shape4(&weight)[2], stride, padding);
+        let d = Depthwise::of(dims(&x), dims(&weight)[2], stride, padding);
         let epi = Epilogue {
             bias: bias.storage(),
             relu6,

@@ -17,6 +17,7 @@ pub mod device;
 pub mod evaluate;
 pub mod events;
 pub mod export;
+mod flex_tensor;
 pub mod frozen_bn;
 pub mod fused;
 pub mod fused_ops;

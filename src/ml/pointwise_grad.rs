@@ -15,7 +15,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-use super::depthwise_grad::{dims, flex};
+use super::flex_tensor::{dims, flex};
 use super::fused_ops::pointwise_flex;
 use super::kernels::{self, Pointwise};
 

@@ -5,8 +5,8 @@
 //! kernel's padded scratch. (A depthwise conv's input gradient is the forward kernel itself,
 //! see `depthwise_grad`.)
 
-use super::depthwise::{LANES, Layout, SCRATCH, fill, has_avx2};
-use super::{Depthwise, Out, Pointwise};
+use super::padded::{LANES, Layout, SCRATCH, fill};
+use super::{Depthwise, Out, Pointwise, has_avx2};
 
 thread_local! {
     /// Each thread's copy of an output gradient plane, rows padded to whole vectors.

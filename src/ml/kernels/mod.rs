@@ -11,7 +11,9 @@
 //! every tap reads contiguous inputs, summed in AVX2 registers by hand-written intrinsics (the
 //! compiler's vectoriser did not keep these sums in registers).
 //!
-//! These are raw-slice functions with no burn types (the depthwise kernel is in `depthwise`);
+//! These are raw-slice functions with no burn types (the pointwise kernel is in `pointwise`,
+//! the depthwise one in `depthwise` with the padded scratch it reads through in `padded`, the
+//! gradients in `backward`; im2col and the shared types here);
 //! `fused_ops` exposes the inference ones as a burn backend extension on flex, and
 //! `pointwise_grad` and `depthwise_grad` the ones fine-tuning uses. They spread over the rayon
 //! pool, except on a thread that is one of several `lanes` (each core already has its own
@@ -40,9 +42,6 @@ impl<'a> Epilogue<'a> {
         }
     }
 }
-
-/// Floats of input and output columns a pointwise block aims to keep in a core's L2 cache.
-const BLOCK_FLOATS: usize = 48 * 1024;
 
 /// Raw output pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
@@ -82,8 +81,23 @@ macro_rules! versions {
 
 mod backward;
 mod depthwise;
+mod padded;
+mod pointwise;
 pub use backward::{depthwise_weight_grad, pointwise_grad_weight, pointwise_grad_x};
 pub use depthwise::depthwise;
+pub use pointwise::pointwise;
+
+/// Whether the hand-written AVX2 + FMA code can run here (false off x86-64).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// Shape of a pointwise convolution's operands.
 #[derive(Debug, Clone, Copy)]
@@ -129,103 +143,6 @@ impl Pointwise {
                 assert_eq!(operand.len(), size, "pointwise {what} size");
             }
         }
-    }
-}
-
-/// `out[b, o, p] = epilogue(Σ_i weight[o, i] · x[b, i, p])`.
-///
-/// The work is cut into (image, block of columns, block of output rows) tasks: columns so
-/// that the input panel and the output block stay in cache for the epilogue, rows only when
-/// there are too few column blocks to keep every core busy (small late-stage images).
-pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>) -> Vec<f32> {
-    let Pointwise {
-        batch,
-        inputs,
-        outputs,
-        spatial,
-    } = shape;
-    shape.check(Some(x), Some(weight), None);
-    assert_eq!(epi.bias.len(), outputs, "pointwise bias size");
-    let total = batch * outputs * spatial;
-    if let Some(r) = epi.residual {
-        assert_eq!(r.len(), total, "pointwise residual size");
-    }
-    let cols = (BLOCK_FLOATS / (inputs + outputs))
-        .max(16)
-        .min(spatial.max(1));
-    let col_blocks = spatial.div_ceil(cols);
-    let want = 2 * rayon::current_num_threads();
-    let row_parts = (want.div_ceil(batch * col_blocks)).clamp(1, outputs.div_ceil(16).max(1));
-    let rows = outputs.div_ceil(row_parts).next_multiple_of(8).min(outputs);
-    let row_blocks = outputs.div_ceil(rows);
-
-    // Every element is written by the GEMM (which does not read it) before the epilogue, so
-    // the buffer is not zeroed first: that would be one more pass over the output.
-    let mut out: Vec<f32> = Vec::with_capacity(total);
-    let dst = Out(out.as_mut_ptr());
-    let tasks = batch * col_blocks * row_blocks;
-    let run = |task: usize| {
-        let rb = task % row_blocks;
-        let cb = (task / row_blocks) % col_blocks;
-        let b = task / (row_blocks * col_blocks);
-        let (r0, c0) = (rb * rows, cb * cols);
-        let (m, n) = (rows.min(outputs - r0), cols.min(spatial - c0));
-        let at = b * outputs * spatial + r0 * spatial + c0;
-        let dst = dst;
-        // SAFETY: the operands are in bounds by the asserts above (rows r0..r0+m of the
-        // weight, columns c0..c0+n of image b), and each task's output block is disjoint.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                inputs,
-                dst.0.add(at),
-                1,
-                spatial as isize,
-                false,
-                weight.as_ptr().add(r0 * inputs),
-                1,
-                inputs as isize,
-                x.as_ptr().add(b * inputs * spatial + c0),
-                1,
-                spatial as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        for o in 0..m {
-            let row = at + o * spatial;
-            // SAFETY: as above; this row segment belongs to this task alone.
-            let block = unsafe { std::slice::from_raw_parts_mut(dst.0.add(row), n) };
-            let residual = epi.residual.map(|r| &r[row..row + n]);
-            finish(block, epi.bias[r0 + o], epi.relu6, residual);
-        }
-    };
-    super::lanes::each_task(tasks, run);
-    // SAFETY: the tasks above cover every (image, row, column) once, and each wrote its block.
-    unsafe { out.set_len(total) };
-    out
-}
-
-versions!(fn finish => finish_body(
-    out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>,
-));
-
-#[inline(always)]
-fn finish_body(out: &mut [f32], bias: f32, relu6: bool, residual: Option<&[f32]>) {
-    match (relu6, residual) {
-        (true, None) => out
-            .iter_mut()
-            .for_each(|v| *v = (*v + bias).clamp(0.0, 6.0)),
-        (false, None) => out.iter_mut().for_each(|v| *v += bias),
-        (relu6, Some(r)) => out.iter_mut().zip(r).for_each(|(v, r)| {
-            let y = *v + bias;
-            *v = if relu6 { y.clamp(0.0, 6.0) } else { y } + r;
-        }),
     }
 }
 
@@ -285,6 +202,28 @@ pub struct Depthwise {
     pub out_width: usize,
 }
 
+impl Depthwise {
+    /// A square `kernel` conv over `x` (`[b, c, h, w]`) with `stride` and `padding` (top,
+    /// bottom, left, right): the one place its output size is worked out for the flex
+    /// kernels.
+    pub fn of(x: [usize; 4], kernel: usize, stride: usize, padding: [usize; 4]) -> Self {
+        let [batch, channels, height, width] = x;
+        let [top, bottom, left, right] = padding;
+        Self {
+            batch,
+            channels,
+            height,
+            width,
+            kernel,
+            stride,
+            pad_top: top,
+            pad_left: left,
+            out_height: (height + top + bottom - kernel) / stride + 1,
+            out_width: (width + left + right - kernel) / stride + 1,
+        }
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -300,51 +239,6 @@ pub(super) mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    #[test]
-    fn pointwise_matches_the_definition_with_each_epilogue() {
-        let shape = Pointwise {
-            batch: 2,
-            inputs: 5,
-            outputs: 37,
-            spatial: 2500,
-        };
-        // 2,500 columns: more than one block of columns, with a partial last one.
-        let x = lcg(2 * 5 * 2500, 4);
-        let w = lcg(37 * 5, 5);
-        let bias: Vec<f32> = lcg(37, 6).iter().map(|v| v * 8.0).collect();
-        let residual = lcg(2 * 37 * 2500, 7);
-        for (relu6, res) in [(false, None), (true, None), (false, Some(&residual[..]))] {
-            let got = pointwise(
-                shape,
-                &x,
-                &w,
-                Epilogue {
-                    bias: &bias,
-                    relu6,
-                    residual: res,
-                },
-            );
-            for b in 0..2 {
-                for o in 0..37 {
-                    for p in 0..2500 {
-                        let mut y = bias[o];
-                        for i in 0..5 {
-                            y += w[o * 5 + i] * x[(b * 5 + i) * 2500 + p];
-                        }
-                        if relu6 {
-                            y = y.clamp(0.0, 6.0);
-                        }
-                        let at = (b * 37 + o) * 2500 + p;
-                        if let Some(r) = res {
-                            y += r[at];
-                        }
-                        assert!((got[at] - y).abs() < 1e-5, "{relu6} {b} {o} {p}");
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -1,0 +1,17 @@
+//! Plain flex tensors as the CPU extension ops (`fused_ops`, `pointwise_grad`,
+//! `depthwise_grad`, `bias_relu6`) take and give them: their `[b, c, h, w]` dims, and a new
+//! one from a buffer their kernels filled.
+
+use burn::prelude::*;
+use burn_flex::FlexTensor;
+
+/// The four dims of a rank-4 tensor.
+pub(crate) fn dims(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// A flex tensor of `shape` holding `data`.
+pub(crate) fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
