@@ -12,7 +12,10 @@ first in even ones, so that neither always gets the cooler machine):
     `bench --split-out` writes;
 
 then model-only inference: ONNX Runtime (`peers/onnx_peer.py`) and transferd's backbone
-(`bench --inference-only`). Prints markdown tables with the ratios transferd / peer.
+(`bench --inference-only`), interleaved over `--inference-rounds` rounds (alternating which
+goes first), since a machine's speed drifts by tens of percent over minutes: each figure is the
+median of its rounds and each ratio is shown with its per-round values. Prints markdown tables
+with the ratios transferd / peer.
 """
 
 import argparse
@@ -200,6 +203,35 @@ def onnx_inference(args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def inference_rounds(args):
+    """ONNX Runtime and transferd (and its generic path if asked), one after the other in each
+    round, the order alternating between rounds."""
+    rounds = {"ort": [], "flex": [], "generic": []}
+    runners = [("ort", lambda: onnx_inference(args)), ("flex", lambda: transferd_inference(args))]
+    if args.generic_baseline:
+        runners.append(("generic", lambda: transferd_inference(args, generic=True)))
+    for r in range(args.inference_rounds):
+        for name, run in (runners if r % 2 == 0 else runners[::-1]):
+            log(f"inference round {r + 1}/{args.inference_rounds}: {name}")
+            rounds[name].append(run())
+            log(json.dumps(rounds[name][-1]))
+    return rounds
+
+
+def median_of(results):
+    """Each numeric field's median over the rounds; other fields from the first round."""
+    out = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in results)
+    return out
+
+
+def per_round(ours, theirs, f):
+    """The ratio in each round, for the tables: how much the machine moved it."""
+    return ", ".join(f"{f(a, b):.2f}" for a, b in zip(ours, theirs))
+
+
 def mean(rows, f):
     return statistics.mean(f(r) for r in rows)
 
@@ -208,17 +240,19 @@ def fmt_ratio(ours, theirs):
     return f"{ours / theirs:.2f}×"
 
 
-def report_generic(ours, before, flex, flex_before):
+def report_generic(ours, before, flex, flex_before, rounds):
     """The CPU kernels against burn's generic convs: same binary, same run."""
     print("\n### transferd's CPU kernels vs burn's generic convs (same binary, "
           f"`{GENERIC_ENV}=1`), {flex['cpu']}\n")
     print("| measure | generic convs (before) | fused kernels (after) | speed-up |")
     print("|---|---|---|---|")
+    speedup = lambda key: per_round(rounds["flex"], rounds["generic"], lambda a, b: a[key] / b[key])
     for b in (1, 32):
         print(f"| backbone forward, batch {b} | {flex_before[b]:.1f} img/s | {flex[b]:.1f} img/s | "
-              f"{flex[b] / flex_before[b]:.2f}× |")
+              f"{flex[b] / flex_before[b]:.2f}× (rounds: {speedup(b)}) |")
     print(f"| fine-tune step (top block), batch 32 | {flex_before['step']:.1f} img/s | "
-          f"{flex['step']:.1f} img/s | {flex['step'] / flex_before['step']:.2f}× (target ≥ 2.5×) |")
+          f"{flex['step']:.1f} img/s | {flex['step'] / flex_before['step']:.2f}× (rounds: "
+          f"{speedup('step')}; target ≥ 2.5×) |")
     if ours and before:
         for name, f in [("frozen pass", lambda r: r["frozen_s"]),
                         ("fine-tune phase", lambda r: r["finetune"]["seconds"] or 0.0),
@@ -232,7 +266,7 @@ def report_generic(ours, before, flex, flex_before):
         print(f"| validation accuracy | {accs(before)} | {accs(ours)} | |")
 
 
-def report(args, ours, keras, ort, flex):
+def report(args, ours, keras, ort, flex, rounds):
     n, k = len(ours), len(keras)
     print(f"\n### Training: transferd's default run vs the tutorial's Keras pipeline "
           f"(mean of {n} and {k} alternating runs)\n")
@@ -268,20 +302,26 @@ def report(args, ours, keras, ort, flex):
     print(f"| validation accuracy ({ours[0]['val_images']} photos) | {accs} | {kaccs} "
           "(random init: no ImageNet weights here; the tutorial publishes ~80%) | |")
 
-    print(f"\n### Inference at 224 px: transferd vs ONNX Runtime (same Lite0 weights), {flex['cpu']}\n")
+    print(f"\n### Inference at 224 px: transferd vs ONNX Runtime (same Lite0 weights), {flex['cpu']}; "
+          f"medians of {args.inference_rounds} interleaved rounds\n")
     print("| measure | transferd | ONNX Runtime | transferd / ORT |")
     print("|---|---|---|---|")
     o1, o32 = ort["batch1_ms_per_call"], ort["batch32_ms_per_call"]
     f1 = 1000 / flex[1]
     f32 = 32 * 1000 / flex[32]
     print(f"| model only, batch 1 | {f1:.1f} ms ({flex[1]:.1f} img/s) | {o1:.1f} ms "
-          f"({ort['batch1_images_per_second']:.1f} img/s) | **{f1 / o1:.1f}×** (target ≤ 1.5×) |")
+          f"({ort['batch1_images_per_second']:.1f} img/s) | **{f1 / o1:.2f}×** (rounds: "
+          f"{per_round(rounds['flex'], rounds['ort'], lambda a, b: 1000 / a[1] / b['batch1_ms_per_call'])}"
+          "; target ≤ 1.5×) |")
     print(f"| model only, batch 32 | {f32:.0f} ms ({flex[32]:.1f} img/s) | {o32:.0f} ms "
-          f"({ort['batch32_images_per_second']:.1f} img/s) | {f32 / o32:.1f}× |")
+          f"({ort['batch32_images_per_second']:.1f} img/s) | {f32 / o32:.2f}× time, "
+          f"**{flex[32] / ort['batch32_images_per_second']:.2f}× throughput** (rounds: "
+          f"{per_round(rounds['flex'], rounds['ort'], lambda a, b: a[32] / b['batch32_images_per_second'])}"
+          "; target ≥ 0.7×) |")
     p1 = mean(ours, lambda r: r["predict1_p50_ms"])
     p32 = mean(ours, lambda r: r["predict32_p50_ms"])
     print(f"| `POST /api/predict` p50, 1 photo | {p1:.1f} ms | model only {o1:.1f} ms | "
-          f"**{p1 / o1:.1f}×** (target ≤ 2×) |")
+          f"**{p1 / o1:.2f}×** (target ≤ 2×) |")
     print(f"| `POST /api/predict` p50, 32 photos | {p32:.0f} ms ({32000 / p32:.1f} img/s) | "
           f"model only {o32:.0f} ms | {p32 / o32:.1f}× |")
 
@@ -297,6 +337,8 @@ def main():
     ap.add_argument("--onnx-python", required=True)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--predict-reps", type=int, default=30)
+    ap.add_argument("--inference-rounds", type=int, default=3,
+                    help="interleaved rounds of the model-only measurements (medians reported)")
     ap.add_argument("--skip-training", action="store_true", help="inference rows only")
     ap.add_argument("--generic-baseline", action="store_true",
                     help=f"also run transferd with {GENERIC_ENV}=1 and print the before/after table")
@@ -331,18 +373,14 @@ def main():
                     keras.append(keras_run(args, split))
                     log(json.dumps(keras[-1]))
                 log(f"  {time.perf_counter() - t:.0f} s")
-    log("inference: ONNX Runtime, then transferd")
-    ort = onnx_inference(args)
-    flex = transferd_inference(args)
-    log(json.dumps({"ort": ort, "flex": flex}))
+    rounds = inference_rounds(args)
+    ort, flex = median_of(rounds["ort"]), median_of(rounds["flex"])
     if ours and keras:
-        report(args, ours, keras, ort, flex)
+        report(args, ours, keras, ort, flex, rounds)
     else:
-        print(json.dumps({"ort": ort, "flex": flex}))
+        print(json.dumps({"ort": ort, "flex": flex, "rounds": rounds}))
     if args.generic_baseline:
-        flex_before = transferd_inference(args, generic=True)
-        log(json.dumps({"flex_generic": flex_before}))
-        report_generic(ours, before, flex, flex_before)
+        report_generic(ours, before, flex, median_of(rounds["generic"]), rounds)
     subprocess.run(["rm", "-rf", str(work)])
 
 
