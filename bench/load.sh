@@ -18,6 +18,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tra
 cargo build --release --locked -q
 BIN="$CARGO_TARGET_DIR/release/transferd"
 WEIGHTS="$("$BIN" --data-dir data weights path | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')"
+# The ONNX Runtime peer's environment, made before anything starts (a failed install stops
+# the script here, not after the long phases).
+. bench/venv.sh
+ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
 DATASET="${1:-../shared/datasets/dogcat-sub}"
 REQUESTS="${REQUESTS:-10000}"
 WORK="$(mktemp -d)"
@@ -54,9 +58,9 @@ wait_run "$RUN"
 
 IMAGE="tests/fixtures/samples/test_cat.jpg"
 curl -sf --data-binary @"$IMAGE" "$BASE/api/predict" >/dev/null   # load the model
+RSS0=$(rss)
 # One client at a time: a single photo's latency through the whole service.
 IMAGE="$IMAGE" wrk -t1 -c1 -d20s --timeout 60s --latency -s bench/predict.lua "$BASE/api/predict" >"$WORK/wrk1.txt"
-RSS0=$(rss)
 served() { curl -s "$BASE/metrics" | awk '/^transferd_predict_images_total/ {print int($2)}'; }
 # The micro-batch histogram's sum and count.
 passes() { awk '/^transferd_predict_batch_size_sum/ {s=$2} /^transferd_predict_batch_size_count/ {c=$2} END {print s+0, c+0}'; }
@@ -83,19 +87,17 @@ field() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
 REQS=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
 ERRS=$(awk '/Non-2xx/ {print $NF} /Socket errors/ {print}' "$WORK/wrk.txt")
 # Images per forward pass during phase 1, from the server's own histogram.
-BATCH=$(curl -s "$BASE/metrics" | passes | awk -v before="$PASSES0" '{split(before, b); printf "%.1f", ($1-b[1])/($2-b[2])}')
+BATCH=$(curl -s "$BASE/metrics" | passes | awk -v before="$PASSES0" '{split(before, b);
+    if ($2 > b[2]) printf "%.1f", ($1-b[1])/($2-b[2]); else printf "n/a (no pass counted)"}')
 
-# The same weights in ONNX Runtime, model only, batch 32, while the server is idle.
-. bench/venv.sh
-ONNX_PY="$(venv onnx bench/peers/requirements-onnx.txt)"
+# The same weights in ONNX Runtime, model only, at batch 1 and 32, while the server is idle.
 "$ONNX_PY" bench/peers/onnx_peer.py "$WEIGHTS" tests/fixtures/samples >"$WORK/ort.json"
-ort() { python3 -c "import json; print(json.load(open('$WORK/ort.json'))['$1'])"; }
-ORT1=$(ort batch1_ms_per_call)
-ORT32=$(ort batch32_images_per_second)
+ORT1=$(json '["batch1_ms_per_call"]' <"$WORK/ort.json")
+ORT32=$(json '["batch32_images_per_second"]' <"$WORK/ort.json")
 RATIO=$(python3 -c "print(f'{$ACTIVE/$ORT32:.2f}')")
-# wrk prints the median in its own unit (us, ms or s); in ms here.
+# wrk prints the median in its own unit (us, ms, s or m); in ms here.
 P50_1=$(awk '$1 == "50%" {v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
-    print (u == "us" ? v/1000 : (u == "s" ? v*1000 : v))}' "$WORK/wrk1.txt")
+    print v * (u == "us" ? 0.001 : u == "s" ? 1000 : u == "m" ? 60000 : 1)}' "$WORK/wrk1.txt")
 RATIO1=$(python3 -c "print(f'{$P50_1/$ORT1:.2f}')")
 
 # Overload: far more clients than the queue holds. Meanwhile /healthz is polled, and single
@@ -143,7 +145,8 @@ echo "| measure | value |"
 echo "|---|---|"
 echo "| machine | $CPU|"
 echo "| model | Lite0 at 224 px, trained on the 24 fixture photos |"
-echo "| one client at a time (20 s): p50 / p99 | $(field 50% "$WORK/wrk1.txt") / $(field 99% "$WORK/wrk1.txt") |"
+echo "| one client at a time (20 s): answers by status | $(awk -F': ' '/^statuses:/ {print $2}' "$WORK/wrk1.txt") |"
+echo "| one client at a time: p50 / p99 | $(field 50% "$WORK/wrk1.txt") / $(field 99% "$WORK/wrk1.txt") |"
 echo "| ONNX Runtime, same Lite0 weights, model only, batch 1 | $ORT1 ms |"
 echo "| one client's p50 against ONNX Runtime's batch 1 | ${RATIO1}× |"
 echo "| requests | $REQS (concurrency 32, 4 wrk threads) |"

@@ -14,7 +14,8 @@ first in even ones, so that neither always gets the cooler machine):
 then model-only inference: ONNX Runtime (`peers/onnx_peer.py`) and transferd's backbone
 (`bench --inference-only`), interleaved over `--inference-rounds` rounds (alternating which
 goes first), since a machine's speed drifts by tens of percent over minutes: each figure is the
-median of its rounds and each ratio is shown with its per-round values. Prints markdown tables
+median of its rounds, and each ratio is the median of the rounds' own ratios, shown with
+them. Prints markdown tables
 with the ratios transferd / peer.
 """
 
@@ -205,13 +206,15 @@ def onnx_inference(args):
 
 def inference_rounds(args):
     """ONNX Runtime and transferd (and its generic path if asked), one after the other in each
-    round, the order alternating between rounds."""
+    round, the order rotating between rounds."""
     rounds = {"ort": [], "flex": [], "generic": []}
     runners = [("ort", lambda: onnx_inference(args)), ("flex", lambda: transferd_inference(args))]
     if args.generic_baseline:
         runners.append(("generic", lambda: transferd_inference(args, generic=True)))
     for r in range(args.inference_rounds):
-        for name, run in (runners if r % 2 == 0 else runners[::-1]):
+        # Rotated, so that each runner goes first in turn (and none is always in the middle).
+        shift = r % len(runners)
+        for name, run in runners[shift:] + runners[:shift]:
             log(f"inference round {r + 1}/{args.inference_rounds}: {name}")
             rounds[name].append(run())
             log(json.dumps(rounds[name][-1]))
@@ -228,8 +231,10 @@ def median_of(results):
 
 
 def per_round(ours, theirs, f):
-    """The ratio in each round, for the tables: how much the machine moved it."""
-    return ", ".join(f"{f(a, b):.2f}" for a, b in zip(ours, theirs))
+    """The ratio in each round (each pair measured minutes apart at most), for the tables:
+    their median, and the values themselves, which show how much the machine moved them."""
+    ratios = [f(a, b) for a, b in zip(ours, theirs)]
+    return statistics.median(ratios), ", ".join(f"{r:.2f}" for r in ratios)
 
 
 def mean(rows, f):
@@ -247,12 +252,12 @@ def report_generic(ours, before, flex, flex_before, rounds):
     print("| measure | generic convs (before) | fused kernels (after) | speed-up |")
     print("|---|---|---|---|")
     speedup = lambda key: per_round(rounds["flex"], rounds["generic"], lambda a, b: a[key] / b[key])
-    for b in (1, 32):
-        print(f"| backbone forward, batch {b} | {flex_before[b]:.1f} img/s | {flex[b]:.1f} img/s | "
-              f"{flex[b] / flex_before[b]:.2f}× (rounds: {speedup(b)}) |")
-    print(f"| fine-tune step (top block), batch 32 | {flex_before['step']:.1f} img/s | "
-          f"{flex['step']:.1f} img/s | {flex['step'] / flex_before['step']:.2f}× (rounds: "
-          f"{speedup('step')}; target ≥ 2.5×) |")
+    for key, name, target in [(1, "backbone forward, batch 1", ""),
+                              (32, "backbone forward, batch 32", ""),
+                              ("step", "fine-tune step (top block), batch 32", "; target ≥ 2.5×")]:
+        ratio, each = speedup(key)
+        print(f"| {name} | {flex_before[key]:.1f} img/s | {flex[key]:.1f} img/s | "
+              f"**{ratio:.2f}×** (rounds: {each}{target}) |")
     if ours and before:
         for name, f in [("frozen pass", lambda r: r["frozen_s"]),
                         ("fine-tune phase", lambda r: r["finetune"]["seconds"] or 0.0),
@@ -309,15 +314,14 @@ def report(args, ours, keras, ort, flex, rounds):
     o1, o32 = ort["batch1_ms_per_call"], ort["batch32_ms_per_call"]
     f1 = 1000 / flex[1]
     f32 = 32 * 1000 / flex[32]
+    r1, each1 = per_round(rounds["flex"], rounds["ort"], lambda a, b: 1000 / a[1] / b["batch1_ms_per_call"])
+    r32, each32 = per_round(rounds["flex"], rounds["ort"], lambda a, b: a[32] / b["batch32_images_per_second"])
     print(f"| model only, batch 1 | {f1:.1f} ms ({flex[1]:.1f} img/s) | {o1:.1f} ms "
-          f"({ort['batch1_images_per_second']:.1f} img/s) | **{f1 / o1:.2f}×** (rounds: "
-          f"{per_round(rounds['flex'], rounds['ort'], lambda a, b: 1000 / a[1] / b['batch1_ms_per_call'])}"
-          "; target ≤ 1.5×) |")
+          f"({ort['batch1_images_per_second']:.1f} img/s) | **{r1:.2f}×** time (rounds: {each1}; "
+          "target ≤ 1.5×) |")
     print(f"| model only, batch 32 | {f32:.0f} ms ({flex[32]:.1f} img/s) | {o32:.0f} ms "
-          f"({ort['batch32_images_per_second']:.1f} img/s) | {f32 / o32:.2f}× time, "
-          f"**{flex[32] / ort['batch32_images_per_second']:.2f}× throughput** (rounds: "
-          f"{per_round(rounds['flex'], rounds['ort'], lambda a, b: a[32] / b['batch32_images_per_second'])}"
-          "; target ≥ 0.7×) |")
+          f"({ort['batch32_images_per_second']:.1f} img/s) | **{r32:.2f}×** throughput (rounds: "
+          f"{each32}; target ≥ 0.7×) |")
     p1 = mean(ours, lambda r: r["predict1_p50_ms"])
     p32 = mean(ours, lambda r: r["predict32_p50_ms"])
     print(f"| `POST /api/predict` p50, 1 photo | {p1:.1f} ms | model only {o1:.1f} ms | "
@@ -343,6 +347,8 @@ def main():
     ap.add_argument("--generic-baseline", action="store_true",
                     help=f"also run transferd with {GENERIC_ENV}=1 and print the before/after table")
     args = ap.parse_args()
+    if args.inference_rounds < 1:
+        ap.error("--inference-rounds must be at least 1")
     args.here, args.root = here, here.parent
 
     work = Path(tempfile.mkdtemp(prefix="side-by-side-"))

@@ -17,7 +17,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-use super::flex_tensor::{dims, flex};
+use super::flex_tensor::{dims, flex, floats};
 use super::kernels::{self, Depthwise, Epilogue};
 
 /// `[b, c, h, w]` × `[c, 1, k, k]` with stride `stride` and `padding` (top, bottom, left,
@@ -63,7 +63,7 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+        let (x, weight) = (floats(&x), floats(&weight));
         let d = Depthwise::of(dims(&x), dims(&weight)[2], stride, padding);
         let bias = vec![0.0; d.channels];
         let epi = Epilogue::none(&bias);
@@ -78,7 +78,7 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
+        let (grad, weight) = (floats(&grad), floats(&weight));
         let k = dims(&weight)[2];
         let d = Depthwise::of(x_shape, k, stride, padding);
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
@@ -148,7 +148,7 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
+        let (grad, x) = (floats(&grad), floats(&x));
         let d = Depthwise::of(dims(&x), kernel, stride, padding);
         let out = kernels::depthwise_weight_grad(d, x.storage(), grad.storage());
         flex(out, [d.channels, 1, kernel, kernel])

@@ -1,6 +1,7 @@
 //! Plain flex tensors as the CPU extension ops (`fused_ops`, `pointwise_grad`,
-//! `depthwise_grad`, `bias_relu6`) take and give them: their `[b, c, h, w]` dims, and a new
-//! one from a buffer their kernels filled.
+//! `depthwise_grad`, `bias_relu6`) take and give them: an operand as the contiguous `f32`
+//! storage their kernels read, its `[b, c, h, w]` dims, and a new tensor from a buffer their
+//! kernels filled.
 
 use burn::prelude::*;
 use burn_flex::FlexTensor;
@@ -14,4 +15,15 @@ pub(crate) fn dims(t: &FlexTensor) -> [usize; 4] {
 /// A flex tensor of `shape` holding `data`.
 pub(crate) fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// `t` as dense `f32` storage, which every kernel reads (a strided view is copied; another
+/// float type is a bug in the caller, so it panics).
+pub(crate) fn floats(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(
+        t.dtype(),
+        burn::tensor::DType::F32,
+        "the CPU extension ops run in f32"
+    );
+    t.to_contiguous()
 }

@@ -5,7 +5,7 @@
 use burn::backend::{Flex, backend_extension, tensor::FloatTensor};
 use burn_flex::FlexTensor;
 
-use super::flex_tensor::{dims, flex};
+use super::flex_tensor::{dims, flex, floats};
 use super::kernels::{self, Depthwise, Epilogue, Pointwise};
 
 /// Fused convolutions with BatchNorm already folded into `weight` and `bias`.
@@ -45,15 +45,6 @@ pub trait FusedConvOps: burn::backend::Backend {
         padding: [usize; 4],
         relu6: bool,
     ) -> FloatTensor<Self>;
-}
-
-fn floats(t: &FlexTensor) -> FlexTensor {
-    assert_eq!(
-        t.dtype(),
-        burn::tensor::DType::F32,
-        "fused convs run in f32"
-    );
-    t.to_contiguous()
 }
 
 /// A pointwise conv on flex tensors through `kernels::pointwise`: bias, then ReLU6 or the

@@ -275,9 +275,10 @@ pub fn calibrate(
     Some((served, summary))
 }
 
-/// `Σ a[k]·b[k]` in f64, over eight running sums: one chained sum made each of the forward
-/// substitution's 1,280 rows wait on every addition (about a millisecond per photo predicted).
+/// `Σ a[k]·b[k]` in f64, over eight running sums: with one chained sum, each of the forward
+/// substitution's rows (1,280 for Lite0's features) waited on every addition in turn.
 fn dot(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "dot of equal lengths");
     let mut sums = [0.0f64; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f64 = a8

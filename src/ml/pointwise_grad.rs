@@ -15,7 +15,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-use super::flex_tensor::{dims, flex};
+use super::flex_tensor::{dims, flex, floats};
 use super::fused_ops::pointwise_flex;
 use super::kernels::{self, Pointwise};
 
@@ -37,7 +37,7 @@ impl PointwiseOps for Flex {
     }
 
     fn pointwise_grad_x(grad: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        let (grad, weight) = (grad.to_contiguous(), weight.to_contiguous());
+        let (grad, weight) = (floats(&grad), floats(&weight));
         let [b, o, h, w] = dims(&grad);
         let inputs = dims(&weight)[1];
         let shape = Pointwise::of([b, inputs, h, w], dims(&weight));
@@ -47,7 +47,7 @@ impl PointwiseOps for Flex {
     }
 
     fn pointwise_grad_weight(grad: FlexTensor, x: FlexTensor) -> FlexTensor {
-        let (grad, x) = (grad.to_contiguous(), x.to_contiguous());
+        let (grad, x) = (floats(&grad), floats(&x));
         let [_, o, _, _] = dims(&grad);
         let shape = Pointwise::of(dims(&x), [o, dims(&x)[1], 1, 1]);
         let out = kernels::pointwise_grad_weight(shape, grad.storage(), x.storage());

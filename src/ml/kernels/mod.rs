@@ -204,8 +204,9 @@ pub struct Depthwise {
 
 impl Depthwise {
     /// A square `kernel` conv over `x` (`[b, c, h, w]`) with `stride` and `padding` (top,
-    /// bottom, left, right): the one place its output size is worked out for the flex
-    /// kernels.
+    /// bottom, left, right), its output size worked out from them (where the flex ops take a
+    /// conv's geometry from its input; the input gradient's transposed geometry in
+    /// `depthwise_grad` is the forward one's sizes swapped, so it states them).
     pub fn of(x: [usize; 4], kernel: usize, stride: usize, padding: [usize; 4]) -> Self {
         let [batch, channels, height, width] = x;
         let [top, bottom, left, right] = padding;
@@ -239,6 +240,19 @@ pub(super) mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn a_convs_output_size_follows_its_stride_and_padding() {
+        let size = |x, k, s, p| {
+            let d = Depthwise::of(x, k, s, p);
+            (d.out_height, d.out_width, d.pad_top, d.pad_left)
+        };
+        // "SAME" at stride 2 on an even side: the odd padding pixel goes to the end.
+        assert_eq!(size([1, 8, 224, 224], 3, 2, [0, 1, 0, 1]), (112, 112, 0, 0));
+        assert_eq!(size([2, 3, 7, 9], 5, 1, [2, 2, 2, 2]), (7, 9, 2, 2));
+        assert_eq!(size([1, 1, 7, 7], 3, 2, [1, 1, 1, 1]), (4, 4, 1, 1));
+        assert_eq!(size([1, 1, 6, 6], 3, 1, [0, 0, 0, 0]), (4, 4, 0, 0));
     }
 
     #[test]
