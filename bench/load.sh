@@ -94,11 +94,11 @@ BATCH=$(curl -s "$BASE/metrics" | passes | awk -v before="$PASSES0" '{split(befo
 "$ONNX_PY" bench/peers/onnx_peer.py "$WEIGHTS" tests/fixtures/samples >"$WORK/ort.json"
 ORT1=$(json '["batch1_ms_per_call"]' <"$WORK/ort.json")
 ORT32=$(json '["batch32_images_per_second"]' <"$WORK/ort.json")
-RATIO=$(python3 -c "print(f'{$ACTIVE/$ORT32:.2f}')")
+RATIO=$(python3 -c "print(f'{$ACTIVE/$ORT32:.3f}')")
 # wrk prints the median in its own unit (us, ms, s or m); in ms here.
 P50_1=$(awk '$1 == "50%" {v=$2; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
     print v * (u == "us" ? 0.001 : u == "s" ? 1000 : u == "m" ? 60000 : 1)}' "$WORK/wrk1.txt")
-RATIO1=$(python3 -c "print(f'{$P50_1/$ORT1:.2f}')")
+RATIO1=$(python3 -c "print(f'{$P50_1/$ORT1:.3f}')")
 
 # Overload: far more clients than the queue holds. Meanwhile /healthz is polled, and single
 # predictions probe how fast a refusal comes.
