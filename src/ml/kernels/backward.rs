@@ -6,7 +6,7 @@
 //! see `depthwise_grad`.)
 
 use super::padded::{LANES, Layout, SCRATCH, fill};
-use super::{Depthwise, Out, Pointwise, has_avx2};
+use super::{Depthwise, Matrix, Out, Pointwise, has_avx2, matmul};
 
 thread_local! {
     /// Each thread's copy of an output gradient plane, rows padded to whole vectors.
@@ -31,27 +31,13 @@ pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f
         // operand is in bounds by the asserts above; the GEMM writes every element of the block
         // without reading it.
         unsafe {
-            gemm::gemm(
-                inputs,
-                spatial,
-                outputs,
-                dst.0.add(b * inputs * spatial),
-                1,
-                spatial as isize,
-                false,
+            matmul(
+                (inputs, spatial, outputs),
+                Matrix::rows(dst.0.add(b * inputs * spatial), spatial),
                 // weight transposed: element (i, o) at o · inputs + i.
-                weight.as_ptr(),
-                inputs as isize,
-                1,
-                grad.as_ptr().add(b * outputs * spatial),
-                1,
-                spatial as isize,
-                0.0,
-                1.0,
+                Matrix::transposed(weight.as_ptr(), inputs),
+                Matrix::rows(grad.as_ptr().add(b * outputs * spatial), spatial),
                 false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
     });
@@ -88,27 +74,13 @@ pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f
             // SAFETY: rows r0..r0 + m of the output belong to this task alone, and every
             // operand is in bounds by the asserts above.
             unsafe {
-                gemm::gemm(
-                    m,
-                    inputs,
-                    spatial,
-                    dst.0.add(r0 * inputs),
-                    1,
-                    inputs as isize,
-                    b > 0,
-                    grad.as_ptr().add((b * outputs + r0) * spatial),
-                    1,
-                    spatial as isize,
+                matmul(
+                    (m, inputs, spatial),
+                    Matrix::rows(dst.0.add(r0 * inputs), inputs),
+                    Matrix::rows(grad.as_ptr().add((b * outputs + r0) * spatial), spatial),
                     // x transposed: element (p, i) at i · spatial + p.
-                    x.as_ptr().add(b * inputs * spatial),
-                    spatial as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    Matrix::transposed(x.as_ptr().add(b * inputs * spatial), spatial),
+                    b > 0,
                 );
             }
         }

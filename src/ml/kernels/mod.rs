@@ -50,6 +50,76 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// A matrix in memory for [`matmul`]: its first element and the distance, in elements,
+/// between consecutive rows and between consecutive columns.
+#[derive(Clone, Copy)]
+struct Matrix<P> {
+    at: P,
+    row: isize,
+    col: isize,
+}
+
+impl<P> Matrix<P> {
+    /// Rows `stride` apart, columns contiguous.
+    fn rows(at: P, stride: usize) -> Self {
+        Self {
+            at,
+            row: stride as isize,
+            col: 1,
+        }
+    }
+
+    /// The transpose of [`Matrix::rows`]`(at, stride)`: element (r, c) at `c · stride + r`.
+    fn transposed(at: P, stride: usize) -> Self {
+        Self {
+            at,
+            row: 1,
+            col: stride as isize,
+        }
+    }
+}
+
+/// `dst = lhs · rhs` for an `m × k` by `k × n` product, or `dst += lhs · rhs` when `add`, on
+/// the calling thread (the callers cut the work into tasks themselves). The one place these
+/// kernels call the `gemm` crate (the head's solver has its own generic wrapper in `softmax`).
+///
+/// # Safety
+/// Every element the shapes and strides reach is in bounds, no one else touches `dst`'s
+/// meanwhile, and unless `add` they need not be initialised (the GEMM does not read them).
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: Matrix<*mut f32>,
+    lhs: Matrix<*const f32>,
+    rhs: Matrix<*const f32>,
+    add: bool,
+) {
+    // SAFETY: as the caller promises. `gemm` takes column strides before row strides, and
+    // computes alpha · dst + beta · lhs · rhs, reading dst only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.at,
+            dst.col,
+            dst.row,
+            add,
+            lhs.at,
+            lhs.col,
+            lhs.row,
+            rhs.at,
+            rhs.col,
+            rhs.row,
+            if add { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Declares `$name` that calls `$body` compiled with AVX-512, with AVX2 + FMA, or plainly,
 /// whichever this CPU supports: the kernels' loops are plain Rust, so the same source is
 /// vectorised three ways and the choice is made at run time (the binary stays portable).

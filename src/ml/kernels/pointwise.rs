@@ -1,7 +1,7 @@
 //! The pointwise (1×1) conv for inference: a GEMM per block of spatial columns with its
 //! epilogue (bias, ReLU6, residual add) run while the block is still in cache.
 
-use super::{Epilogue, Out, Pointwise};
+use super::{Epilogue, Matrix, Out, Pointwise, matmul};
 
 /// Floats of input and output columns a pointwise block aims to keep in a core's L2 cache.
 const BLOCK_FLOATS: usize = 48 * 1024;
@@ -49,26 +49,12 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         // SAFETY: the operands are in bounds by the asserts above (rows r0..r0+m of the
         // weight, columns c0..c0+n of image b), and each task's output block is disjoint.
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                inputs,
-                dst.0.add(at),
-                1,
-                spatial as isize,
+            matmul(
+                (m, n, inputs),
+                Matrix::rows(dst.0.add(at), spatial),
+                Matrix::rows(weight.as_ptr().add(r0 * inputs), inputs),
+                Matrix::rows(x.as_ptr().add(b * inputs * spatial + c0), spatial),
                 false,
-                weight.as_ptr().add(r0 * inputs),
-                1,
-                inputs as isize,
-                x.as_ptr().add(b * inputs * spatial + c0),
-                1,
-                spatial as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
             );
         }
         for o in 0..m {
