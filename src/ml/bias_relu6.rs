@@ -178,6 +178,8 @@ mod tests {
     use burn::tensor::Distribution;
     use burn::tensor::activation::relu6;
 
+    use crate::ml::flex_tensor::parity::{max_diff, weighted_backward};
+
     /// Output and both gradients against burn's own add and clamp, with values on both sides
     /// of 0 and 6.
     #[test]
@@ -188,13 +190,8 @@ mod tests {
         let bias = Tensor::<1>::random([5], Distribution::Normal(0.0, 2.0), &ad).require_grad();
         let ours = bias_relu6(x.clone(), bias.clone());
         let reference = relu6(x.clone() + bias.clone().reshape([1, 5, 1, 1]));
-        let weights = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &ad);
-        let (go, gr) = (
-            (ours.clone() * weights.clone()).sum().backward(),
-            (reference.clone() * weights).sum().backward(),
-        );
-        let diff = |a: Tensor<4>, b: Tensor<4>| (a - b).abs().max().into_scalar::<f32>();
-        assert!(diff(ours.clone(), reference.clone()) < 1e-6, "output");
+        let (go, gr) = weighted_backward(&ours, &reference);
+        assert!(max_diff(ours.clone(), reference.clone()) < 1e-6, "output");
         let clamped = ours
             .clone()
             .equal_elem(0.0)
@@ -207,13 +204,13 @@ mod tests {
             "both ends of the clamp are reached"
         );
         assert!(
-            diff(x.grad(&go).unwrap(), x.grad(&gr).unwrap()) < 1e-6,
+            max_diff(x.grad(&go).unwrap(), x.grad(&gr).unwrap()) < 1e-6,
             "input gradient"
         );
-        let gb = (bias.grad(&go).unwrap() - bias.grad(&gr).unwrap())
-            .abs()
-            .max();
-        assert!(gb.into_scalar::<f32>() < 1e-4, "bias gradient");
+        assert!(
+            max_diff(bias.grad(&go).unwrap(), bias.grad(&gr).unwrap()) < 1e-4,
+            "bias gradient"
+        );
     }
 
     /// The fused backward against the two passes it replaced (each plane's masked gradient in
@@ -287,16 +284,12 @@ mod tests {
                 .backward();
             if track_x {
                 assert!(bias.grad(&ours).is_none(), "the bias is not tracked");
-                let d = (x.grad(&ours).unwrap() - x.grad(&reference).unwrap())
-                    .abs()
-                    .max();
-                assert!(d.into_scalar::<f32>() < 1e-6, "input gradient");
+                let d = max_diff(x.grad(&ours).unwrap(), x.grad(&reference).unwrap());
+                assert!(d < 1e-6, "input gradient");
             } else {
                 assert!(x.grad(&ours).is_none(), "the input is not tracked");
-                let d = (bias.grad(&ours).unwrap() - bias.grad(&reference).unwrap())
-                    .abs()
-                    .max();
-                assert!(d.into_scalar::<f32>() < 1e-4, "bias gradient");
+                let d = max_diff(bias.grad(&ours).unwrap(), bias.grad(&reference).unwrap());
+                assert!(d < 1e-4, "bias gradient");
             }
         }
     }

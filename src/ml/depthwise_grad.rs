@@ -252,6 +252,8 @@ mod tests {
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
 
+    use crate::ml::flex_tensor::parity::{max_diff, weighted_backward};
+
     /// Output, input gradient and weight gradient of this op against burn's generic conv, on
     /// planes down to smaller than the kernel, odd widths, strides 1 and 2, uneven padding.
     #[test]
@@ -280,14 +282,9 @@ mod tests {
                 ConvOptions::new_with_padding([s, s], [(top, bottom), (left, right)], [1, 1], c);
             let reference = conv2d(x.clone(), wt.clone(), None, options);
             assert_eq!(ours.dims(), reference.dims(), "{h}x{w} k{k} s{s}");
-            // A weighted sum, so that every output's gradient differs.
-            let weights = Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &ad);
-            let (go, gr) = (
-                (ours.clone() * weights.clone()).sum().backward(),
-                (reference.clone() * weights).sum().backward(),
-            );
+            let (go, gr) = weighted_backward(&ours, &reference);
             let close = |a: Tensor<4>, b: Tensor<4>, what: &str| {
-                let diff = (a - b).abs().max().into_scalar::<f32>();
+                let diff = max_diff(a, b);
                 assert!(diff < 1e-4, "{h}x{w} k{k} s{s} {what}: differs by {diff}");
             };
             close(ours, reference, "output");

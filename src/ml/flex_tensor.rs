@@ -27,3 +27,30 @@ pub(crate) fn floats(t: &FlexTensor) -> FlexTensor {
     );
     t.to_contiguous()
 }
+
+/// What the extension ops' tests compare them with burn's own ops by.
+#[cfg(test)]
+pub(crate) mod parity {
+    use burn::prelude::*;
+    use burn::tensor::{Distribution, Gradients};
+
+    /// The gradients through `ours` and through `reference` (the same shape), each reached by
+    /// one weighted sum of its outputs with the same random weights, so that every output's
+    /// gradient differs.
+    pub(crate) fn weighted_backward(
+        ours: &Tensor<4>,
+        reference: &Tensor<4>,
+    ) -> (Gradients, Gradients) {
+        let weights =
+            Tensor::<4>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &ours.device());
+        (
+            (ours.clone() * weights.clone()).sum().backward(),
+            (reference.clone() * weights).sum().backward(),
+        )
+    }
+
+    /// The largest absolute difference between two tensors of the same shape.
+    pub(crate) fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+}
