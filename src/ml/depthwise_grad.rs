@@ -252,7 +252,7 @@ mod tests {
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
 
-    use crate::ml::flex_tensor::parity::{max_diff, weighted_backward};
+    use crate::ml::flex_tensor::parity::assert_conv_matches;
 
     /// Output, input gradient and weight gradient of this op against burn's generic conv, on
     /// planes down to smaller than the kernel, odd widths, strides 1 and 2, uneven padding.
@@ -282,18 +282,7 @@ mod tests {
                 ConvOptions::new_with_padding([s, s], [(top, bottom), (left, right)], [1, 1], c);
             let reference = conv2d(x.clone(), wt.clone(), None, options);
             assert_eq!(ours.dims(), reference.dims(), "{h}x{w} k{k} s{s}");
-            let (go, gr) = weighted_backward(&ours, &reference);
-            let close = |a: Tensor<4>, b: Tensor<4>, what: &str| {
-                let diff = max_diff(a, b);
-                assert!(diff < 1e-4, "{h}x{w} k{k} s{s} {what}: differs by {diff}");
-            };
-            close(ours, reference, "output");
-            close(x.grad(&go).unwrap(), x.grad(&gr).unwrap(), "input gradient");
-            close(
-                wt.grad(&go).unwrap(),
-                wt.grad(&gr).unwrap(),
-                "weight gradient",
-            );
+            assert_conv_matches(ours, reference, &x, &wt, &format!("{h}x{w} k{k} s{s}"));
         }
     }
 }

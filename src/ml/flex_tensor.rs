@@ -53,4 +53,28 @@ pub(crate) mod parity {
     pub(crate) fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
     }
+
+    /// Output, input gradient and weight gradient of a conv `ours` against `reference`, both
+    /// computed from `x` and `weight` (tracked), each within 1e-4; `case` names the geometry in
+    /// a failure.
+    pub(crate) fn assert_conv_matches(
+        ours: Tensor<4>,
+        reference: Tensor<4>,
+        x: &Tensor<4>,
+        weight: &Tensor<4>,
+        case: &str,
+    ) {
+        let (go, gr) = weighted_backward(&ours, &reference);
+        let close = |a: Tensor<4>, b: Tensor<4>, what: &str| {
+            let diff = max_diff(a, b);
+            assert!(diff < 1e-4, "{case}: {what} differs by {diff}");
+        };
+        close(ours, reference, "output");
+        close(x.grad(&go).unwrap(), x.grad(&gr).unwrap(), "input gradient");
+        close(
+            weight.grad(&go).unwrap(),
+            weight.grad(&gr).unwrap(),
+            "weight gradient",
+        );
+    }
 }

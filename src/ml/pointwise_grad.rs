@@ -120,7 +120,7 @@ mod tests {
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
 
-    use crate::ml::flex_tensor::parity::{max_diff, weighted_backward};
+    use crate::ml::flex_tensor::parity::assert_conv_matches;
 
     /// Output, input gradient and weight gradient against burn's generic conv.
     #[test]
@@ -134,21 +134,7 @@ mod tests {
             let ours = pointwise(x.clone(), wt.clone());
             let options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
             let reference = conv2d(x.clone(), wt.clone(), None, options);
-            let (go, gr) = weighted_backward(&ours, &reference);
-            let close = |ours: Tensor<4>, theirs: Tensor<4>, what: &str| {
-                let diff = max_diff(ours, theirs);
-                assert!(
-                    diff < 1e-4,
-                    "{b}x{i}x{h}x{w} to {o}: {what} differs by {diff}"
-                );
-            };
-            close(ours, reference, "output");
-            close(x.grad(&go).unwrap(), x.grad(&gr).unwrap(), "input gradient");
-            close(
-                wt.grad(&go).unwrap(),
-                wt.grad(&gr).unwrap(),
-                "weight gradient",
-            );
+            assert_conv_matches(ours, reference, &x, &wt, &format!("{b}x{i}x{h}x{w} to {o}"));
         }
     }
 }
