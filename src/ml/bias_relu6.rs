@@ -218,12 +218,14 @@ mod tests {
     /// on planes narrower than a vector and wider with a tail.
     #[test]
     fn one_pass_gives_the_bits_of_the_two() {
-        for shape in [[3, 4, 1, 5], [2, 3, 3, 7]] {
+        // Several images, values of mixed magnitudes: another order of the sums gives other
+        // bits (checked: summing the images in reverse fails this test).
+        for shape in [[5, 4, 1, 5], [6, 3, 3, 7]] {
             let [b, c, h, w] = shape;
             let n = b * c * h * w;
             let y: Vec<f32> = (0..n).map(|i| ((i * 37 % 17) as f32) * 0.5 - 1.5).collect();
             let g: Vec<f32> = (0..n)
-                .map(|i| ((i * 53 % 29) as f32) * 0.37 - 4.1)
+                .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * (1 + i % 7) as f32 * 3.7)
                 .collect();
             let (gx, gbias) = <Flex as BiasRelu6Ops>::bias_relu6_grads(
                 flex(g.clone(), shape),
