@@ -120,7 +120,7 @@ pub fn depthwise_weight_grad(shape: Depthwise, x: &[f32], grad: &[f32]) -> Vec<f
                 rows.resize(d.out_height * width, 0.0);
                 for b in 0..d.batch {
                     let p = b * d.channels + c;
-                    fill(&layout, &x[p * plane_in..][..plane_in], scratch, avx2);
+                    let scratch = fill(&layout, &x[p * plane_in..][..plane_in], scratch, avx2);
                     let g = &grad[p * plane_out..][..plane_out];
                     for (row, g) in rows
                         .chunks_exact_mut(width)

@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::padded::{LANES, Layout, SCRATCH, fill};
+use super::padded::{LANES, Layout, SCRATCH, Scratch, fill};
 use super::{Depthwise, Epilogue, has_avx2};
 
 /// An output element not written yet.
@@ -101,7 +101,7 @@ fn depthwise_into(
 
 versions!(fn depthwise_plane => depthwise_plane_body(
     layout: &Layout, src: &[f32], taps: &[f32], bias: f32, relu6: bool, dst: &mut [Uninit],
-    scratch: &mut Vec<f32>, avx2: bool,
+    scratch: &mut Scratch, avx2: bool,
 ));
 
 /// One plane: copied into `scratch` as [`Layout`] says, then every run of [`LANES`] outputs
@@ -114,10 +114,10 @@ fn depthwise_plane_body(
     bias: f32,
     relu6: bool,
     dst: &mut [Uninit],
-    scratch: &mut Vec<f32>,
+    scratch: &mut Scratch,
     avx2: bool,
 ) {
-    fill(layout, src, scratch, avx2);
+    let scratch = fill(layout, src, scratch, avx2);
     let d = layout.d;
     let plan = Rows {
         offsets: &layout.offsets,
@@ -140,9 +140,11 @@ fn depthwise_plane_body(
     if avx2 && has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
         // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
-        match d.kernel {
-            3 => return unsafe { sum_rows_avx2::<9>(&plan, scratch, dst) },
-            5 => return unsafe { sum_rows_avx2::<25>(&plan, scratch, dst) },
+        match (d.kernel, d.stride) {
+            (3, 1) => return unsafe { sum_rows_avx2::<3, 9, true>(&plan, scratch, dst) },
+            (3, _) => return unsafe { sum_rows_avx2::<3, 9, false>(&plan, scratch, dst) },
+            (5, 1) => return unsafe { sum_rows_avx2::<5, 25, true>(&plan, scratch, dst) },
+            (5, _) => return unsafe { sum_rows_avx2::<5, 25, false>(&plan, scratch, dst) },
             _ => {}
         }
     }
@@ -184,19 +186,30 @@ fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
     }
 }
 
-/// [`sum_rows`] in AVX2 registers for a kernel of `KK` taps, written out because the
+/// [`sum_rows`] in AVX2 registers for a `K` × `K` kernel (`KK` taps), written out because the
 /// compiler's vectoriser does not keep these sums in registers on its own. The taps are
 /// broadcast once per plane and unrolled; four independent sums per run take turns over them,
 /// so that each FMA need not wait for the previous one's result; bias and ReLU6 are applied in
 /// registers and full runs are stored straight into the output.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA, `plan` has `KK` taps, and `scratch` holds every read (see the
-/// caller's assert).
+/// The CPU has AVX2 and FMA, `plan` has `KK` taps (laid out for stride 1 if `STRIDE1`), and
+/// `scratch` holds every read (see the caller's assert).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
+unsafe fn sum_rows_avx2<const K: usize, const KK: usize, const STRIDE1: bool>(
+    plan: &Rows<'_>,
+    scratch: &[f32],
+    dst: &mut [Uninit],
+) {
     use std::arch::x86_64::*;
+    assert_eq!(K * K, KK, "a k × k kernel");
+    if STRIDE1 {
+        // The reads below rely on it (the caller's bound covers `offsets`).
+        for (t, &o) in plan.offsets.iter().enumerate() {
+            assert_eq!(o, (t / K) * plan.row_step + t % K, "stride-1 tap offsets");
+        }
+    }
     let offsets: [usize; KK] = plan.offsets.try_into().expect("KK taps");
     let taps: [f32; KK] = plan.taps.try_into().expect("KK taps");
     let mut broadcast = [_mm256_setzero_ps(); KK];
@@ -209,7 +222,9 @@ unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: 
         _mm256_set1_ps(6.0),
         _mm256_set1_ps(plan.bias),
     );
-    for (y, out_row) in dst.chunks_exact_mut(plan.width).enumerate() {
+    let rows = dst.len() / plan.width.max(1);
+    for y in 0..rows {
+        let row0 = y * plan.width;
         // SAFETY: in bounds by the caller's assert on the furthest read.
         let base = unsafe { scratch.as_ptr().add(y * plan.row_step) };
         let mut x0 = 0;
@@ -217,25 +232,46 @@ unsafe fn sum_rows_avx2<const KK: usize>(plan: &Rows<'_>, scratch: &[f32], dst: 
             // SAFETY: as above.
             let at = unsafe { base.add(x0) };
             let mut acc = [bias, zero, zero, zero];
-            for t in 0..KK {
-                // SAFETY: as above.
-                let x = unsafe { _mm256_loadu_ps(at.add(offsets[t])) };
-                acc[t % 4] = _mm256_fmadd_ps(taps[t], x, acc[t % 4]);
+            if STRIDE1 {
+                // At stride 1 tap (i, j) reads row i, column j of the scratch from `at`
+                // (`offsets[t]` is i · row_step + j, checked above): each kernel row's reads
+                // are its pointer plus a constant, where the offsets table, which with 25
+                // taps does not fit in registers, costs a load per tap. The sums take turns
+                // by column, so that they stay in registers whether or not the rows unroll.
+                for i in 0..K {
+                    // SAFETY: as above.
+                    let row = unsafe { at.add(i * plan.row_step) };
+                    for j in 0..K {
+                        // SAFETY: as above.
+                        let x = unsafe { _mm256_loadu_ps(row.add(j)) };
+                        acc[j % 4] = _mm256_fmadd_ps(taps[i * K + j], x, acc[j % 4]);
+                    }
+                }
+            } else {
+                for t in 0..KK {
+                    // SAFETY: as above.
+                    let x = unsafe { _mm256_loadu_ps(at.add(offsets[t])) };
+                    acc[t % 4] = _mm256_fmadd_ps(taps[t], x, acc[t % 4]);
+                }
             }
             let mut sum =
                 _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
             if plan.relu6 {
                 sum = _mm256_min_ps(_mm256_max_ps(sum, zero), six);
             }
-            let left = plan.width - x0;
-            if left >= LANES {
-                // SAFETY: outputs x0..x0 + 8 of this row exist (written, never read).
-                unsafe { _mm256_storeu_ps(out_row.as_mut_ptr().add(x0).cast::<f32>(), sum) };
+            // A row's last run may be narrower than a vector (a 7 × 7 plane's always is). It
+            // is stored whole anyway while the plane has room: what spills into the next row
+            // is overwritten when that row is written, since rows go in order. Only the end
+            // of the plane, which borders another task's, is stored element by element.
+            let at = row0 + x0;
+            if at + LANES <= dst.len() {
+                // SAFETY: outputs at..at + 8 of this plane exist (written, never read).
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(at).cast::<f32>(), sum) };
             } else {
                 let mut run = [0f32; LANES];
                 // SAFETY: `run` holds 8 floats.
                 unsafe { _mm256_storeu_ps(run.as_mut_ptr(), sum) };
-                for (o, v) in out_row[x0..].iter_mut().zip(run) {
+                for (o, v) in dst[at..row0 + plan.width].iter_mut().zip(run) {
                     o.write(v);
                 }
             }
