@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::padded::{LANES, Layout, SCRATCH, Scratch, fill};
+use super::padded::{LANES, Layout, SCRATCH, Scratch, fill, tap_offset};
 use super::{Depthwise, Epilogue, has_avx2};
 
 /// An output element not written yet.
@@ -126,6 +126,8 @@ fn depthwise_plane_body(
         relu6,
         row_step: d.stride * layout.phase_width,
         width: d.out_width,
+        rows: layout.rows,
+        phase_width: layout.phase_width,
     };
     assert!(
         layout.reach <= scratch.len(),
@@ -141,10 +143,10 @@ fn depthwise_plane_body(
         // SAFETY: the CPU has AVX2 and FMA, and every read is in bounds (asserted above).
         // EfficientNet's 3×3 and 5×5 kernels get their own copies with the taps unrolled.
         match (d.kernel, d.stride) {
-            (3, 1) => return unsafe { sum_rows_avx2::<3, 9, true>(&plan, scratch, dst) },
-            (3, _) => return unsafe { sum_rows_avx2::<3, 9, false>(&plan, scratch, dst) },
-            (5, 1) => return unsafe { sum_rows_avx2::<5, 25, true>(&plan, scratch, dst) },
-            (5, _) => return unsafe { sum_rows_avx2::<5, 25, false>(&plan, scratch, dst) },
+            (3, 1) => return unsafe { sum_rows_avx2::<3, 9, 1>(&plan, scratch, dst) },
+            (3, 2) => return unsafe { sum_rows_avx2::<3, 9, 2>(&plan, scratch, dst) },
+            (5, 1) => return unsafe { sum_rows_avx2::<5, 25, 1>(&plan, scratch, dst) },
+            (5, 2) => return unsafe { sum_rows_avx2::<5, 25, 2>(&plan, scratch, dst) },
             _ => {}
         }
     }
@@ -162,6 +164,9 @@ struct Rows<'a> {
     row_step: usize,
     /// Outputs per row.
     width: usize,
+    /// The scratch's padded rows and their width, per phase ([`tap_offset`]).
+    rows: usize,
+    phase_width: usize,
 }
 
 /// `out[y, x] = epilogue(bias + Σ_t taps[t] · scratch[y · row_step + offsets[t] + x])`.
@@ -193,24 +198,19 @@ fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
 /// registers and full runs are stored straight into the output.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA, `plan` has `KK` taps (laid out for stride 1 if `STRIDE1`), and
-/// `scratch` holds every read (see the caller's assert).
+/// The CPU has AVX2 and FMA, `plan` has `KK` taps of a stride-`S` layout, and `scratch`
+/// holds every read (see the caller's assert).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_rows_avx2<const K: usize, const KK: usize, const STRIDE1: bool>(
+unsafe fn sum_rows_avx2<const K: usize, const KK: usize, const S: usize>(
     plan: &Rows<'_>,
     scratch: &[f32],
     dst: &mut [Uninit],
 ) {
     use std::arch::x86_64::*;
     assert_eq!(K * K, KK, "a k × k kernel");
-    if STRIDE1 {
-        // The reads below rely on it (the caller's bound covers `offsets`).
-        for (t, &o) in plan.offsets.iter().enumerate() {
-            assert_eq!(o, (t / K) * plan.row_step + t % K, "stride-1 tap offsets");
-        }
-    }
-    let offsets: [usize; KK] = plan.offsets.try_into().expect("KK taps");
+    assert_eq!(plan.offsets.len(), KK, "KK taps");
+    assert_eq!(plan.row_step, S * plan.phase_width, "a stride-S layout");
     let taps: [f32; KK] = plan.taps.try_into().expect("KK taps");
     let mut broadcast = [_mm256_setzero_ps(); KK];
     for (b, t) in broadcast.iter_mut().zip(taps) {
@@ -232,26 +232,18 @@ unsafe fn sum_rows_avx2<const K: usize, const KK: usize, const STRIDE1: bool>(
             // SAFETY: as above.
             let at = unsafe { base.add(x0) };
             let mut acc = [bias, zero, zero, zero];
-            if STRIDE1 {
-                // At stride 1 tap (i, j) reads row i, column j of the scratch from `at`
-                // (`offsets[t]` is i · row_step + j, checked above): each kernel row's reads
-                // are its pointer plus a constant, where the offsets table, which with 25
-                // taps does not fit in registers, costs a load per tap. The sums take turns
-                // by column, so that they stay in registers whether or not the rows unroll.
-                for i in 0..K {
-                    // SAFETY: as above.
-                    let row = unsafe { at.add(i * plan.row_step) };
-                    for j in 0..K {
-                        // SAFETY: as above.
-                        let x = unsafe { _mm256_loadu_ps(row.add(j)) };
-                        acc[j % 4] = _mm256_fmadd_ps(taps[i * K + j], x, acc[j % 4]);
-                    }
-                }
-            } else {
-                for t in 0..KK {
-                    // SAFETY: as above.
-                    let x = unsafe { _mm256_loadu_ps(at.add(offsets[t])) };
-                    acc[t % 4] = _mm256_fmadd_ps(taps[t], x, acc[t % 4]);
+            // Tap (i, j) reads at `tap_offset` (what `offsets` holds) from `at`: with `i`,
+            // `j` and `S` constant that is a phase's and row's pointer plus a constant, where
+            // the offsets table, which with 25 taps does not fit in registers, costs a load
+            // per tap. The sums take turns by column, so that they stay in registers whether
+            // or not the rows unroll.
+            for i in 0..K {
+                for j in 0..K {
+                    let offset = tap_offset(i, j, S, plan.rows, plan.phase_width);
+                    // SAFETY: as above (`offsets` holds these, and the caller's bound covers
+                    // them).
+                    let x = unsafe { _mm256_loadu_ps(at.add(offset)) };
+                    acc[j % 4] = _mm256_fmadd_ps(taps[i * K + j], x, acc[j % 4]);
                 }
             }
             let mut sum =

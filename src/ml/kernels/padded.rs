@@ -44,7 +44,7 @@ pub(super) const LANES: usize = 8;
 pub(super) struct Layout {
     pub(super) d: Depthwise,
     /// Padded rows the outputs read.
-    rows: usize,
+    pub(super) rows: usize,
     /// A row of outputs rounded up to whole vectors of [`LANES`]: what each row's last run
     /// reads and computes.
     pub(super) width: usize,
@@ -78,10 +78,7 @@ impl Layout {
             })
             .collect();
         let offsets = (0..k * k)
-            .map(|t| {
-                let (i, j) = (t / k, t % k);
-                ((j % s) * rows + i) * phase_width + j / s
-            })
+            .map(|t| tap_offset(t / k, t % k, s, rows, phase_width))
             .collect::<Vec<_>>();
         // Output row y reads from y · s · phase_width on; its last run reaches a whole vector
         // past the start of its last group of lanes, which the phase width leaves room for.
@@ -111,6 +108,15 @@ impl Layout {
             padding,
         }
     }
+}
+
+/// Where tap (i, j) of a stride-`s` kernel reads for output (0, 0) in a scratch of `rows`
+/// padded rows of `phase_width` per phase: phase j mod s, row i, column j / s. The one
+/// statement of it: [`Layout::offsets`] is built from it, and the AVX2 sums, which address
+/// their reads from each phase's and row's pointer, call it with constant `i`, `j` and `s`.
+#[inline(always)]
+pub(super) fn tap_offset(i: usize, j: usize, s: usize, rows: usize, phase_width: usize) -> usize {
+    ((j % s) * rows + i) * phase_width + j / s
 }
 
 /// Copies one input plane into `scratch` as `layout` says (AVX2 shuffles for stride 2 if
