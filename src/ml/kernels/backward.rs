@@ -145,7 +145,7 @@ versions!(fn tap_sums => tap_sums_body(
 #[inline(always)]
 fn tap_sums_body(layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32]) {
     let (d, width) = (layout.d, layout.width);
-    let step = d.stride * layout.phase_width;
+    let step = d.stride * layout.padding.phase_width;
     assert!(
         layout.reach <= scratch.len(),
         "depthwise scratch holds every read"

@@ -78,6 +78,16 @@ fn depthwise_into(
         "no residual after a depthwise conv in MBConv"
     );
     let layout = Layout::new(&d);
+    // The AVX2 sums compute their reads with `tap_offset`; the bound on `offsets` (`reach`)
+    // covers them only while the two agree.
+    let (k, pad) = (d.kernel, &layout.padding);
+    for (t, &o) in layout.offsets.iter().enumerate() {
+        assert_eq!(
+            o,
+            tap_offset(t / k, t % k, d.stride, pad.rows, pad.phase_width),
+            "tap offsets"
+        );
+    }
     // Each plane's task writes every element of its plane (`sum_rows` and `sum_rows_avx2`
     // write each output of each row), and the planes cover `out`.
     crate::ml::lanes::each_chunk(out, plane_out, |plane, dst| {
@@ -105,7 +115,7 @@ versions!(fn depthwise_plane => depthwise_plane_body(
 ));
 
 /// One plane: copied into `scratch` as [`Layout`] says, then every run of [`LANES`] outputs
-/// of a row summed over all taps in registers and stored once ([`sum_rows`]).
+/// of a row summed over all taps in registers and stored ([`sum_rows`]).
 #[inline(always)]
 fn depthwise_plane_body(
     layout: &Layout,
@@ -124,10 +134,10 @@ fn depthwise_plane_body(
         taps,
         bias,
         relu6,
-        row_step: d.stride * layout.phase_width,
+        row_step: d.stride * layout.padding.phase_width,
         width: d.out_width,
-        rows: layout.rows,
-        phase_width: layout.phase_width,
+        rows: layout.padding.rows,
+        phase_width: layout.padding.phase_width,
     };
     assert!(
         layout.reach <= scratch.len(),
@@ -193,9 +203,10 @@ fn sum_rows(plan: &Rows<'_>, scratch: &[f32], dst: &mut [Uninit]) {
 
 /// [`sum_rows`] in AVX2 registers for a `K` × `K` kernel (`KK` taps), written out because the
 /// compiler's vectoriser does not keep these sums in registers on its own. The taps are
-/// broadcast once per plane and unrolled; four independent sums per run take turns over them,
-/// so that each FMA need not wait for the previous one's result; bias and ReLU6 are applied in
-/// registers and full runs are stored straight into the output.
+/// broadcast once per plane and unrolled; up to four independent sums per run take turns over
+/// a kernel row's taps, so that each FMA need not wait for the previous one's result; bias and
+/// ReLU6 are applied in registers and each run is stored straight into the output (see below
+/// for a row's narrow last run).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA, `plan` has `KK` taps of a stride-`S` layout, and `scratch`
@@ -252,9 +263,10 @@ unsafe fn sum_rows_avx2<const K: usize, const KK: usize, const S: usize>(
                 sum = _mm256_min_ps(_mm256_max_ps(sum, zero), six);
             }
             // A row's last run may be narrower than a vector (a 7 × 7 plane's always is). It
-            // is stored whole anyway while the plane has room: what spills into the next row
-            // is overwritten when that row is written, since rows go in order. Only the end
-            // of the plane, which borders another task's, is stored element by element.
+            // is stored whole anyway while the plane has room: what spills into the following
+            // rows (several, for rows under 4 wide) is overwritten when they are written,
+            // since rows go in order. Runs that would reach past the plane, which borders
+            // another task's, are stored element by element.
             let at = row0 + x0;
             if at + LANES <= dst.len() {
                 // SAFETY: outputs at..at + 8 of this plane exist (written, never read).
@@ -323,6 +335,12 @@ mod tests {
             (20, 20, 3, 1, 1, 1),
             (3, 45, 3, 1, 1, 1),
             (20, 37, 3, 2, 0, 1),
+            // Rows of 1, 2 and exactly 8 outputs: a narrow last run stored whole spills over
+            // several later rows, and at the plane's end it must not.
+            (5, 1, 3, 1, 1, 1),
+            (6, 2, 3, 1, 1, 1),
+            (5, 3, 3, 2, 1, 1),
+            (4, 8, 3, 1, 1, 1),
         ] {
             let oh = (h + stride - 1) / stride;
             let ow = (w + stride - 1) / stride;
@@ -348,14 +366,18 @@ mod tests {
             };
             let want = depthwise_reference(&d, &x, &wt, &bias);
             // The plain sums everywhere; the AVX2 ones where this CPU has them. The output
-            // starts as NaN, so an element the kernel failed to write cannot pass.
+            // starts as NaN, so an element the kernel failed to write cannot pass, and so do
+            // the elements past its end, which a store past the last plane would change.
             let run = |epi: Epilogue<'_>, avx2: bool| {
-                let mut out = vec![Uninit::new(f32::NAN); want.len()];
-                depthwise_into(d, &x, &wt, epi, avx2, &mut out);
+                let mut out = vec![Uninit::new(f32::NAN); want.len() + 2 * LANES];
+                depthwise_into(d, &x, &wt, epi, avx2, &mut out[..want.len()]);
                 // SAFETY: every element was initialised (to NaN) before the call.
-                out.iter()
-                    .map(|v| unsafe { v.assume_init() })
-                    .collect::<Vec<f32>>()
+                let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                assert!(
+                    out[want.len()..].iter().all(|v| v.is_nan()),
+                    "{d:?} avx2 {avx2}: written past the output"
+                );
+                out[..want.len()].to_vec()
             };
             for avx2 in [false, has_avx2()] {
                 let got = run(epi, avx2);

@@ -21,14 +21,23 @@ pub(super) struct Scratch {
     zeros_of: Option<Padding>,
 }
 
-/// Where a layout puts the image in the scratch (everything else is padding).
+/// Where a layout puts the image in the scratch (everything else is padding): what decides
+/// whether a scratch's zeros can be kept for the next plane.
 #[derive(Clone, PartialEq)]
-struct Padding {
+pub(super) struct Padding {
+    /// Scratch elements: `s · rows · phase_width`.
     len: usize,
-    rows: usize,
-    phase_width: usize,
+    /// Padded rows the outputs read.
+    pub(super) rows: usize,
+    /// Width of one phase's padded row: enough for the last run's reads, past the image's
+    /// right edge if need be.
+    pub(super) phase_width: usize,
+    /// Padded row r holds image row r − `pad_top`, for the image's `height` rows.
     pad_top: usize,
     height: usize,
+    /// Per phase p (one per stride step): its first padded column c that holds an image
+    /// column (c · s + p − left), that image column (none if the phase holds none), and how
+    /// many it holds, every s-th image column from that one on.
     phases: Vec<(usize, Option<usize>, usize)>,
 }
 
@@ -43,24 +52,16 @@ pub(super) const LANES: usize = 8;
 /// for consecutive outputs are consecutive and always in bounds.
 pub(super) struct Layout {
     pub(super) d: Depthwise,
-    /// Padded rows the outputs read.
-    pub(super) rows: usize,
     /// A row of outputs rounded up to whole vectors of [`LANES`]: what each row's last run
     /// reads and computes.
     pub(super) width: usize,
-    /// Width of one phase's padded row: enough for the last run's reads, past the image's
-    /// right edge if need be.
-    pub(super) phase_width: usize,
-    /// Per phase p: its first padded column c that holds an image column (c · s + p − left),
-    /// that image column (none if the phase holds none), and how many it holds, every s-th
-    /// image column from that one on.
-    phases: Vec<(usize, Option<usize>, usize)>,
-    /// Per tap (i, j), where it reads for output (0, 0): phase j mod s, row i, column j / s.
+    /// Where the image and the padding lie in the scratch.
+    pub(super) padding: Padding,
+    /// Per tap (i, j), where it reads for output (0, 0) ([`tap_offset`]).
     pub(super) offsets: Vec<usize>,
     /// One past the furthest scratch element any output reads; [`fill`] makes the scratch at
     /// least this long.
     pub(super) reach: usize,
-    padding: Padding,
 }
 
 impl Layout {
@@ -69,7 +70,7 @@ impl Layout {
         let rows = (d.out_height - 1) * s + k;
         let width = d.out_width.next_multiple_of(LANES);
         let phase_width = width + (k - 1) / s;
-        let phases: Vec<(usize, Option<usize>, usize)> = (0..s)
+        let phases = (0..s)
             .map(|p| {
                 let first = d.pad_left.saturating_sub(p).div_ceil(s).min(phase_width);
                 let x0 = (first * s + p).checked_sub(d.pad_left).filter(|&x| x < w);
@@ -89,31 +90,28 @@ impl Layout {
             reach <= s * rows * phase_width,
             "depthwise scratch holds every read"
         );
-        let padding = Padding {
-            len: s * rows * phase_width,
-            rows,
-            phase_width,
-            pad_top: d.pad_top,
-            height: d.height,
-            phases: phases.clone(),
-        };
         Self {
             d: *d,
-            rows,
             width,
-            phase_width,
-            phases,
+            padding: Padding {
+                len: s * rows * phase_width,
+                rows,
+                phase_width,
+                pad_top: d.pad_top,
+                height: d.height,
+                phases,
+            },
             offsets,
             reach,
-            padding,
         }
     }
 }
 
 /// Where tap (i, j) of a stride-`s` kernel reads for output (0, 0) in a scratch of `rows`
 /// padded rows of `phase_width` per phase: phase j mod s, row i, column j / s. The one
-/// statement of it: [`Layout::offsets`] is built from it, and the AVX2 sums, which address
-/// their reads from each phase's and row's pointer, call it with constant `i`, `j` and `s`.
+/// statement of it: `Layout::offsets` is built from it, and the AVX2 depthwise sums, which
+/// address their reads from each phase's and row's pointer, call it with constant `i`, `j`
+/// and `s`.
 #[inline(always)]
 pub(super) fn tap_offset(i: usize, j: usize, s: usize, rows: usize, phase_width: usize) -> usize {
     ((j % s) * rows + i) * phase_width + j / s
@@ -128,23 +126,18 @@ pub(super) fn fill<'a>(
     scratch: &'a mut Scratch,
     avx2: bool,
 ) -> &'a [f32] {
-    let Layout {
-        d,
-        rows,
-        phase_width,
-        ..
-    } = *layout;
-    let (s, w) = (d.stride, d.width);
-    let len = layout.padding.len;
-    if scratch.zeros_of.as_ref() != Some(&layout.padding) {
+    let (d, padding) = (layout.d, &layout.padding);
+    let (s, w, rows, phase_width) = (d.stride, d.width, padding.rows, padding.phase_width);
+    let len = padding.len;
+    if scratch.zeros_of.as_ref() != Some(padding) {
         // A layout this thread has not padded yet: zeros everywhere once; from here on only
         // the image's places are written, and the padding stays zero.
         scratch.data.clear();
         scratch.data.resize(len, 0.0);
-        scratch.zeros_of = Some(layout.padding.clone());
+        scratch.zeros_of = Some(padding.clone());
     }
     let data = &mut scratch.data[..len];
-    for (p, &(first, x0, n)) in layout.phases.iter().enumerate() {
+    for (p, &(first, x0, n)) in padding.phases.iter().enumerate() {
         let Some(x0) = x0 else { continue };
         let phase = &mut data[p * rows * phase_width..][..rows * phase_width];
         // Padded row r holds image row r − top, where there is one.
@@ -174,8 +167,8 @@ pub(super) fn fill<'a>(
 }
 
 /// `dst[..src.len()] = src`, leaving the rest of `dst` zero (it is padding, which it already
-/// is), in whole vectors (AVX2 if `avx2` and the CPU has it): rows of 7 to 56 floats, for
-/// which a `memcpy` call costs more than the copy. A last partial vector is read masked (its
+/// is), in whole vectors (AVX2 if `avx2` and the CPU has it): a `memcpy` call costs more
+/// than the copy itself for the short rows of the late layers (7 and 14 floats). A last partial vector is read masked (its
 /// lanes past the row read as zero) and stored whole when `dst` has room, since a masked
 /// store is slow on AMD's cores.
 #[inline(always)]
@@ -277,8 +270,8 @@ mod tests {
         let (d, s) = (layout.d, layout.d.stride);
         let mut out = Vec::new();
         for p in 0..s {
-            for r in 0..layout.rows {
-                for c in 0..layout.phase_width {
+            for r in 0..layout.padding.rows {
+                for c in 0..layout.padding.phase_width {
                     let y = r.checked_sub(d.pad_top).filter(|&y| y < d.height);
                     let x = (c * s + p).checked_sub(d.pad_left).filter(|&x| x < d.width);
                     out.push(y.zip(x).map_or(0.0, |(y, x)| src[y * d.width + x]));
@@ -288,42 +281,53 @@ mod tests {
         out
     }
 
-    /// One scratch through planes of several layouts in turn, back to an earlier one, each
-    /// with new values: every fill is the padded plane, with zeros wherever an earlier plane
-    /// or layout left something (the scratch starts as NaN, so padding never written fails).
+    /// One scratch through planes of several layouts in turn, each with new values: every
+    /// fill is the padded plane, with zeros wherever an earlier plane or layout left
+    /// something (the scratch starts as NaN, so padding never written fails). Consecutive
+    /// layouts of the same size that put the image elsewhere (another top or left padding)
+    /// check that the scratch's key tells them apart; the plain copy runs first, since the
+    /// AVX2 one rewrites a row's right padding anyway. The layout without padding reaches the
+    /// AVX2 copy's masked store (a row's padded row has no room for a whole last vector).
     #[test]
     fn a_fill_after_other_planes_and_layouts_is_the_padded_plane() {
         let mut scratch = Scratch {
             data: vec![f32::NAN; 4096],
             zeros_of: None,
         };
+        // (height, width, kernel, stride, [top, bottom, left, right])
         let geometries = [
-            (7, 7, 5, 1, 2, 2),
-            (14, 14, 3, 1, 1, 1),
-            (7, 7, 5, 1, 2, 2),
-            (15, 13, 3, 2, 0, 1),
-            (9, 20, 5, 2, 1, 2),
-            (14, 14, 3, 1, 1, 1),
+            (7, 7, 5, 1, [2, 2, 2, 2]),
+            (14, 14, 3, 1, [1, 1, 1, 1]),
+            (7, 7, 5, 1, [2, 2, 2, 2]),
+            (7, 7, 3, 1, [0, 2, 1, 1]),
+            (7, 7, 3, 1, [1, 1, 1, 1]),
+            (7, 7, 3, 1, [1, 1, 0, 2]),
+            (8, 9, 3, 2, [0, 1, 0, 1]),
+            (8, 9, 3, 2, [1, 0, 1, 0]),
+            (15, 13, 3, 2, [0, 2, 1, 1]),
+            (9, 20, 5, 2, [1, 3, 2, 2]),
+            (3, 10, 3, 1, [0, 0, 0, 0]),
+            (14, 14, 3, 1, [1, 1, 1, 1]),
         ];
-        for (n, &(h, w, kernel, stride, top, left)) in geometries.iter().enumerate() {
-            let d = Depthwise::of(
-                [1, 1, h, w],
-                kernel,
-                stride,
-                [top, kernel - 1 - top, left, kernel - 1 - left],
-            );
-            let layout = Layout::new(&d);
+        let mut sizes = Vec::new();
+        for (n, &(h, w, kernel, stride, pad)) in geometries.iter().enumerate() {
+            let layout = Layout::new(&Depthwise::of([1, 1, h, w], kernel, stride, pad));
+            sizes.push(layout.padding.len);
             for plane in 0..2 {
                 let src = lcg(h * w, (10 * n + plane) as u64);
-                for avx2 in [true, false] {
+                for avx2 in [false, true] {
                     let got = fill(&layout, &src, &mut scratch, avx2).to_vec();
                     assert_eq!(
                         got,
                         padded(&layout, &src),
-                        "{h}x{w} k{kernel} s{stride}, plane {plane}, avx2 {avx2}"
+                        "{h}x{w} k{kernel} s{stride} {pad:?}, plane {plane}, avx2 {avx2}"
                     );
                 }
             }
         }
+        // The pairs above are the same size, or they would not test the key.
+        assert_eq!(sizes[3], sizes[4]);
+        assert_eq!(sizes[4], sizes[5]);
+        assert_eq!(sizes[6], sizes[7]);
     }
 }
