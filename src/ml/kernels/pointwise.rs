@@ -25,7 +25,7 @@ pub fn pointwise(shape: Pointwise, x: &[f32], weight: &[f32], epi: Epilogue<'_>)
         assert_eq!(r.len(), total, "pointwise residual size");
     }
     // Blocks of equal width: 49 columns are blocks of 25 and 24, not 36 and 13 (which, with
-    // one task per block and row block, left one of two cores idle for a third of the time).
+    // one task per block and row block, left one of two cores idle for much of the conv).
     let most = (BLOCK_FLOATS / (inputs + outputs)).max(16);
     let col_blocks = spatial.div_ceil(most).max(1);
     let cols = spatial.div_ceil(col_blocks).max(1);
