@@ -25,8 +25,6 @@ pub(super) struct Scratch {
 /// whether a scratch's zeros can be kept for the next plane.
 #[derive(Clone, PartialEq)]
 pub(super) struct Padding {
-    /// Scratch elements: `s · rows · phase_width`.
-    len: usize,
     /// Padded rows the outputs read.
     pub(super) rows: usize,
     /// Width of one phase's padded row: enough for the last run's reads, past the image's
@@ -39,6 +37,13 @@ pub(super) struct Padding {
     /// column (c · s + p − left), that image column (none if the phase holds none), and how
     /// many it holds, every s-th image column from that one on.
     phases: Vec<(usize, Option<usize>, usize)>,
+}
+
+impl Padding {
+    /// Scratch elements: a phase per stride step, of `rows` rows of `phase_width`.
+    fn len(&self) -> usize {
+        self.phases.len() * self.rows * self.phase_width
+    }
 }
 
 /// Outputs summed together in one vector register.
@@ -94,7 +99,6 @@ impl Layout {
             d: *d,
             width,
             padding: Padding {
-                len: s * rows * phase_width,
                 rows,
                 phase_width,
                 pad_top: d.pad_top,
@@ -128,7 +132,7 @@ pub(super) fn fill<'a>(
 ) -> &'a [f32] {
     let (d, padding) = (layout.d, &layout.padding);
     let (s, w, rows, phase_width) = (d.stride, d.width, padding.rows, padding.phase_width);
-    let len = padding.len;
+    let len = padding.len();
     if scratch.zeros_of.as_ref() != Some(padding) {
         // A layout this thread has not padded yet: zeros everywhere once; from here on only
         // the image's places are written, and the padding stays zero.
@@ -312,7 +316,7 @@ mod tests {
         let mut sizes = Vec::new();
         for (n, &(h, w, kernel, stride, pad)) in geometries.iter().enumerate() {
             let layout = Layout::new(&Depthwise::of([1, 1, h, w], kernel, stride, pad));
-            sizes.push(layout.padding.len);
+            sizes.push(layout.padding.len());
             for plane in 0..2 {
                 let src = lcg(h * w, (10 * n + plane) as u64);
                 for avx2 in [false, true] {
