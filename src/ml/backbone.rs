@@ -406,8 +406,12 @@ impl EfficientNetLite {
     }
 }
 
-/// Global average pooling: `[batch, c, h, w]` to `[batch, c]`.
+/// Global average pooling: `[batch, c, h, w]` to `[batch, c]`; on flex one op that reads the
+/// fine-tune's channel-major activations where they lie (`channel_ops`).
 pub fn pool(x: Tensor<4>) -> Tensor<2> {
+    if super::fused::own_training_ops(&x.device()) {
+        return super::channel_ops::pool(x);
+    }
     let [batch, channels, _, _] = x.dims();
     x.mean_dim(3).mean_dim(2).reshape([batch, channels])
 }

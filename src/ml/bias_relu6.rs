@@ -4,10 +4,10 @@
 //! the clamp) and five backward (the clamp's two masks and two fills, the bias's sum). Here
 //! the forward pass is one, and the backward one pass too: it reads the output's gradient and the
 //! output itself, which says where the clamp let the gradient through (`0 < y < 6`), writes the
-//! input's gradient and sums each plane's share of its channel's bias gradient on the way (two
-//! passes, the second strided across images, were among the largest costs of a fine-tune step
-//! after its GEMMs). A backend
-//! extension on flex and on autodiff over flex, like `depthwise_grad`.
+//! input's gradient and sums its channel's bias gradient on the way (two passes, the second
+//! strided across images, were among the largest costs of a fine-tune step after its GEMMs).
+//! Channel-major, as the convs before it (`pointwise_grad`), so each channel is one run over
+//! every image. A backend extension on flex and on autodiff over flex, like `depthwise_grad`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -19,7 +19,7 @@ use burn_flex::FlexTensor;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::flex_tensor::{dims, flex, floats};
+use super::flex_tensor::{channel_major, dims, flex, floats, from_channel_major};
 
 /// `clamp(x + bias[c], 0, 6)` for `x` `[b, c, h, w]` and `bias` `[c]`; differentiable on
 /// autodiff over flex.
@@ -72,46 +72,49 @@ fn pass_through(out: &mut [MaybeUninit<f32>], g: &[f32], y: &[f32]) -> f32 {
 
 impl BiasRelu6Ops for Flex {
     fn bias_relu6(x: FlexTensor, bias: FlexTensor) -> FlexTensor {
-        let (x, bias) = (floats(&x), floats(&bias));
-        let [b, c, h, w] = dims(&x);
+        let shape = dims(&x);
+        let [b, c, h, w] = shape;
+        let (x, bias) = (channel_major(&x), floats(&bias));
         let (xs, bs): (&[f32], &[f32]) = (x.storage(), bias.storage());
         assert_eq!(bs.len(), c, "one bias per channel");
-        let total = b * c * h * w;
+        // Channel-major: each channel's values, every image's, in one run.
+        let run = b * h * w;
+        let total = c * run;
         let mut out: Vec<f32> = Vec::with_capacity(total);
-        super::lanes::each_chunk(&mut out.spare_capacity_mut()[..total], h * w, |p, plane| {
-            let bias = bs[p % c];
-            let src = &xs[p * h * w..][..h * w];
-            for (o, v) in plane.iter_mut().zip(src) {
+        super::lanes::each_chunk(&mut out.spare_capacity_mut()[..total], run, |ch, dst| {
+            let bias = bs[ch];
+            for (o, v) in dst.iter_mut().zip(&xs[ch * run..][..run]) {
                 o.write((v + bias).clamp(0.0, 6.0));
             }
         });
-        // SAFETY: the planes cover the buffer and each element of each was written above.
+        // SAFETY: the runs cover the buffer and each element of each was written above.
         unsafe { out.set_len(total) };
-        flex(out, [b, c, h, w])
+        from_channel_major(out, shape)
     }
 
     fn bias_relu6_grads(grad: FlexTensor, y: FlexTensor) -> (FlexTensor, FlexTensor) {
-        let (grad, y) = (floats(&grad), floats(&y));
-        let [b, c, h, w] = dims(&y);
+        let shape = dims(&y);
+        let [b, c, h, w] = shape;
+        let (grad, y) = (channel_major(&grad), channel_major(&y));
         let (gs, ys): (&[f32], &[f32]) = (grad.storage(), y.storage());
-        let plane = h * w;
-        // Each (image, channel) plane's share of the bias gradient, apart so the planes can run
-        // in any order; each slot is written once (f32 bits in an atomic, so no lock).
-        let shares: Vec<AtomicU32> = (0..b * c).map(|_| AtomicU32::new(0)).collect();
+        let run = b * h * w;
+        // Each channel's bias gradient, written once by the task of its run (f32 bits in an
+        // atomic, so no lock).
+        let sums: Vec<AtomicU32> = (0..c).map(|_| AtomicU32::new(0)).collect();
         // Not zeroed first: every element is written below.
         let mut gx: Vec<f32> = Vec::with_capacity(ys.len());
-        super::lanes::each_chunk(&mut gx.spare_capacity_mut()[..ys.len()], plane, |p, out| {
-            let at = p * plane;
-            let share = pass_through(out, &gs[at..][..plane], &ys[at..][..plane]);
-            shares[p].store(share.to_bits(), Ordering::Relaxed);
+        super::lanes::each_chunk(&mut gx.spare_capacity_mut()[..ys.len()], run, |ch, out| {
+            let at = ch * run;
+            let sum = pass_through(out, &gs[at..][..run], &ys[at..][..run]);
+            sums[ch].store(sum.to_bits(), Ordering::Relaxed);
         });
-        // SAFETY: the planes cover the buffer and `pass_through` wrote each element of each.
+        // SAFETY: the runs cover the buffer and `pass_through` wrote each element of each.
         unsafe { gx.set_len(ys.len()) };
-        let share = |i: usize| f32::from_bits(shares[i].load(Ordering::Relaxed));
-        let gbias: Vec<f32> = (0..c)
-            .map(|ch| (0..b).map(|i| share(i * c + ch)).sum())
+        let gbias: Vec<f32> = sums
+            .iter()
+            .map(|s| f32::from_bits(s.load(Ordering::Relaxed)))
             .collect();
-        (flex(gx, [b, c, h, w]), flex(gbias, [c]))
+        (from_channel_major(gx, shape), flex(gbias, [c]))
     }
 }
 
@@ -213,14 +216,15 @@ mod tests {
         );
     }
 
-    /// The fused backward against the two passes it replaced (each plane's masked gradient in
-    /// eight partial sums, then the planes of a channel summed image by image): the same bits,
-    /// on planes narrower than a vector and wider with a tail.
+    /// The fused backward against the two passes it replaced (the masked gradient, then each
+    /// channel's sum over every image in eight partial sums, channel-major): the same bits, on
+    /// channels whose run is narrower than a vector and wider with a tail, from image-order
+    /// tensors (which the op reads channel-major).
     #[test]
     fn one_pass_gives_the_bits_of_the_two() {
         // Several images, values of mixed magnitudes: another order of the sums gives other
-        // bits (checked: summing the images in reverse fails this test).
-        for shape in [[5, 4, 1, 5], [6, 3, 3, 7]] {
+        // bits (checked: summing each channel image by image fails this test).
+        for shape in [[1, 4, 1, 5], [6, 3, 3, 7]] {
             let [b, c, h, w] = shape;
             let n = b * c * h * w;
             let y: Vec<f32> = (0..n).map(|i| ((i * 37 % 17) as f32) * 0.5 - 1.5).collect();
@@ -231,6 +235,7 @@ mod tests {
                 flex(g.clone(), shape),
                 flex(y.clone(), shape),
             );
+            let gx = floats(&gx);
             let (gx, gbias): (&[f32], &[f32]) = (gx.storage(), gbias.storage());
             let masked: Vec<f32> = g
                 .iter()
@@ -239,25 +244,20 @@ mod tests {
                 .collect();
             assert_eq!(gx, &masked[..], "{shape:?}: input gradient");
             let plane = h * w;
-            let old_plane_sum = |at: usize| {
-                let (g, y) = (&g[at..at + plane], &y[at..at + plane]);
+            for ch in 0..c {
+                // The channel's masked values, image after image.
+                let run: Vec<f32> = (0..b)
+                    .flat_map(|i| masked[(i * c + ch) * plane..][..plane].to_vec())
+                    .collect();
+                let chunks = run.chunks_exact(8);
+                let tail: f32 = chunks.remainder().iter().sum();
                 let mut acc = [0f32; 8];
-                let (gc, yc) = (g.chunks_exact(8), y.chunks_exact(8));
-                let tail: f32 = gc
-                    .remainder()
-                    .iter()
-                    .zip(yc.remainder())
-                    .map(|(g, y)| if passes(*y) { *g } else { 0.0 })
-                    .sum();
-                for (g, y) in gc.zip(yc) {
+                for v in chunks {
                     for l in 0..8 {
-                        acc[l] += if passes(y[l]) { g[l] } else { 0.0 };
+                        acc[l] += v[l];
                     }
                 }
-                acc.iter().sum::<f32>() + tail
-            };
-            for ch in 0..c {
-                let want: f32 = (0..b).map(|i| old_plane_sum((i * c + ch) * plane)).sum();
+                let want = acc.iter().sum::<f32>() + tail;
                 assert_eq!(
                     gbias[ch].to_bits(),
                     want.to_bits(),

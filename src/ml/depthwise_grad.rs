@@ -6,7 +6,8 @@
 //! gradients run over each (image, channel) plane: the weight's through the forward kernel's
 //! padded scratch (`kernels::depthwise_weight_grad`), the input's at stride 1 as the forward
 //! kernel itself with the filter turned 180° (a direct loop at other strides); the forward
-//! pass is the inference kernel of `kernels`. The operation is a burn backend extension on
+//! pass is the inference kernel of `kernels`. All of them read and write channel-major
+//! activations, as `pointwise_grad` does. The operation is a burn backend extension on
 //! flex and on autodiff over flex; the bias and ReLU6 after it are `bias_relu6`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -17,8 +18,8 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-use super::flex_tensor::{dims, flex, floats};
-use super::kernels::{self, Depthwise, Epilogue};
+use super::flex_tensor::{channel_major, dims, flex, floats, from_channel_major};
+use super::kernels::{self, Depthwise, Epilogue, Order};
 
 /// `[b, c, h, w]` × `[c, 1, k, k]` with stride `stride` and `padding` (top, bottom, left,
 /// right), no bias; differentiable on autodiff over flex.
@@ -63,12 +64,13 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (x, weight) = (floats(&x), floats(&weight));
-        let d = Depthwise::of(dims(&x), dims(&weight)[2], stride, padding);
+        let d =
+            Depthwise::of(dims(&x), dims(&weight)[2], stride, padding).in_order(Order::Channels);
+        let (x, weight) = (channel_major(&x), floats(&weight));
         let bias = vec![0.0; d.channels];
         let epi = Epilogue::none(&bias);
         let out = kernels::depthwise(d, x.storage(), weight.storage(), epi);
-        flex(out, [d.batch, d.channels, d.out_height, d.out_width])
+        from_channel_major(out, [d.batch, d.channels, d.out_height, d.out_width])
     }
 
     fn depthwise_grad_x(
@@ -78,9 +80,9 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (grad, weight) = (floats(&grad), floats(&weight));
+        let (grad, weight) = (channel_major(&grad), floats(&weight));
         let k = dims(&weight)[2];
-        let d = Depthwise::of(x_shape, k, stride, padding);
+        let d = Depthwise::of(x_shape, k, stride, padding).in_order(Order::Channels);
         let (g, w): (&[f32], &[f32]) = (grad.storage(), weight.storage());
         let [top, _, left, _] = padding;
         if stride == 1 && top < k && left < k {
@@ -102,12 +104,12 @@ impl DepthwiseOps for Flex {
             };
             let zeros = vec![0.0; d.channels];
             let epi = Epilogue::none(&zeros);
-            return flex(kernels::depthwise(back, g, &flipped, epi), x_shape);
+            return from_channel_major(kernels::depthwise(back, g, &flipped, epi), x_shape);
         }
         let (plane_in, plane_out) = (d.height * d.width, d.out_height * d.out_width);
         let mut out = vec![0f32; d.batch * d.channels * plane_in];
         super::lanes::each_chunk(&mut out, plane_in, |p, gx| {
-            let c = p % d.channels;
+            let c = d.channel(p);
             let gp = &g[p * plane_out..][..plane_out];
             let taps = &w[c * k * k..][..k * k];
             // Each output pixel hands its gradient back to the k² inputs it read.
@@ -138,7 +140,7 @@ impl DepthwiseOps for Flex {
                 }
             }
         });
-        flex(out, x_shape)
+        from_channel_major(out, x_shape)
     }
 
     fn depthwise_grad_weight(
@@ -148,8 +150,8 @@ impl DepthwiseOps for Flex {
         stride: usize,
         padding: [usize; 4],
     ) -> FlexTensor {
-        let (grad, x) = (floats(&grad), floats(&x));
-        let d = Depthwise::of(dims(&x), kernel, stride, padding);
+        let d = Depthwise::of(dims(&x), kernel, stride, padding).in_order(Order::Channels);
+        let (grad, x) = (channel_major(&grad), channel_major(&x));
         let out = kernels::depthwise_weight_grad(d, x.storage(), grad.storage());
         flex(out, [d.channels, 1, kernel, kernel])
     }

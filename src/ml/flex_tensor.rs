@@ -1,7 +1,7 @@
 //! Plain flex tensors as the CPU extension ops (`fused_ops`, `pointwise_grad`,
 //! `depthwise_grad`, `bias_relu6`) take and give them: an operand as the contiguous `f32`
-//! storage their kernels read, its `[b, c, h, w]` dims, and a new tensor from a buffer their
-//! kernels filled.
+//! storage their kernels read (in image order, or channel-major for the fine-tune's ops), its
+//! `[b, c, h, w]` dims, and a new tensor from a buffer their kernels filled.
 
 use burn::prelude::*;
 use burn_flex::FlexTensor;
@@ -26,6 +26,19 @@ pub(crate) fn floats(t: &FlexTensor) -> FlexTensor {
         "the CPU extension ops run in f32"
     );
     t.to_contiguous()
+}
+
+/// `t` (`[b, c, h, w]`, f32) as dense storage in channel-major order (`[c, b, h, w]`,
+/// `kernels::Order::Channels`), which the fine-tune's ops compute in: the storage itself when
+/// it lies so already (the output of one of them, or a single image), else a copy.
+pub(crate) fn channel_major(t: &FlexTensor) -> FlexTensor {
+    floats(&t.transpose(0, 1))
+}
+
+/// The `[b, c, h, w]` tensor whose channel-major storage is `data` (see [`channel_major`]):
+/// burn's ops see the usual shape, and the next fine-tune op reads `data` without a copy.
+pub(crate) fn from_channel_major(data: Vec<f32>, [b, c, h, w]: [usize; 4]) -> FlexTensor {
+    flex(data, [c, b, h, w]).transpose(0, 1)
 }
 
 /// What the extension ops' tests compare them with burn's own ops by.

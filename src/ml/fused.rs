@@ -16,6 +16,7 @@ use burn::prelude::*;
 use burn::tensor::activation::relu6;
 
 use super::bias_relu6::bias_relu6;
+use super::channel_ops::bias_add;
 use super::depthwise_grad::depthwise;
 use super::frozen_bn::FrozenBatchNorm;
 use super::fused_ops::FusedConvOps;
@@ -53,6 +54,13 @@ fn generic() -> bool {
         || *PROCESS.get_or_init(|| std::env::var_os(GENERIC_ENV).is_some_and(|v| v == "1"))
 }
 
+/// Whether tensors on `device` go through transferd's own training ops (flex, plain or under
+/// autodiff, unless the generic path is asked for): wgpu keeps burn's own ops (its kernels
+/// are another matter entirely).
+pub(crate) fn own_training_ops(device: &Device) -> bool {
+    (*device == Device::flex() || *device == Device::flex().autodiff()) && !generic()
+}
+
 /// Folds `bn` into `conv` for inference ([`FrozenBatchNorm::fold_into`]), unless the generic
 /// path is asked for.
 pub fn fold(bn: FrozenBatchNorm, conv: Conv2d) -> (Conv2d, FrozenBatchNorm) {
@@ -84,10 +92,7 @@ pub fn conv_bn(
     let (y, bias) = conv_bn_generic(conv, bn, x);
     let y = match (bias, after) {
         (Some(bias), After::Relu6) => bias_relu6(y, bias),
-        (Some(bias), After::Nothing) => {
-            let channels = bias.dims()[0];
-            y + bias.reshape([1, channels, 1, 1])
-        }
+        (Some(bias), After::Nothing) => bias_add(y, bias),
         (None, After::Relu6) => relu6(y),
         (None, After::Nothing) => y,
     };
@@ -112,20 +117,17 @@ fn conv_bn_generic(
     x: Tensor<4>,
 ) -> (Tensor<4>, Option<Tensor<1>>) {
     let plain = |x| (bn.forward(conv.forward(x)), None);
-    if generic() {
+    if !own_training_ops(&x.device()) {
         return plain(x);
     }
     let [outputs, per_group, kh, kw] = conv.weight.dims();
     let [_, channels, height, width] = x.dims();
-    let device = x.device();
-    // On flex only: wgpu keeps burn's own conv (its kernels are another matter entirely).
-    let on_flex = device == Device::flex() || device == Device::flex().autodiff();
     let square = kh == kw && conv.dilation == [1, 1];
     let is_depthwise = per_group == 1 && conv.groups == channels && outputs == channels;
     let is_pointwise =
         kh == 1 && conv.stride == [1, 1] && conv.groups == 1 && per_group == channels;
     let depthwise_padding = padding_of(conv, kh, height, width).filter(|_| is_depthwise);
-    if !on_flex || !square || !(is_pointwise || depthwise_padding.is_some()) {
+    if !square || !(is_pointwise || depthwise_padding.is_some()) {
         return plain(x);
     }
     let (weight, bias) = match bn.affine() {

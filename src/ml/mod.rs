@@ -10,6 +10,7 @@ pub mod backbone;
 pub mod backbones;
 pub mod bias_relu6;
 pub mod cache;
+pub mod channel_ops;
 pub mod config;
 pub mod data;
 pub mod depthwise_grad;

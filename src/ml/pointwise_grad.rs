@@ -2,10 +2,11 @@
 //!
 //! burn's conv backward computes a 1×1 conv's weight gradient as one matrix–vector product per
 //! input channel; as a matmul over `[c, b·h·w]` it needs the activations copied into that
-//! layout and back, forward and backward. Here the forward pass is the inference kernel of
-//! `kernels` and both gradients are GEMMs over the NCHW data where it lies
-//! (`kernels::backward`). A backend extension on flex and on autodiff over flex, like
-//! `depthwise_grad`; the bias stays outside (`bias_relu6`, or a burn add).
+//! layout and back, forward and backward. Here the activations stay channel-major between the
+//! fine-tune's ops (`kernels::Order::Channels`), so the forward pass and both gradients are
+//! one GEMM each over the whole batch (`kernels::backward`). A backend extension on flex and
+//! on autodiff over flex, like `depthwise_grad`; the bias stays outside (`bias_relu6`, or a
+//! burn add).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -15,8 +16,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension, tensor
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-use super::flex_tensor::{dims, flex, floats};
-use super::fused_ops::pointwise_flex;
+use super::flex_tensor::{channel_major, dims, flex, floats, from_channel_major};
 use super::kernels::{self, Pointwise};
 
 /// `[b, i, h, w]` × `[o, i, 1, 1]`, no bias; differentiable on autodiff over flex.
@@ -31,25 +31,27 @@ pub trait PointwiseOps: Backend {
 
 impl PointwiseOps for Flex {
     fn pointwise(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        // The inference kernel, with a zero bias (the caller adds the real one).
-        let zeros = flex(vec![0.0; dims(&weight)[0]], [dims(&weight)[0]]);
-        pointwise_flex(x, weight, zeros, false, None)
+        let [b, _, h, w] = dims(&x);
+        let shape = Pointwise::of(dims(&x), dims(&weight));
+        let (x, weight) = (channel_major(&x), floats(&weight));
+        let out = kernels::pointwise_product(shape, x.storage(), weight.storage());
+        from_channel_major(out, [b, shape.outputs, h, w])
     }
 
     fn pointwise_grad_x(grad: FlexTensor, weight: FlexTensor) -> FlexTensor {
-        let (grad, weight) = (floats(&grad), floats(&weight));
         let [b, o, h, w] = dims(&grad);
         let inputs = dims(&weight)[1];
         let shape = Pointwise::of([b, inputs, h, w], dims(&weight));
         assert_eq!(o, shape.outputs, "pointwise gradient matches the weight");
+        let (grad, weight) = (channel_major(&grad), floats(&weight));
         let out = kernels::pointwise_grad_x(shape, grad.storage(), weight.storage());
-        flex(out, [b, inputs, h, w])
+        from_channel_major(out, [b, inputs, h, w])
     }
 
     fn pointwise_grad_weight(grad: FlexTensor, x: FlexTensor) -> FlexTensor {
-        let (grad, x) = (floats(&grad), floats(&x));
         let [_, o, _, _] = dims(&grad);
         let shape = Pointwise::of(dims(&x), [o, dims(&x)[1], 1, 1]);
+        let (grad, x) = (channel_major(&grad), channel_major(&x));
         let out = kernels::pointwise_grad_weight(shape, grad.storage(), x.storage());
         flex(out, [o, shape.inputs, 1, 1])
     }

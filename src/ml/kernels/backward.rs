@@ -1,90 +1,86 @@
-//! Gradients for fine-tuning on flex: those of a pointwise (1×1) convolution on NCHW data, as
-//! GEMMs that read the images where they lie (no copy into another layout, and no per-image
-//! weight gradients summed afterwards: each task adds every image into its own block), and a
-//! depthwise convolution's weight gradient, which reads its inputs through the forward
-//! kernel's padded scratch. (A depthwise conv's input gradient is the forward kernel itself,
-//! see `depthwise_grad`.)
+//! The fine-tune's kernels on flex: a pointwise (1×1) convolution and both its gradients over
+//! channel-major activations ([`Order::Channels`](super::Order)), where each is one GEMM over
+//! the whole batch's pixels, and a depthwise convolution's weight gradient, which reads its
+//! inputs through the forward kernel's padded scratch. (A depthwise conv's input gradient is
+//! the forward kernel itself, see `depthwise_grad`.)
 
 use super::padded::{LANES, Layout, SCRATCH, fill};
-use super::{Depthwise, Matrix, Out, Pointwise, has_avx2, matmul};
+use super::{Depthwise, Matrix, Pointwise, has_avx2, matmul_spread};
 
 thread_local! {
     /// Each thread's copy of an output gradient plane, rows padded to whole vectors.
     static GRAD_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `dx[b, i, p] = Σ_o weight[o, i] · grad[b, o, p]`: the input's gradient, one GEMM per image.
-pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f32> {
+/// `out[o, n] = Σ_i weight[o, i] · x[i, n]` over the `n = b · p` pixels of channel-major
+/// activations: a pointwise conv's sum (no bias), the output channel-major too.
+pub fn pointwise_product(shape: Pointwise, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    shape.check(Some(x), Some(weight), None);
     let Pointwise {
-        batch,
-        inputs,
-        outputs,
-        spatial,
+        inputs, outputs, ..
     } = shape;
-    shape.check(None, Some(weight), Some(grad));
-    let total = batch * inputs * spatial;
-    let mut out: Vec<f32> = Vec::with_capacity(total);
-    let dst = Out(out.as_mut_ptr());
-    crate::ml::lanes::each_task(batch, |b| {
-        let dst = dst;
-        // SAFETY: image b's block of the output is written by this task alone, and every
-        // operand is in bounds by the asserts above; the GEMM writes every element of the block
-        // without reading it.
-        unsafe {
-            matmul(
-                (inputs, spatial, outputs),
-                Matrix::rows(dst.0.add(b * inputs * spatial), spatial),
-                // weight transposed: element (i, o) at o · inputs + i.
-                Matrix::transposed(weight.as_ptr(), inputs),
-                Matrix::rows(grad.as_ptr().add(b * outputs * spatial), spatial),
-                false,
-            );
-        }
-    });
-    // SAFETY: every image's block was written above.
-    unsafe { out.set_len(total) };
+    let n = shape.batch * shape.spatial;
+    let mut out: Vec<f32> = Vec::with_capacity(outputs * n);
+    // SAFETY: the operands are in bounds by the asserts above; the GEMM writes every element
+    // of `out` without reading it.
+    unsafe {
+        matmul_spread(
+            (outputs, n, inputs),
+            Matrix::rows(out.as_mut_ptr(), n),
+            Matrix::rows(weight.as_ptr(), inputs),
+            Matrix::rows(x.as_ptr(), n),
+            false,
+        );
+        out.set_len(outputs * n);
+    }
     out
 }
 
-/// `dw[o, i] = Σ_{b, p} grad[b, o, p] · x[b, i, p]`: the weight's gradient. One task per block
-/// of output channels, which adds each image's GEMM into its block in turn. Each task packs
-/// every image's input again, so there are only as many as keep the cores busy: two per
-/// thread of the pool, or one on a lane's own thread.
-pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f32> {
+/// `dx[i, n] = Σ_o weight[o, i] · grad[o, n]`: the input's gradient, channel-major like the
+/// output's gradient `grad`.
+pub fn pointwise_grad_x(shape: Pointwise, grad: &[f32], weight: &[f32]) -> Vec<f32> {
+    shape.check(None, Some(weight), Some(grad));
     let Pointwise {
-        batch,
-        inputs,
-        outputs,
-        spatial,
+        inputs, outputs, ..
     } = shape;
+    let n = shape.batch * shape.spatial;
+    let mut out: Vec<f32> = Vec::with_capacity(inputs * n);
+    // SAFETY: as in `pointwise_product`.
+    unsafe {
+        matmul_spread(
+            (inputs, n, outputs),
+            Matrix::rows(out.as_mut_ptr(), n),
+            // weight transposed: element (i, o) at o · inputs + i.
+            Matrix::transposed(weight.as_ptr(), inputs),
+            Matrix::rows(grad.as_ptr(), n),
+            false,
+        );
+        out.set_len(inputs * n);
+    }
+    out
+}
+
+/// `dw[o, i] = Σ_n grad[o, n] · x[i, n]`: the weight's gradient, from the channel-major output
+/// gradient and input.
+pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f32> {
     shape.check(Some(x), None, Some(grad));
-    let tasks = if crate::ml::lanes::in_lane() {
-        1
-    } else {
-        2 * rayon::current_num_threads()
-    };
-    let rows = outputs.div_ceil(tasks).next_multiple_of(16).min(outputs);
-    let mut out = vec![0f32; outputs * inputs];
-    let dst = Out(out.as_mut_ptr());
-    crate::ml::lanes::each_task(outputs.div_ceil(rows), |block| {
-        let dst = dst;
-        let r0 = block * rows;
-        let m = rows.min(outputs - r0);
-        for b in 0..batch {
-            // SAFETY: rows r0..r0 + m of the output belong to this task alone, and every
-            // operand is in bounds by the asserts above.
-            unsafe {
-                matmul(
-                    (m, inputs, spatial),
-                    Matrix::rows(dst.0.add(r0 * inputs), inputs),
-                    Matrix::rows(grad.as_ptr().add((b * outputs + r0) * spatial), spatial),
-                    // x transposed: element (p, i) at i · spatial + p.
-                    Matrix::transposed(x.as_ptr().add(b * inputs * spatial), spatial),
-                    b > 0,
-                );
-            }
-        }
-    });
+    let Pointwise {
+        inputs, outputs, ..
+    } = shape;
+    let n = shape.batch * shape.spatial;
+    let mut out: Vec<f32> = Vec::with_capacity(outputs * inputs);
+    // SAFETY: as in `pointwise_product`.
+    unsafe {
+        matmul_spread(
+            (outputs, inputs, n),
+            Matrix::rows(out.as_mut_ptr(), inputs),
+            Matrix::rows(grad.as_ptr(), n),
+            // x transposed: element (n, i) at i · n + n.
+            Matrix::transposed(x.as_ptr(), n),
+            false,
+        );
+        out.set_len(outputs * inputs);
+    }
     out
 }
 
@@ -119,7 +115,7 @@ pub fn depthwise_weight_grad(shape: Depthwise, x: &[f32], grad: &[f32]) -> Vec<f
                 rows.clear();
                 rows.resize(d.out_height * width, 0.0);
                 for b in 0..d.batch {
-                    let p = b * d.channels + c;
+                    let p = d.plane(b, c);
                     let scratch = fill(&layout, &x[p * plane_in..][..plane_in], scratch, avx2);
                     let g = &grad[p * plane_out..][..plane_out];
                     for (row, g) in rows
@@ -167,21 +163,29 @@ fn tap_sums_body(layout: &Layout, scratch: &[f32], rows: &[f32], gw: &mut [f32])
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ml::kernels::Order;
     use crate::ml::kernels::tests::lcg;
 
     #[test]
     fn depthwise_weight_gradient_matches_its_definition() {
-        // Rows wide enough for the AVX2 split of stride-2 planes, and narrower than a vector.
-        for (h, w, k, s, top, left) in [
+        // Rows wide enough for the AVX2 split of stride-2 planes, and narrower than a vector;
+        // planes in either order.
+        let geometries = [
             (9usize, 37usize, 5, 2usize, 1, 2),
             (20, 37, 3, 2, 0, 1),
             (13, 19, 5, 1, 2, 2),
             (5, 6, 3, 1, 1, 1),
-        ] {
+        ];
+        let orders = [Order::Images, Order::Channels];
+        for ((h, w, k, s, top, left), order) in geometries
+            .into_iter()
+            .flat_map(|g| orders.map(move |o| (g, o)))
+        {
             let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
             let d = Depthwise {
                 batch: 2,
                 channels: 3,
+                order,
                 height: h,
                 width: w,
                 kernel: k,
@@ -197,12 +201,15 @@ mod tests {
                 for (i, j) in (0..k).flat_map(|i| (0..k).map(move |j| (i, j))) {
                     let mut want = 0f32;
                     for b in 0..2 {
+                        let p = match order {
+                            Order::Images => b * 3 + c,
+                            Order::Channels => c * 2 + b,
+                        };
                         for (y, xo) in (0..oh).flat_map(|y| (0..ow).map(move |xo| (y, xo))) {
                             let yi = (y * s + i).checked_sub(top).filter(|&v| v < h);
                             let xi = (xo * s + j).checked_sub(left).filter(|&v| v < w);
                             if let (Some(yi), Some(xi)) = (yi, xi) {
-                                want += g[((b * 3 + c) * oh + y) * ow + xo]
-                                    * x[((b * 3 + c) * h + yi) * w + xi];
+                                want += g[(p * oh + y) * ow + xo] * x[(p * h + yi) * w + xi];
                             }
                         }
                     }
@@ -217,69 +224,76 @@ mod tests {
         }
     }
 
+    /// A shape large enough that the `gemm` crate splits it between threads.
+    const SHAPE: Pointwise = Pointwise {
+        batch: 3,
+        inputs: 70,
+        outputs: 150,
+        spatial: 49,
+    };
+
     #[test]
-    fn a_lane_computes_the_same_pointwise_gradients() {
-        // In a lane the weight gradient is one task over every row; on the pool, several.
-        let shape = Pointwise {
-            batch: 2,
-            inputs: 9,
-            outputs: 100,
-            spatial: 20,
-        };
-        let (x, w, g) = (lcg(2 * 9 * 20, 6), lcg(100 * 9, 7), lcg(2 * 100 * 20, 8));
-        let pooled = (
-            pointwise_grad_x(shape, &g, &w),
-            pointwise_grad_weight(shape, &g, &x),
+    fn a_lane_computes_the_same_pointwise_products() {
+        // On a lane each GEMM runs on its thread alone; on the pool, the gemm crate splits it.
+        let shape = SHAPE;
+        let n = shape.batch * shape.spatial;
+        let (x, w, g) = (
+            lcg(shape.inputs * n, 6),
+            lcg(shape.outputs * shape.inputs, 7),
+            lcg(shape.outputs * n, 8),
         );
+        let all = || {
+            [
+                pointwise_product(shape, &x, &w),
+                pointwise_grad_x(shape, &g, &w),
+                pointwise_grad_weight(shape, &g, &x),
+            ]
+        };
+        let pooled = all();
         let laned =
             crate::ml::lanes::map_slices(&[0, 1], 2, crate::ml::lanes::Work::Background, |_| {
                 assert!(crate::ml::lanes::in_lane(), "runs as a lane");
-                (
-                    pointwise_grad_x(shape, &g, &w),
-                    pointwise_grad_weight(shape, &g, &x),
-                )
+                all()
             });
-        for (dx, dw) in laned {
-            assert_eq!(dx, pooled.0);
-            // The same sums, in the same order per element.
-            for (a, b) in dw.iter().zip(&pooled.1) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for products in laned {
+            for (laned, pooled) in products.iter().zip(&pooled) {
+                assert_eq!(laned.len(), pooled.len());
+                for (a, b) in laned.iter().zip(pooled) {
+                    assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+                }
             }
         }
     }
 
     #[test]
-    fn both_gradients_match_their_definitions() {
-        // 150 output channels: several row blocks (on two or more threads), a partial last
-        // one.
-        let shape = Pointwise {
-            batch: 3,
-            inputs: 7,
-            outputs: 150,
-            spatial: 13,
+    fn the_product_and_both_gradients_match_their_definitions() {
+        let Pointwise {
+            inputs: ni,
+            outputs: no,
+            ..
+        } = SHAPE;
+        let n = SHAPE.batch * SHAPE.spatial;
+        let (x, w, g) = (lcg(ni * n, 1), lcg(no * ni, 2), lcg(no * n, 3));
+        let y = pointwise_product(SHAPE, &x, &w);
+        let dx = pointwise_grad_x(SHAPE, &g, &w);
+        let dw = pointwise_grad_weight(SHAPE, &g, &x);
+        let close = |got: f32, want: f32, what: &str| {
+            assert!((got - want).abs() < 1e-3, "{what}: {got} vs {want}");
         };
-        let (x, w, g) = (lcg(3 * 7 * 13, 1), lcg(150 * 7, 2), lcg(3 * 150 * 13, 3));
-        let dx = pointwise_grad_x(shape, &g, &w);
-        let dw = pointwise_grad_weight(shape, &g, &x);
-        for b in 0..3 {
-            for i in 0..7 {
-                for p in 0..13 {
-                    let want: f32 = (0..150)
-                        .map(|o| w[o * 7 + i] * g[(b * 150 + o) * 13 + p])
-                        .sum();
-                    let got = dx[(b * 7 + i) * 13 + p];
-                    assert!((got - want).abs() < 1e-4, "dx {b} {i} {p}: {got} vs {want}");
-                }
+        for p in 0..n {
+            for o in 0..no {
+                let want: f32 = (0..ni).map(|i| w[o * ni + i] * x[i * n + p]).sum();
+                close(y[o * n + p], want, &format!("y {o} {p}"));
+            }
+            for i in 0..ni {
+                let want: f32 = (0..no).map(|o| w[o * ni + i] * g[o * n + p]).sum();
+                close(dx[i * n + p], want, &format!("dx {i} {p}"));
             }
         }
-        for o in 0..150 {
-            for i in 0..7 {
-                let want: f32 = (0..3)
-                    .flat_map(|b| (0..13).map(move |p| (b, p)))
-                    .map(|(b, p)| g[(b * 150 + o) * 13 + p] * x[(b * 7 + i) * 13 + p])
-                    .sum();
-                let got = dw[o * 7 + i];
-                assert!((got - want).abs() < 1e-4, "dw {o} {i}: {got} vs {want}");
+        for o in 0..no {
+            for i in 0..ni {
+                let want: f32 = (0..n).map(|p| g[o * n + p] * x[i * n + p]).sum();
+                close(dw[o * ni + i], want, &format!("dw {o} {i}"));
             }
         }
     }

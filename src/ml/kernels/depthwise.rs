@@ -91,7 +91,7 @@ fn depthwise_into(
     // Each plane's task writes every element of its plane (`sum_rows` and `sum_rows_avx2`
     // write each output of each row), and the planes cover `out`.
     crate::ml::lanes::each_chunk(out, plane_out, |plane, dst| {
-        let c = plane % d.channels;
+        let c = d.channel(plane);
         let src = &x[plane * plane_in..][..plane_in];
         let taps = &weight[c * d.kernel * d.kernel..][..d.kernel * d.kernel];
         SCRATCH.with_borrow_mut(|scratch| {

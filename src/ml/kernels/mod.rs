@@ -80,18 +80,56 @@ impl<P> Matrix<P> {
 }
 
 /// `dst = lhs · rhs` for an `m × k` by `k × n` product, or `dst += lhs · rhs` when `add`, on
-/// the calling thread (the callers cut the work into tasks themselves). The one place these
-/// kernels call the `gemm` crate (the head's solver has its own generic wrapper in `softmax`).
+/// the calling thread (the callers cut the work into tasks themselves).
 ///
 /// # Safety
 /// Every element the shapes and strides reach is in bounds, no one else touches `dst`'s
 /// meanwhile, and unless `add` they need not be initialised (the GEMM does not read them).
 unsafe fn matmul(
+    dims: (usize, usize, usize),
+    dst: Matrix<*mut f32>,
+    lhs: Matrix<*const f32>,
+    rhs: Matrix<*const f32>,
+    add: bool,
+) {
+    // SAFETY: as the caller promises.
+    unsafe { product(dims, dst, lhs, rhs, add, gemm::Parallelism::None) }
+}
+
+/// [`matmul`] for one large product that the caller does not cut into tasks: the `gemm` crate
+/// spreads it over the pool's threads itself, or runs it on this thread on a lane.
+///
+/// # Safety
+/// As for [`matmul`].
+unsafe fn matmul_spread(
+    dims: (usize, usize, usize),
+    dst: Matrix<*mut f32>,
+    lhs: Matrix<*const f32>,
+    rhs: Matrix<*const f32>,
+    add: bool,
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if crate::ml::lanes::in_lane() || threads == 1 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    };
+    // SAFETY: as the caller promises.
+    unsafe { product(dims, dst, lhs, rhs, add, parallelism) }
+}
+
+/// The one place these kernels call the `gemm` crate (the head's solver has its own generic
+/// wrapper in `softmax`), behind [`matmul`] and [`matmul_spread`].
+///
+/// # Safety
+/// As for [`matmul`].
+unsafe fn product(
     (m, n, k): (usize, usize, usize),
     dst: Matrix<*mut f32>,
     lhs: Matrix<*const f32>,
     rhs: Matrix<*const f32>,
     add: bool,
+    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: as the caller promises. `gemm` takes column strides before row strides, and
     // computes alpha · dst + beta · lhs · rhs, reading dst only when asked to.
@@ -115,7 +153,7 @@ unsafe fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -153,7 +191,9 @@ mod backward;
 mod depthwise;
 mod padded;
 mod pointwise;
-pub use backward::{depthwise_weight_grad, pointwise_grad_weight, pointwise_grad_x};
+pub use backward::{
+    depthwise_weight_grad, pointwise_grad_weight, pointwise_grad_x, pointwise_product,
+};
 pub use depthwise::depthwise;
 pub use pointwise::pointwise;
 
@@ -255,11 +295,25 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
     out
 }
 
+/// How a batch of `[b, c, h, w]` activations lies in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Image after image (NCHW), as burn lays out a tensor of that shape.
+    Images,
+    /// Channel after channel, each channel's planes image after image (`[c, b, h, w]`). The
+    /// fine-tune's ops use it: a 1×1 conv and both its gradients are then one GEMM each over
+    /// all the batch's pixels, where in image order they are a small GEMM per image, which
+    /// packs the whole weight again for each.
+    Channels,
+}
+
 /// Shape and padding of a depthwise convolution (one k×k filter per channel).
 #[derive(Debug, Clone, Copy)]
 pub struct Depthwise {
     pub batch: usize,
     pub channels: usize,
+    /// How the input's and the output's planes are ordered (the same for both).
+    pub order: Order,
     pub height: usize,
     pub width: usize,
     pub kernel: usize,
@@ -283,6 +337,7 @@ impl Depthwise {
         Self {
             batch,
             channels,
+            order: Order::Images,
             height,
             width,
             kernel,
@@ -291,6 +346,27 @@ impl Depthwise {
             pad_left: left,
             out_height: (height + top + bottom - kernel) / stride + 1,
             out_width: (width + left + right - kernel) / stride + 1,
+        }
+    }
+
+    /// The same conv over planes in `order`.
+    pub fn in_order(self, order: Order) -> Self {
+        Self { order, ..self }
+    }
+
+    /// The channel of the `plane`-th plane.
+    pub fn channel(&self, plane: usize) -> usize {
+        match self.order {
+            Order::Images => plane % self.channels,
+            Order::Channels => plane / self.batch,
+        }
+    }
+
+    /// Where image `image`'s plane of `channel` lies, in planes.
+    pub fn plane(&self, image: usize, channel: usize) -> usize {
+        match self.order {
+            Order::Images => image * self.channels + channel,
+            Order::Channels => channel * self.batch + image,
         }
     }
 }
@@ -336,6 +412,7 @@ pub(super) mod tests {
         let d = Depthwise {
             batch: 1,
             channels: 4,
+            order: Order::Images,
             height: 12,
             width: 12,
             kernel: 5,

@@ -1,15 +1,21 @@
 //! The depthwise kernel against its definition, plain and AVX2.
 
 use super::*;
+use crate::ml::kernels::Order;
 use crate::ml::kernels::tests::lcg;
 
-/// The definition, written as plainly as possible.
+/// The definition, written as plainly as possible, for planes in either order.
 fn depthwise_reference(d: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
-    let mut out = Vec::new();
+    let (oh, ow) = (d.out_height, d.out_width);
+    let mut out = vec![0.0; d.batch * d.channels * oh * ow];
     for b in 0..d.batch {
         for c in 0..d.channels {
-            for y in 0..d.out_height {
-                for xo in 0..d.out_width {
+            let plane = match d.order {
+                Order::Images => b * d.channels + c,
+                Order::Channels => c * d.batch + b,
+            };
+            for y in 0..oh {
+                for xo in 0..ow {
                     let mut acc = bias[c];
                     for i in 0..d.kernel {
                         for j in 0..d.kernel {
@@ -19,12 +25,11 @@ fn depthwise_reference(d: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec
                             {
                                 continue;
                             }
-                            let v = x[((b * d.channels + c) * d.height + yi as usize) * d.width
-                                + xi as usize];
+                            let v = x[(plane * d.height + yi as usize) * d.width + xi as usize];
                             acc += w[(c * d.kernel + i) * d.kernel + j] * v;
                         }
                     }
-                    out.push(acc);
+                    out[(plane * oh + y) * ow + xo] = acc;
                 }
             }
         }
@@ -33,9 +38,9 @@ fn depthwise_reference(d: &Depthwise, x: &[f32], w: &[f32], bias: &[f32]) -> Vec
 }
 
 #[test]
-fn depthwise_matches_the_definition_for_every_stride_kernel_and_padding() {
+fn depthwise_matches_the_definition_for_every_stride_kernel_padding_and_order() {
     // Widths past 8 outputs reach several runs per row and a partial last one.
-    for (h, w, kernel, stride, top, left) in [
+    for geometry in [
         (9, 7, 3, 1, 1, 1),
         (9, 7, 3, 2, 0, 0),
         (10, 11, 5, 2, 1, 2),
@@ -51,12 +56,17 @@ fn depthwise_matches_the_definition_for_every_stride_kernel_and_padding() {
         (6, 2, 3, 1, 1, 1),
         (5, 3, 3, 2, 1, 1),
         (4, 8, 3, 1, 1, 1),
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|g| [(g, Order::Images), (g, Order::Channels)])
+    {
+        let ((h, w, kernel, stride, top, left), order) = geometry;
         let oh = (h + stride - 1) / stride;
         let ow = (w + stride - 1) / stride;
         let d = Depthwise {
             batch: 2,
             channels: 3,
+            order,
             height: h,
             width: w,
             kernel,
