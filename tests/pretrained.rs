@@ -1,5 +1,7 @@
 //! The pretrained backbone is loaded completely and classifies ImageNet photos correctly, and
-//! the fused CPU paths (`ml::fused`, `ml::depthwise_grad`) compute what burn's generic ops do.
+//! the fused CPU paths (`ml::fused`, and the fine-tune's ops on channel-major activations:
+//! `ml::pointwise_grad`, `ml::depthwise_grad`, `ml::bias_relu6`, `ml::channel_ops`) compute
+//! what burn's generic ops do.
 
 mod common;
 
@@ -173,8 +175,9 @@ fn folded_and_fused_logits_match_the_generic_ones_for_every_backbone() {
 }
 
 /// The trainable top (1×1 and depthwise convs with their own backward, BatchNorm folded into
-/// them inside the graph, bias and ReLU6 as one op) against burn's generic convs: the same loss and the
-/// same gradient for every conv weight and every BatchNorm scale and shift.
+/// them inside the graph, bias and ReLU6 as one op, the projections' bias add and the pool, all
+/// on channel-major activations) against burn's generic convs: the same loss and the same
+/// gradient for every conv weight and every BatchNorm scale and shift.
 #[test]
 fn fine_tune_gradients_match_the_generic_ones() {
     let device = Device::flex();

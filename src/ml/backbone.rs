@@ -409,7 +409,7 @@ impl EfficientNetLite {
 /// Global average pooling: `[batch, c, h, w]` to `[batch, c]`; on flex one op that reads the
 /// fine-tune's channel-major activations where they lie (`channel_ops`).
 pub fn pool(x: Tensor<4>) -> Tensor<2> {
-    if super::fused::own_training_ops(&x.device()) {
+    if super::fused::own_ops(&x.device()) {
         return super::channel_ops::pool(x);
     }
     let [batch, channels, _, _] = x.dims();

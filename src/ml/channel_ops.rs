@@ -14,6 +14,7 @@ use burn::prelude::*;
 use burn_flex::FlexTensor;
 
 use super::flex_tensor::{channel_major, dims, flex, floats, from_channel_major};
+use super::kernels::Order;
 use super::lanes::each_chunk;
 
 /// Per-channel ops of `[b, c, h, w]` activations; differentiable on autodiff over flex.
@@ -76,21 +77,16 @@ impl ChannelOps for Flex {
         let plane = h * w;
         // Either order is read where it lies: image order from the inference kernels,
         // channel-major from the fine-tune's.
-        let images = x.is_contiguous() && x.layout().start_offset() == 0;
-        let x = if images {
-            floats(&x)
+        let (order, x) = if x.is_contiguous() && x.layout().start_offset() == 0 {
+            (Order::Images, floats(&x))
         } else {
-            channel_major(&x)
+            (Order::Channels, channel_major(&x))
         };
         let xs: &[f32] = x.storage();
         let mut out = vec![0f32; b * c];
         each_chunk(&mut out, c, |image, means| {
             for (ch, m) in means.iter_mut().enumerate() {
-                let p = if images {
-                    image * c + ch
-                } else {
-                    ch * b + image
-                };
+                let p = order.plane(b, c, image, ch);
                 *m = sum(&xs[p * plane..][..plane]) / plane as f32;
             }
         });
@@ -166,11 +162,7 @@ impl<B: Backend + ChannelOps, C: CheckpointStrategy> ChannelOps for Autodiff<B, 
             }
         }
 
-        let shape = {
-            use burn::backend::TensorMetadata;
-            let s = x.shape();
-            [s[0], s[1], s[2], s[3]]
-        };
+        let shape = dims(&x);
         let nodes = [x.node()];
         let out = B::pool(x.into_primitive());
         match PoolBackward.prepare::<C>(nodes).compute_bound().stateful() {
@@ -219,6 +211,38 @@ mod tests {
         assert!(dx < 1e-6, "input gradient differs by {dx}");
         let db = max_diff(bias.grad(&go).unwrap(), bias.grad(&gr).unwrap());
         assert!(db < 1e-4, "bias gradient differs by {db}");
+    }
+
+    /// Only one of the bias add's inputs tracked: it alone gets its gradient, the same as
+    /// burn's.
+    #[test]
+    fn either_input_of_bias_add_alone_gets_its_gradient() {
+        let ad = Device::flex().autodiff();
+        let x = Tensor::<4>::random([2, 3, 2, 3], Distribution::Normal(0.0, 2.0), &ad);
+        let bias = Tensor::<1>::random([3], Distribution::Normal(0.0, 2.0), &ad);
+        let weights = Tensor::<4>::random([2, 3, 2, 3], Distribution::Normal(0.0, 1.0), &ad);
+        for track_x in [true, false] {
+            let (x, bias) = if track_x {
+                (x.clone().require_grad(), bias.clone())
+            } else {
+                (x.clone(), bias.clone().require_grad())
+            };
+            let ours = (bias_add(x.clone(), bias.clone()) * weights.clone())
+                .sum()
+                .backward();
+            let reference = ((x.clone() + bias.clone().reshape([1, 3, 1, 1])) * weights.clone())
+                .sum()
+                .backward();
+            if track_x {
+                assert!(bias.grad(&ours).is_none(), "the bias is not tracked");
+                let d = max_diff(x.grad(&ours).unwrap(), x.grad(&reference).unwrap());
+                assert!(d < 1e-6, "input gradient differs by {d}");
+            } else {
+                assert!(x.grad(&ours).is_none(), "the input is not tracked");
+                let d = max_diff(bias.grad(&ours).unwrap(), bias.grad(&reference).unwrap());
+                assert!(d < 1e-5, "bias gradient differs by {d}");
+            }
+        }
     }
 
     /// The pool and its gradient against burn's means, on an image-order input (as the

@@ -182,15 +182,8 @@ impl<B: Backend + DepthwiseOps, C: CheckpointStrategy> DepthwiseOps for Autodiff
                 _: &mut Checkpointer,
             ) {
                 let (x, weight, stride, padding) = ops.state;
-                let x_shape = {
-                    use burn::backend::TensorMetadata;
-                    let s = x.shape();
-                    [s[0], s[1], s[2], s[3]]
-                };
-                let kernel = {
-                    use burn::backend::TensorMetadata;
-                    weight.shape()[2]
-                };
+                let x_shape = dims(&x);
+                let kernel = dims(&weight)[2];
                 binary::<B, _, _>(
                     ops.parents,
                     ops.node,

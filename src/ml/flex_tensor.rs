@@ -1,14 +1,15 @@
 //! Plain flex tensors as the CPU extension ops (`fused_ops`, `pointwise_grad`,
-//! `depthwise_grad`, `bias_relu6`) take and give them: an operand as the contiguous `f32`
+//! `depthwise_grad`, `bias_relu6`, `channel_ops`) take and give them: an operand as the contiguous `f32`
 //! storage their kernels read (in image order, or channel-major for the fine-tune's ops), its
 //! `[b, c, h, w]` dims, and a new tensor from a buffer their kernels filled.
 
 use burn::prelude::*;
 use burn_flex::FlexTensor;
 
-/// The four dims of a rank-4 tensor.
-pub(crate) fn dims(t: &FlexTensor) -> [usize; 4] {
-    let s = t.layout().shape();
+/// The four dims of a rank-4 tensor: a flex one, or any backend's (an autodiff op's saved
+/// input).
+pub(crate) fn dims(t: &impl burn::backend::TensorMetadata) -> [usize; 4] {
+    let s = t.shape();
     [s[0], s[1], s[2], s[3]]
 }
 

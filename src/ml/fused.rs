@@ -7,7 +7,8 @@
 //! run through the backend extension `fused_ops::FusedConvOps` (kernels in `kernels`). While
 //! training on flex, 1×1 and depthwise convs run with their own backward (`pointwise_grad`,
 //! `depthwise_grad`), because burn's generic conv backward is slow for both, and a conv's
-//! bias and ReLU6 as one op (`bias_relu6`). wgpu keeps burn's own ops throughout.
+//! bias and ReLU6 as one op (`bias_relu6`), or its bias alone (`channel_ops::bias_add`); all of
+//! them on channel-major activations. wgpu keeps burn's own ops throughout.
 
 use burn::backend::Dispatch;
 use burn::nn::PaddingConfig2d;
@@ -54,10 +55,11 @@ fn generic() -> bool {
         || *PROCESS.get_or_init(|| std::env::var_os(GENERIC_ENV).is_some_and(|v| v == "1"))
 }
 
-/// Whether tensors on `device` go through transferd's own training ops (flex, plain or under
-/// autodiff, unless the generic path is asked for): wgpu keeps burn's own ops (its kernels
-/// are another matter entirely).
-pub(crate) fn own_training_ops(device: &Device) -> bool {
+/// Whether tensors on `device` go through transferd's own ops outside the fused inference
+/// convs: the fine-tune's convs, bias and ReLU6, and the pool on every path (flex, plain or
+/// under autodiff, unless the generic path is asked for). wgpu keeps burn's own ops (its
+/// kernels are another matter entirely).
+pub(crate) fn own_ops(device: &Device) -> bool {
     (*device == Device::flex() || *device == Device::flex().autodiff()) && !generic()
 }
 
@@ -109,15 +111,16 @@ pub fn conv_bn(
 /// In both, BatchNorm's scale goes into the weights and its shift into the bias before the
 /// conv, inside the autodiff graph, so that gradients still reach both the conv and
 /// BatchNorm's affine parameters; that bias is handed back (`[c]`) for the caller to add,
-/// with the ReLU6 after it when there is one (`bias_relu6`): one pass over the activations
-/// instead of the four of BatchNorm and the clamp, forward and backward.
+/// with the ReLU6 after it when there is one (`bias_relu6`, else `channel_ops::bias_add`): one
+/// pass over the activations instead of the four of BatchNorm and the clamp, forward and
+/// backward.
 fn conv_bn_generic(
     conv: &Conv2d,
     bn: &FrozenBatchNorm,
     x: Tensor<4>,
 ) -> (Tensor<4>, Option<Tensor<1>>) {
     let plain = |x| (bn.forward(conv.forward(x)), None);
-    if !own_training_ops(&x.device()) {
+    if !own_ops(&x.device()) {
         return plain(x);
     }
     let [outputs, per_group, kh, kw] = conv.weight.dims();

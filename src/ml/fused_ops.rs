@@ -49,7 +49,7 @@ pub trait FusedConvOps: burn::backend::Backend {
 
 /// A pointwise conv on flex tensors through `kernels::pointwise`: bias, then ReLU6 or the
 /// residual, in the same pass.
-pub(crate) fn pointwise_flex(
+fn pointwise_flex(
     x: FlexTensor,
     weight: FlexTensor,
     bias: FlexTensor,

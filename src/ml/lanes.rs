@@ -27,8 +27,8 @@ pub fn in_lane() -> bool {
 }
 
 /// Runs `f` on each `size`-long chunk of `out` with its index: on this thread when it is one
-/// of several lanes ([`in_lane`]), else spread over the rayon pool. The one place the fused
-/// kernels make that choice.
+/// of several lanes ([`in_lane`]), else spread over the rayon pool. With [`each_task`] and
+/// [`threads_for_one_task`], the one place the kernels make that choice.
 pub fn each_chunk<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     use rayon::prelude::*;
     let size = size.max(1);
@@ -38,6 +38,16 @@ pub fn each_chunk<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T
         out.par_chunks_mut(size)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// How many threads one large task that splits itself (a GEMM) should use: 1 on a lane, else
+/// the rayon pool's.
+pub fn threads_for_one_task() -> usize {
+    if in_lane() {
+        1
+    } else {
+        rayon::current_num_threads()
     }
 }
 

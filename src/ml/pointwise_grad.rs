@@ -5,8 +5,8 @@
 //! layout and back, forward and backward. Here the activations stay channel-major between the
 //! fine-tune's ops (`kernels::Order::Channels`), so the forward pass and both gradients are
 //! one GEMM each over the whole batch (`kernels::backward`). A backend extension on flex and
-//! on autodiff over flex, like `depthwise_grad`; the bias stays outside (`bias_relu6`, or a
-//! burn add).
+//! on autodiff over flex, like `depthwise_grad`; the bias stays outside (`bias_relu6`, or
+//! `channel_ops::bias_add`).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -75,7 +75,7 @@ pub fn pointwise_grad_weight(shape: Pointwise, grad: &[f32], x: &[f32]) -> Vec<f
             (outputs, inputs, n),
             Matrix::rows(out.as_mut_ptr(), inputs),
             Matrix::rows(grad.as_ptr(), n),
-            // x transposed: element (n, i) at i · n + n.
+            // x transposed: element (q, i) at i · n + q.
             Matrix::transposed(x.as_ptr(), n),
             false,
         );
@@ -234,7 +234,13 @@ mod tests {
 
     #[test]
     fn a_lane_computes_the_same_pointwise_products() {
-        // On a lane each GEMM runs on its thread alone; on the pool, the gemm crate splits it.
+        // On a lane each GEMM runs on its thread alone; on the pool, the gemm crate splits it
+        // (over rows and columns, so the sums are the same): the results must not depend on
+        // where they ran.
+        assert_eq!(
+            crate::ml::lanes::threads_for_one_task(),
+            rayon::current_num_threads()
+        );
         let shape = SHAPE;
         let n = shape.batch * shape.spatial;
         let (x, w, g) = (
@@ -253,6 +259,11 @@ mod tests {
         let laned =
             crate::ml::lanes::map_slices(&[0, 1], 2, crate::ml::lanes::Work::Background, |_| {
                 assert!(crate::ml::lanes::in_lane(), "runs as a lane");
+                assert_eq!(
+                    crate::ml::lanes::threads_for_one_task(),
+                    1,
+                    "one thread a lane"
+                );
                 all()
             });
         for products in laned {

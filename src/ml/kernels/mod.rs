@@ -1,7 +1,8 @@
-//! CPU kernels for the convolutions of an MBConv network on NCHW `f32` data: for inference,
-//! with BatchNorm folded in, pointwise (1×1) and depthwise convs, each with its bias, ReLU6 and
-//! residual add done in the same pass (the "epilogue"); for fine-tuning, their gradients
-//! (`backward`).
+//! CPU kernels for the convolutions of an MBConv network on `f32` data: for inference, on
+//! NCHW data with BatchNorm folded in, pointwise (1×1) and depthwise convs, each with its bias,
+//! ReLU6 and residual add done in the same pass (the "epilogue"); for fine-tuning, on
+//! channel-major data (`Order::Channels`), a 1×1 conv's product and both its gradients as one
+//! GEMM each, and a depthwise conv's weight gradient (`backward`).
 //!
 //! Why not burn-flex's own convs: flex runs the GEMM over the whole image, then adds the bias
 //! in a second pass, and BatchNorm, the clamp and the residual add are three to four more
@@ -13,7 +14,7 @@
 //!
 //! These are raw-slice functions with no burn types (the pointwise kernel is in `pointwise`,
 //! the depthwise one in `depthwise` with the padded scratch it reads through in `padded`, the
-//! gradients in `backward`; im2col and the shared types here);
+//! fine-tune's in `backward`, the shapes in `shapes`; im2col and the GEMM wrappers here);
 //! `fused_ops` exposes the inference ones as a burn backend extension on flex, and
 //! `pointwise_grad` and `depthwise_grad` the ones fine-tuning uses. They spread over the rayon
 //! pool, except on a thread that is one of several `lanes` (each core already has its own
@@ -108,11 +109,9 @@ unsafe fn matmul_spread(
     rhs: Matrix<*const f32>,
     add: bool,
 ) {
-    let threads = rayon::current_num_threads();
-    let parallelism = if crate::ml::lanes::in_lane() || threads == 1 {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(threads)
+    let parallelism = match crate::ml::lanes::threads_for_one_task() {
+        1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
     };
     // SAFETY: as the caller promises.
     unsafe { product(dims, dst, lhs, rhs, add, parallelism) }
@@ -191,11 +190,13 @@ mod backward;
 mod depthwise;
 mod padded;
 mod pointwise;
+mod shapes;
 pub use backward::{
     depthwise_weight_grad, pointwise_grad_weight, pointwise_grad_x, pointwise_product,
 };
 pub use depthwise::depthwise;
 pub use pointwise::pointwise;
+pub use shapes::{Depthwise, Order, Pointwise};
 
 /// Whether the hand-written AVX2 + FMA code can run here (false off x86-64).
 fn has_avx2() -> bool {
@@ -206,53 +207,6 @@ fn has_avx2() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// Shape of a pointwise convolution's operands.
-#[derive(Debug, Clone, Copy)]
-pub struct Pointwise {
-    pub batch: usize,
-    pub inputs: usize,
-    pub outputs: usize,
-    /// Pixels per image (h · w).
-    pub spatial: usize,
-}
-
-impl Pointwise {
-    /// The operands' shape, from the input's dims `[b, i, h, w]` and the weight's `[o, i, 1,
-    /// 1]`.
-    pub fn of(x: [usize; 4], weight: [usize; 4]) -> Self {
-        assert_eq!(
-            x[1], weight[1],
-            "pointwise weight matches the input channels"
-        );
-        Self {
-            batch: x[0],
-            inputs: x[1],
-            outputs: weight[0],
-            spatial: x[2] * x[3],
-        }
-    }
-
-    /// Panics unless there are channels and each operand given has this shape's size: the
-    /// input `[b, i, p]`, the weight `[o, i]`, the output's gradient `[b, o, p]`.
-    fn check(&self, input: Option<&[f32]>, weight: Option<&[f32]>, grad: Option<&[f32]>) {
-        // With no input channel the GEMM would leave the (unzeroed) output unwritten.
-        assert!(
-            self.inputs > 0 && self.outputs > 0,
-            "pointwise conv with channels"
-        );
-        let (b, p) = (self.batch, self.spatial);
-        for (operand, size, what) in [
-            (input, b * self.inputs * p, "input"),
-            (weight, self.outputs * self.inputs, "weight"),
-            (grad, b * self.outputs * p, "gradient"),
-        ] {
-            if let Some(operand) = operand {
-                assert_eq!(operand.len(), size, "pointwise {what} size");
-            }
-        }
     }
 }
 
@@ -272,7 +226,7 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
     let fill = |r: usize, dst: &mut [f32]| {
         let (b, row) = (r / rows, r % rows);
         let (c, i, j) = (row / (k * k), row / k % k, row % k);
-        let src = &x[(b * d.channels + c) * plane_in..][..plane_in];
+        let src = &x[d.plane(b, c) * plane_in..][..plane_in];
         for (oy, out_row) in dst.chunks_exact_mut(d.out_width).enumerate() {
             let Some(y) = (oy * s + i)
                 .checked_sub(d.pad_top)
@@ -293,82 +247,6 @@ pub fn im2col(d: Depthwise, x: &[f32]) -> Vec<f32> {
     };
     super::lanes::each_chunk(&mut out, plane_out, fill);
     out
-}
-
-/// How a batch of `[b, c, h, w]` activations lies in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
-    /// Image after image (NCHW), as burn lays out a tensor of that shape.
-    Images,
-    /// Channel after channel, each channel's planes image after image (`[c, b, h, w]`). The
-    /// fine-tune's ops use it: a 1×1 conv and both its gradients are then one GEMM each over
-    /// all the batch's pixels, where in image order they are a small GEMM per image, which
-    /// packs the whole weight again for each.
-    Channels,
-}
-
-/// Shape and padding of a depthwise convolution (one k×k filter per channel).
-#[derive(Debug, Clone, Copy)]
-pub struct Depthwise {
-    pub batch: usize,
-    pub channels: usize,
-    /// How the input's and the output's planes are ordered (the same for both).
-    pub order: Order,
-    pub height: usize,
-    pub width: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    /// Zero rows above and columns left of the image; the bottom and right padding follow
-    /// from the output size.
-    pub pad_top: usize,
-    pub pad_left: usize,
-    pub out_height: usize,
-    pub out_width: usize,
-}
-
-impl Depthwise {
-    /// A square `kernel` conv over `x` (`[b, c, h, w]`) with `stride` and `padding` (top,
-    /// bottom, left, right), its output size worked out from them (where the flex ops take a
-    /// conv's geometry from its input; the input gradient's transposed geometry in
-    /// `depthwise_grad` is the forward one's sizes swapped, so it states them).
-    pub fn of(x: [usize; 4], kernel: usize, stride: usize, padding: [usize; 4]) -> Self {
-        let [batch, channels, height, width] = x;
-        let [top, bottom, left, right] = padding;
-        Self {
-            batch,
-            channels,
-            order: Order::Images,
-            height,
-            width,
-            kernel,
-            stride,
-            pad_top: top,
-            pad_left: left,
-            out_height: (height + top + bottom - kernel) / stride + 1,
-            out_width: (width + left + right - kernel) / stride + 1,
-        }
-    }
-
-    /// The same conv over planes in `order`.
-    pub fn in_order(self, order: Order) -> Self {
-        Self { order, ..self }
-    }
-
-    /// The channel of the `plane`-th plane.
-    pub fn channel(&self, plane: usize) -> usize {
-        match self.order {
-            Order::Images => plane % self.channels,
-            Order::Channels => plane / self.batch,
-        }
-    }
-
-    /// Where image `image`'s plane of `channel` lies, in planes.
-    pub fn plane(&self, image: usize, channel: usize) -> usize {
-        match self.order {
-            Order::Images => image * self.channels + channel,
-            Order::Channels => channel * self.batch + image,
-        }
-    }
 }
 
 #[cfg(test)]

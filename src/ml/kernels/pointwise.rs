@@ -105,13 +105,14 @@ mod tests {
             batch: 2,
             inputs: 5,
             outputs: 37,
-            spatial: 2500,
+            spatial: 2501,
         };
-        // 2,500 columns: more than one block of columns, with a partial last one.
-        let x = lcg(2 * 5 * 2500, 4);
+        // 2,501 columns of 42 channels: two blocks of columns (at most 2,340 wide), the last
+        // one narrower.
+        let x = lcg(2 * 5 * 2501, 4);
         let w = lcg(37 * 5, 5);
         let bias: Vec<f32> = lcg(37, 6).iter().map(|v| v * 8.0).collect();
-        let residual = lcg(2 * 37 * 2500, 7);
+        let residual = lcg(2 * 37 * 2501, 7);
         for (relu6, res) in [(false, None), (true, None), (false, Some(&residual[..]))] {
             let got = pointwise(
                 shape,
@@ -125,15 +126,15 @@ mod tests {
             );
             for b in 0..2 {
                 for o in 0..37 {
-                    for p in 0..2500 {
+                    for p in 0..2501 {
                         let mut y = bias[o];
                         for i in 0..5 {
-                            y += w[o * 5 + i] * x[(b * 5 + i) * 2500 + p];
+                            y += w[o * 5 + i] * x[(b * 5 + i) * 2501 + p];
                         }
                         if relu6 {
                             y = y.clamp(0.0, 6.0);
                         }
-                        let at = (b * 37 + o) * 2500 + p;
+                        let at = (b * 37 + o) * 2501 + p;
                         if let Some(r) = res {
                             y += r[at];
                         }
