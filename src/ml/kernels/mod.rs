@@ -80,21 +80,56 @@ impl<P> Matrix<P> {
     }
 }
 
+/// The most terms of each dot product that one call of the `gemm` crate sums in [`matmul`].
+///
+/// `gemm` cuts a long sum into runs and adds each run into `dst`, and where it cuts depends
+/// on the block's size: `min(k, 512)` when both `m` and `n` are at most 64, its cache model
+/// (which spreads `k` evenly, 672 as 336 + 336) otherwise. The callers size their blocks by
+/// the batch they are given, and that depends on whether a prediction ran beside training
+/// (`lanes::background`), so the same image's features came out a few ulps apart: the
+/// same-seed training test failed now and then under load. Runs of at most 512 are summed
+/// in one go by either branch, so each output element is summed the same way in any block.
+const DEPTH: usize = 512;
+
 /// `dst = lhs · rhs` for an `m × k` by `k × n` product, or `dst += lhs · rhs` when `add`, on
-/// the calling thread (the callers cut the work into tasks themselves).
+/// the calling thread (the callers cut the work into tasks themselves). Each element gets
+/// the same bits whatever `m` and `n` are ([`DEPTH`]).
 ///
 /// # Safety
 /// Every element the shapes and strides reach is in bounds, no one else touches `dst`'s
 /// meanwhile, and unless `add` they need not be initialised (the GEMM does not read them).
 unsafe fn matmul(
-    dims: (usize, usize, usize),
+    (m, n, k): (usize, usize, usize),
     dst: Matrix<*mut f32>,
     lhs: Matrix<*const f32>,
     rhs: Matrix<*const f32>,
     add: bool,
 ) {
-    // SAFETY: as the caller promises.
-    unsafe { product(dims, dst, lhs, rhs, add, gemm::Parallelism::None) }
+    let runs = k.div_ceil(DEPTH).max(1);
+    let depth = k.div_ceil(runs);
+    for run in 0..runs {
+        let (k0, kn) = (run * depth, depth.min(k - run * depth));
+        // SAFETY: as the caller promises; columns k0.. of lhs and rows k0.. of rhs are the
+        // next run of the same sums, added to what the runs before wrote.
+        unsafe {
+            let lhs = Matrix {
+                at: lhs.at.offset(k0 as isize * lhs.col),
+                ..lhs
+            };
+            let rhs = Matrix {
+                at: rhs.at.offset(k0 as isize * rhs.row),
+                ..rhs
+            };
+            product(
+                (m, n, kn),
+                dst,
+                lhs,
+                rhs,
+                add || run > 0,
+                gemm::Parallelism::None,
+            )
+        }
+    }
 }
 
 /// [`matmul`] for one large product that the caller does not cut into tasks: the `gemm` crate

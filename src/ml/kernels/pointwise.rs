@@ -144,4 +144,39 @@ mod tests {
             }
         }
     }
+
+    /// An image's output does not depend on the batch it came in: a batch of one is cut into
+    /// more row blocks (m ≤ 64 with n = 49, where `gemm` sums in other runs than for larger
+    /// blocks) than a batch of eight. 672 and 1152 inputs are Lite0's two sums longer than
+    /// one run; before `DEPTH` the first image differed in the last bits.
+    #[test]
+    fn an_images_output_has_the_same_bits_in_any_batch() {
+        for (inputs, outputs) in [(672, 112), (1152, 192)] {
+            let one = Pointwise {
+                batch: 1,
+                inputs,
+                outputs,
+                spatial: 49,
+            };
+            let eight = Pointwise { batch: 8, ..one };
+            let x = lcg(8 * inputs * 49, 13);
+            let w = lcg(outputs * inputs, 14);
+            let bias = vec![0.0; outputs];
+            let epi = Epilogue::none(&bias);
+            let alone = pointwise(one, &x[..inputs * 49], &w, epi);
+            let batched = pointwise(eight, &x, &w, epi);
+            assert!(alone.iter().any(|v| *v != 0.0));
+            let differ = alone
+                .iter()
+                .zip(&batched)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "{inputs} inputs: {differ} of {} outputs",
+                alone.len()
+            );
+        }
+    }
 }
